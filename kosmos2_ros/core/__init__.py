@@ -1,0 +1,1 @@
+"""Model side of kosmos2_ros: no rclpy, no message types."""

@@ -1,0 +1,24 @@
+"""Pure-Python install of kosmos2_ros (CLI and core) for machines without colcon.
+
+The ROS 2 package itself (messages, launch, config, `ros2 run` executables) is built by
+colcon through CMakeLists.txt; this file gives `pip install .` the console scripts.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="kosmos2_ros",
+    version="0.1.0",
+    description="Kosmos-2 grounded vision-language node for ROS 2",
+    packages=find_packages(include=["kosmos2_ros", "kosmos2_ros.*"]),
+    python_requires=">=3.10",
+    install_requires=["numpy", "pillow", "pyyaml", "transformers>=4.45", "torch>=2.1"],
+    extras_require={"onnx": ["onnx", "onnxruntime"], "test": ["pytest", "hypothesis"]},
+    entry_points={
+        "console_scripts": [
+            "kosmos2-ground = kosmos2_ros.cli:ground_main",
+            "kosmos2-build-engines = kosmos2_ros.cli:build_engines_main",
+            "kosmos2-demo = kosmos2_ros.cli:demo_main",
+            "grounding_node = kosmos2_ros.ros.node:main",
+        ]
+    },
+)
