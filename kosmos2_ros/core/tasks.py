@@ -1,0 +1,149 @@
+"""The Kosmos-2 tasks as prompt builders, and the guard that keeps user text plain text.
+
+Prompt formats follow the paper's evaluation and the transformers documentation. The
+model sees `<grounding>` (ask for boxes) and phrase/object tags; user text must never be
+able to add its own, so `sanitize_text` refuses any control token.
+"""
+from __future__ import annotations
+
+import enum
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+DEFAULT_MAX_PROMPT_CHARS = 1000
+# Generic look of a control token (`<phrase>`, `</object>`, `<patch_index_0042>`, `</delimiter_of_multi_objects/>`)
+# Rejecting the generic shape as well as the tokenizer's exact strings keeps near-misses that a
+# tokenizer update could start matching out of the prompt.
+_TAG_SHAPE = re.compile(
+    r"</?\s*(?:phrase|object|grounding|image|patch_index_\d*|delimiter_of_multi_objects|doc|chunk|line|s|pad|unk|mask)\s*/?>",
+    re.IGNORECASE,
+)
+
+
+class Task(str, enum.Enum):
+    REFER = "refer"                        # referring expression comprehension: text -> box(es)
+    PHRASE_GROUNDING = "phrase_grounding"  # phrases marked [like this] in a caption -> a box each
+    CAPTION = "caption"                    # brief grounded caption
+    DESCRIBE = "describe"                  # detailed grounded description
+    REGION = "region"                      # describe what is inside a given box
+    VQA = "vqa"                            # grounded question answering
+    RAW = "raw"                            # expert: text follows <grounding> verbatim
+
+    @classmethod
+    def parse(cls, value: str) -> Task:
+        value = (value or "refer").strip().lower()
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(t.value for t in cls)
+            raise PromptError(f"unknown task {value!r}; expected one of: {names}") from None
+
+
+TASKS_NEEDING_TEXT = {Task.REFER, Task.PHRASE_GROUNDING, Task.VQA, Task.RAW}
+
+
+class PromptError(ValueError):
+    """A command that cannot become a prompt (empty, too long, control tokens, bad region)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the processor turns into token ids: text with tags, and boxes to insert after phrases."""
+    text: str
+    # One entry per <phrase> in `text`: a normalised (x0, y0, x1, y1) on the model's input image.
+    bboxes: Optional[List[Tuple[float, float, float, float]]] = None
+    # Decoding hint: the prompt ends in an open </phrase> whose box the model should produce.
+    expects_box: bool = False
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    task: Task
+    text: str = ""
+    # Region (REGION task) in normalised model-input coordinates, already mapped from pixels.
+    region_norm: Optional[Tuple[float, float, float, float]] = None
+    extra: dict = field(default_factory=dict)
+
+
+def sanitize_text(text: str, control_strings: Iterable[str] = (),
+                  max_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> str:
+    """User text -> plain prompt text, or PromptError saying why not.
+
+    Whitespace runs (newlines, tabs) become single spaces; other control characters are refused,
+    as are the tokenizer's control strings and anything shaped like one.
+    """
+    if not isinstance(text, str):
+        raise PromptError("text must be a string")
+    if len(text) > max_chars:
+        raise PromptError(f"text is {len(text)} characters; the limit is {max_chars} (parameter max_prompt_chars)")
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") and not ch.isspace():
+            raise PromptError(f"text contains the control character U+{ord(ch):04X}")
+    cleaned = " ".join(text.split())
+    found = _TAG_SHAPE.search(cleaned)
+    if found:
+        raise PromptError(f"text contains the control token {found.group(0)!r}; Kosmos-2 tags cannot be sent as text")
+    for token in control_strings:
+        if token and token in cleaned:
+            raise PromptError(f"text contains the control token {token!r}; Kosmos-2 tags cannot be sent as text")
+    return cleaned
+
+
+def split_marked_phrases(caption: str) -> List[Tuple[str, str]]:
+    """'A man [walking a dog] on [the beach]' -> [('A man', 'walking a dog'), (' on', 'the beach')].
+
+    Each pair is (text before the phrase since the previous phrase, the phrase). Text without
+    brackets is one phrase.
+    """
+    parts = re.split(r"\[([^\[\]]+)\]", caption)
+    if len(parts) == 1:
+        return [("", caption.strip())]
+    pairs = []
+    for i in range(1, len(parts), 2):
+        pairs.append((parts[i - 1], parts[i].strip()))
+    if any(not p for _, p in pairs):
+        raise PromptError("an empty [phrase] in phrase_grounding text")
+    return pairs
+
+
+def phrase_prompt(expression: str, context: str = "") -> Prompt:
+    """`<grounding>{context}<phrase> {expression}</phrase>`: the model answers with its box."""
+    context = context.rstrip()
+    return Prompt(text=f"<grounding>{context}<phrase> {expression}</phrase>", expects_box=True)
+
+
+def build_prompts(request: TaskRequest, control_strings: Sequence[str] = (),
+                  max_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> List[Prompt]:
+    """One prompt per generation the task needs (phrase grounding: one per marked phrase)."""
+    task = request.task
+    text = sanitize_text(request.text or "", control_strings, max_chars)
+    if task in TASKS_NEEDING_TEXT and not text:
+        raise PromptError(f"task {task.value!r} needs non-empty text")
+    if task is Task.REFER:
+        return [phrase_prompt(text)]
+    if task is Task.PHRASE_GROUNDING:
+        prompts = []
+        context = ""
+        for before, phrase in split_marked_phrases(text):
+            context += before
+            prompts.append(phrase_prompt(phrase, context))
+            context += f" {phrase}" if context else phrase
+        return prompts
+    if task is Task.CAPTION:
+        return [Prompt(text="<grounding>An image of")]
+    if task is Task.DESCRIBE:
+        return [Prompt(text="<grounding>Describe this image in detail:")]
+    if task is Task.VQA:
+        return [Prompt(text=f"<grounding> Question: {text} Answer:")]
+    if task is Task.REGION:
+        if request.region_norm is None:
+            raise PromptError("task 'region' needs a region (use_region and region in pixels)")
+        x0, y0, x1, y1 = request.region_norm
+        if not (x1 > x0 and y1 > y0):
+            raise PromptError("region is empty after clipping to the image")
+        return [Prompt(text="<grounding><phrase> It</phrase> is", bboxes=[(float(x0), float(y0), float(x1), float(y1))])]
+    if task is Task.RAW:
+        return [Prompt(text=f"<grounding>{text}")]
+    raise PromptError(f"unhandled task {task}")  # pragma: no cover - Task.parse guards this

@@ -1,0 +1,79 @@
+"""What a backend must do: encode an image, prefill a prompt, decode one token.
+
+The greedy loop (`core.decoding`) is shared by every backend, so faithfulness to
+transformers' `generate` is decided in one place; a backend only has to compute the same
+logits. Caches are opaque to the loop.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, List, Sequence, Tuple
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend failed on a command (the node turns it into a MODEL_ERROR result)."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot run on this machine (a library or device is missing)."""
+
+
+def position_ids(input_ids: Sequence[int], cache_length: int, pad_id: int) -> np.ndarray:
+    """Kosmos-2's positions for a chunk of tokens appended to a cache of `cache_length` tokens.
+
+    As the text model computes them from `input_ids`: padding tokens sit at `pad_id`, the
+    others count from `pad_id + 1`. Backends whose graphs take explicit positions use this.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64)
+    mask = (ids != pad_id).astype(np.int64)
+    return (np.cumsum(mask) + cache_length) * mask + pad_id
+
+
+class Backend(abc.ABC):
+    """One loaded model on one device."""
+
+    name: str = "base"
+    #: the text model's hidden size and vocabulary (for buffers and checks)
+    vocab_size: int
+    pad_token_id: int
+
+    @abc.abstractmethod
+    def encode_image(self, pixel_values: np.ndarray) -> Any:
+        """(1, 3, H, W) float32 pixels -> the 64 projected image embeddings, backend-native."""
+
+    @abc.abstractmethod
+    def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
+                cache: Any = None) -> Tuple[np.ndarray, Any]:
+        """Run `input_ids` (appended to `cache`, or from scratch) -> (last-position logits, cache).
+
+        `image_mask[i] == 1` marks positions whose embedding is the next image embedding.
+        The given cache is not modified; the returned one holds the appended tokens.
+        """
+
+    @abc.abstractmethod
+    def decode(self, cache: Any, token_id: int) -> Tuple[np.ndarray, Any]:
+        """One token on top of `cache` -> (logits, cache holding it). May update in place."""
+
+    def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
+        """One token for each of several sequences -> (rows of logits, caches).
+
+        Backends that can run rows together override this; the default runs them in turn.
+        """
+        rows, out = [], []
+        for cache, tok in zip(caches, token_ids):
+            logits, new_cache = self.decode(cache, tok)
+            rows.append(logits)
+            out.append(new_cache)
+        return np.stack(rows), out
+
+    @abc.abstractmethod
+    def fork(self, cache: Any) -> Any:
+        """An independent copy of a cache (to extend one shared prefix several ways)."""
+
+    def cache_length(self, cache: Any) -> int:
+        return int(cache.length)
+
+    def close(self) -> None:
+        """Free device memory. The backend is unusable afterwards."""

@@ -1,0 +1,115 @@
+"""The transformers reference backend (CPU or CUDA; fp32, fp16 or bf16).
+
+It runs the same modules `generate` runs, step by step, so its token ids are the
+reference every other backend is compared with.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .base import Backend, BackendError, BackendUnavailable
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class TorchCache:
+    kv: Any          # transformers Cache
+    length: int
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {device!r} requested but torch sees no CUDA device "
+                                 f"(torch {torch.__version__}); use device: cpu")
+    return device
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
+                 allow_pickle: bool = False, model: Any = None, **_: Any) -> None:
+        import torch
+        from transformers import Kosmos2ForConditionalGeneration
+
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        self.device = resolve_device(device)
+        self.dtype = getattr(torch, DTYPES[precision])
+        if self.device == "cpu" and precision == "fp16":
+            raise BackendUnavailable("fp16 on CPU is not supported by torch matmuls; use fp32 or bf16 on CPU")
+        if model is None:
+            model = Kosmos2ForConditionalGeneration.from_pretrained(
+                model_dir, dtype=self.dtype, use_safetensors=None if allow_pickle else True,
+                trust_remote_code=False)
+        self.model = model.to(self.device).eval()
+        text_cfg = self.model.config.text_config
+        self.vocab_size = int(text_cfg.vocab_size)
+        self.pad_token_id = int(text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 1)
+        self._torch = torch
+        params = inspect.signature(self.model.text_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- Backend ---------------------------------------------------------------------------
+    def encode_image(self, pixel_values: np.ndarray) -> Any:
+        torch = self._torch
+        with torch.inference_mode():
+            pv = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+            out = self.model.get_image_features(pv, return_dict=True)
+            return out.pooler_output
+
+    def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
+                cache: Optional[TorchCache] = None) -> Tuple[np.ndarray, TorchCache]:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        past = 0 if cache is None else cache.length
+        kv = DynamicCache(config=self.model.config.text_config) if cache is None else copy.deepcopy(cache.kv)
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
+        kwargs = {self._cache_kw: kv}
+        if past == 0:
+            kwargs["image_embeds"] = image_embeds
+            kwargs["image_embeds_position_mask"] = torch.tensor([list(image_mask)], dtype=torch.long,
+                                                                device=self.device)
+        with torch.inference_mode():
+            out = self.model.text_model(
+                input_ids=ids, attention_mask=torch.ones((1, past + ids.shape[1]), dtype=torch.long,
+                                                         device=self.device),
+                use_cache=True, **kwargs)
+        return self._last_logits(out), TorchCache(getattr(out, self._cache_kw, None) or kv, past + ids.shape[1])
+
+    def decode(self, cache: TorchCache, token_id: int) -> Tuple[np.ndarray, TorchCache]:
+        torch = self._torch
+        ids = torch.tensor([[int(token_id)]], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model.text_model(
+                input_ids=ids, attention_mask=torch.ones((1, cache.length + 1), dtype=torch.long,
+                                                         device=self.device),
+                use_cache=True, **{self._cache_kw: cache.kv})
+        return self._last_logits(out), TorchCache(cache.kv, cache.length + 1)
+
+    def fork(self, cache: TorchCache) -> TorchCache:
+        return TorchCache(copy.deepcopy(cache.kv), cache.length)
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _last_logits(self, out: Any) -> np.ndarray:
+        logits = out.logits[0, -1].float()
+        if not bool(self._torch.isfinite(logits).all()):
+            raise BackendError("the model produced non-finite logits (overflow in this precision?)")
+        return logits.cpu().numpy()

@@ -1,0 +1,142 @@
+"""One typed, validated configuration for the pipeline and the node.
+
+Every source (YAML file, CLI flags, ROS parameters) goes through `Kosmos2Config.from_dict`
+or `Kosmos2Config.with_changes`, so a bad value is refused with a reason in one place
+before anything uses it. Field names are the ROS parameter names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, Mapping, Union
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DECODING = ("free", "constrained")
+QOS = ("sensor_data", "reliable")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is refused, with the reason."""
+
+
+@dataclass(frozen=True)
+class Kosmos2Config:
+    # Model
+    model: str = "microsoft/kosmos-2-patch14-224"   # hub id or local directory
+    backend: str = "torch"                           # torch | onnxruntime | tensorrt
+    device: str = "auto"                             # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"                          # fp32 | fp16 | bf16 (tensorrt default fp16)
+    allow_download: bool = True                      # may fetch the model from the hub
+    allow_pickle_weights: bool = False               # refuse *.bin/*.pt weights unless true
+    artifacts_dir: str = "~/.cache/kosmos2_ros"      # ONNX graphs and TensorRT engines
+    build_engines: bool = False                      # the node may build missing engines itself
+    # Generation
+    max_new_tokens: int = 64
+    max_new_tokens_limit: int = 512                  # commands asking for more are refused
+    decoding: str = "constrained"                    # default for refer/phrase grounding
+    score_threshold: float = 0.0                     # boxes scoring below are dropped
+    max_prompt_chars: int = 1000
+    # Frames and commands
+    max_frame_age_s: float = 2.0                     # older newest frame -> STALE_FRAME; 0 = no limit
+    frame_cache_size: int = 8                        # recent frames kept for commands with a stamp
+    queue_size: int = 8                              # pending commands; past it -> BUSY at once
+    # Topics
+    image_qos: str = "sensor_data"                   # sensor_data (best effort, depth 1) | reliable
+    use_compressed: bool = False
+    enable_3d: bool = True
+    depth_inner_fraction: float = 0.5                # central part of a box used for its depth
+    min_depth_m: float = 0.05
+    max_depth_m: float = 20.0
+    publish_debug_image: bool = True                 # only when someone subscribes
+    autostart: bool = True
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Kosmos2Config:
+        return cls().with_changes(values)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], section: str = "") -> Kosmos2Config:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        # Accept a ROS params file: {node: {ros__parameters: {...}}}.
+        if section and section in data:
+            data = data[section]
+        if len(data) == 1 and isinstance(next(iter(data.values())), dict):
+            inner = next(iter(data.values()))
+            data = inner.get("ros__parameters", inner)
+        elif "ros__parameters" in data:
+            data = data["ros__parameters"]
+        return cls.from_dict(data)
+
+    def with_changes(self, values: Mapping[str, Any]) -> Kosmos2Config:
+        known = {f.name: f for f in fields(self)}
+        updates: Dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown parameter {name!r}")
+            updates[name] = _coerce(name, known[name].type, value)
+        cfg = dataclasses.replace(self, **updates)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(bool(self.model.strip()), "model must name a hub id or a directory")
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.decoding in DECODING, f"decoding must be one of {DECODING}, got {self.decoding!r}")
+        need(self.image_qos in QOS, f"image_qos must be one of {QOS}, got {self.image_qos!r}")
+        need(1 <= self.max_new_tokens_limit <= 4096, "max_new_tokens_limit must be in [1, 4096]")
+        need(1 <= self.max_new_tokens <= self.max_new_tokens_limit,
+             f"max_new_tokens must be in [1, max_new_tokens_limit={self.max_new_tokens_limit}]")
+        need(0.0 <= self.score_threshold <= 1.0, "score_threshold must be in [0, 1]")
+        need(1 <= self.max_prompt_chars <= 100_000, "max_prompt_chars must be in [1, 100000]")
+        need(math.isfinite(self.max_frame_age_s) and self.max_frame_age_s >= 0,
+             "max_frame_age_s must be >= 0 (0 = no limit)")
+        need(1 <= self.frame_cache_size <= 256, "frame_cache_size must be in [1, 256]")
+        need(1 <= self.queue_size <= 1024, "queue_size must be in [1, 1024]")
+        need(0.0 < self.depth_inner_fraction <= 1.0, "depth_inner_fraction must be in (0, 1]")
+        need(0.0 <= self.min_depth_m < self.max_depth_m, "need 0 <= min_depth_m < max_depth_m")
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError
+        if type_name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            out = float(value)
+            if math.isnan(out):
+                raise TypeError
+            return out
+        if type_name == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name!r} must be a {type_name}, got {value!r}") from None
+    raise ConfigError(f"parameter {name!r} has unsupported type {type_name}")  # pragma: no cover

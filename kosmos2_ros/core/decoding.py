@@ -1,0 +1,163 @@
+"""The greedy decode loop shared by every backend: free, or constrained to a box.
+
+Free decoding is transformers' greedy search: argmax of float32 logits (first index on
+ties), stop after eos or `max_new_tokens`. Constrained decoding is for prompts that end in a
+phrase whose box is wanted: it appends `<object>` itself, lets the model choose only among
+location tokens (then between `</object>` and the multi-object delimiter), and stops at
+`</object>`. Whenever free decoding yields a well-formed box, both give the same box, the
+constrained one in fewer model calls.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import numpy as np
+
+from .backends.base import Backend
+from .vocab import GroundingVocab
+
+
+class DecodingMode(str, enum.Enum):
+    FREE = "free"
+    CONSTRAINED = "constrained"
+
+    @classmethod
+    def parse(cls, value: str) -> DecodingMode:
+        try:
+            return cls((value or "").strip().lower())
+        except ValueError:
+            raise ValueError(f"unknown decoding mode {value!r}; expected free or constrained") from None
+
+
+class Cancelled(Exception):
+    """Raised inside the loop when the caller's `should_stop` says so."""
+
+
+@dataclass
+class Generation:
+    token_ids: List[int] = field(default_factory=list)
+    probs: List[float] = field(default_factory=list)   # model's probability of each token (1.0 if forced)
+    forced: List[bool] = field(default_factory=list)
+    model_calls: int = 0
+    stop_reason: str = ""                               # eos | length | box
+
+
+@dataclass
+class Row:
+    """One sequence to decode: prompt ids, where the image goes, and how to decode it."""
+    input_ids: List[int]
+    image_mask: List[int]
+    max_new_tokens: int
+    constrained: bool = False
+    # A prefix cache already holding input_ids[:prefix_len] (shared between rows of a frame).
+    prefix_cache: Any = None
+    prefix_len: int = 0
+
+
+def token_prob(logits: np.ndarray, token: int) -> float:
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    return float(np.exp(z[token]) / np.exp(z).sum())
+
+
+def _argmax_in(logits: np.ndarray, allowed: Optional[np.ndarray]) -> int:
+    if allowed is None:
+        return int(np.argmax(logits))
+    return int(allowed[np.argmax(logits[allowed])])
+
+
+class _RowState:
+    def __init__(self, row: Row, vocab: GroundingVocab) -> None:
+        self.row = row
+        self.vocab = vocab
+        self.gen = Generation()
+        self.cache: Any = None
+        self.logits: Optional[np.ndarray] = None
+        self.done = row.max_new_tokens <= 0
+        self.phase = "free"  # constrained: p1 -> p2 -> close
+        if row.constrained:
+            self.phase = "p1"
+
+    def allowed(self) -> Optional[np.ndarray]:
+        v = self.vocab
+        if self.phase in ("p1", "p2"):
+            return np.arange(*v.patch_ids())
+        if self.phase == "close":
+            # Another box needs the delimiter, two locations and </object>.
+            if self.row.max_new_tokens - len(self.gen.token_ids) >= 4:
+                return np.array([v.object_close, v.delimiter])
+            return np.array([v.object_close])
+        return None
+
+    def take(self, token: int, prob: float, forced: bool = False) -> None:
+        self.gen.token_ids.append(token)
+        self.gen.probs.append(prob)
+        self.gen.forced.append(forced)
+        v = self.vocab
+        budget_left = self.row.max_new_tokens - len(self.gen.token_ids)
+        if self.phase == "free":
+            if token == v.eos:
+                self.done, self.gen.stop_reason = True, "eos"
+        elif self.phase == "p1":
+            self.phase = "p2"
+        elif self.phase == "p2":
+            self.phase = "close"
+            if budget_left <= 1:  # room only for </object>: close the box without asking the model
+                self.take(v.object_close, 1.0, forced=True)
+                return
+        elif self.phase == "close":
+            if token == v.object_close:
+                self.done, self.gen.stop_reason = True, "box"
+                return
+            self.phase = "p1"
+        if not self.done and len(self.gen.token_ids) >= self.row.max_new_tokens:
+            self.done = True
+            self.gen.stop_reason = self.gen.stop_reason or "length"
+
+
+def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: GroundingVocab,
+             on_token: Optional[Callable[[int, Generation], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> List[Generation]:
+    """Decode every row greedily; rows advance together so backends can batch decode steps."""
+    states = [_RowState(r, vocab) for r in rows]
+    for st in states:
+        if st.done:
+            continue
+        r = st.row
+        ids = list(r.input_ids)
+        if r.constrained:
+            # <object> is forced: it joins the prompt's prefill rather than costing a step.
+            ids.append(vocab.object_open)
+        mask = list(r.image_mask) + [0] * (len(ids) - len(r.image_mask))
+        if r.prefix_cache is not None:
+            st.logits, st.cache = backend.prefill(None, ids[r.prefix_len:], mask[r.prefix_len:],
+                                                  cache=r.prefix_cache)
+        else:
+            st.logits, st.cache = backend.prefill(image_embeds, ids, mask)
+        st.gen.model_calls += 1
+        if r.constrained:
+            st.take(vocab.object_open, 1.0, forced=True)
+
+    while True:
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        active = [st for st in states if not st.done]
+        if not active:
+            break
+        tokens = []
+        for st in active:
+            tok = _argmax_in(st.logits, st.allowed())
+            st.take(tok, token_prob(st.logits, tok))
+            tokens.append(tok)
+            if on_token is not None:
+                on_token(states.index(st), st.gen)
+        stepping = [(st, tok) for st, tok in zip(active, tokens) if not st.done]
+        if not stepping:
+            continue
+        logits, caches = backend.decode_batch([st.cache for st, _ in stepping], [tok for _, tok in stepping])
+        for (st, _), row_logits, cache in zip(stepping, logits, caches):
+            st.logits, st.cache = row_logits, cache
+            st.gen.model_calls += 1
+    return [st.gen for st in states]

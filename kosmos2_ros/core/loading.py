@@ -1,0 +1,115 @@
+"""Finding and loading a Kosmos-2 checkpoint and its processor, safely and with clear errors.
+
+`from_pretrained` accepts a hub id or a local directory. Offline machines get an error that
+says what was tried and how to point the package at a local copy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .vocab import GroundingVocab
+
+DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+MODEL_ENV = "KOSMOS2_MODEL"
+
+
+class ModelNotFound(RuntimeError):
+    """The model could not be found locally nor fetched."""
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """The checkpoint needs pickle weights or remote code and the config does not allow it."""
+
+
+def resolve_model(model: str, allow_download: bool = True, allow_pickle: bool = False) -> str:
+    """A hub id or directory -> a local directory holding config, weights and processor files."""
+    tried: List[str] = []
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        _check_safe(path, allow_pickle)
+        return str(path)
+    tried.append(f"local directory {path} (does not exist)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"] + (["*.bin"] if allow_pickle else [])
+        try:
+            local = snapshot_download(model, local_files_only=True, allow_patterns=patterns)
+            tried.append("the Hugging Face cache: found")
+        except Exception as exc:  # noqa: BLE001 - the hub raises many types; report them
+            tried.append(f"the Hugging Face cache ({type(exc).__name__})")
+            if not allow_download:
+                raise
+            local = snapshot_download(model, allow_patterns=patterns)
+        _check_safe(Path(local), allow_pickle)
+        return local
+    except UnsafeCheckpoint:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        tried.append(f"downloading {model!r} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+                     if allow_download else "no download (allow_download is false)")
+        raise ModelNotFound(
+            f"cannot load model {model!r}. Tried: " + "; ".join(tried) + ". "
+            f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "
+            f"model.safetensors, processor files), given as --model DIR, the `model` parameter, or "
+            f"the {MODEL_ENV} environment variable.") from None
+
+
+def _check_safe(path: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UnsafeCheckpoint(
+            f"{path} holds only pickle weights (*.bin/*.pt), which can run code when loaded; "
+            "convert them to safetensors, or set allow_pickle_weights: true if you trust the source")
+    if not has_safetensors and not has_pickle:
+        raise ModelNotFound(f"{path} has no weights (*.safetensors)")
+    if any(path.glob("*.py")):
+        # Remote code is never executed (trust_remote_code=False); say so rather than fail later.
+        pass
+
+
+@dataclass
+class PromptIds:
+    input_ids: List[int]
+    image_mask: List[int]
+
+
+class TextCodec:
+    """The processor's text side: prompt -> ids exactly as `Kosmos2Processor(text, images)`, ids -> text.
+
+    Reproduces the processor's id layout without re-processing an image for every prompt:
+    `<s> <image> [64 image slots] </image> {text}`, slots filled with ids unk+1..unk+64.
+    """
+
+    def __init__(self, processor: Any, num_image_tokens: int = 64) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.vocab = GroundingVocab.from_tokenizer(self.tokenizer)
+        self.num_image_tokens = num_image_tokens
+        self._image_token_ids = list(range(self.tokenizer.unk_token_id + 1,
+                                           self.tokenizer.unk_token_id + 1 + num_image_tokens))
+
+    def encode(self, text: str, bboxes: Optional[Sequence[Tuple[float, float, float, float]]] = None) -> PromptIds:
+        full = self.processor.preprocess_examples(text, images=True, bboxes=list(bboxes) if bboxes else None,
+                                                  num_image_tokens=self.num_image_tokens)
+        ids = self.tokenizer(f"{self.tokenizer.bos_token}{full}", add_special_tokens=False)["input_ids"]
+        start = 2  # after <s> and the real <image>
+        n = self.num_image_tokens
+        ids = ids[:start] + self._image_token_ids + ids[start + n:]
+        mask = [0, 0] + [1] * n + [0]
+        mask += [0] * (len(ids) - len(mask))
+        return PromptIds(list(ids), mask)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """As the reference: `batch_decode(..., skip_special_tokens=True)` of prompt + generation."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_processor(model_dir: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)

@@ -1,0 +1,324 @@
+"""Commands about frames -> results. The one path every interface (CLI, node, benchmark) uses.
+
+prompt (`tasks`) -> ids (`loading.TextCodec`) -> tokens (`decoding` over a backend) ->
+entities (`grounding`) -> pixels and 3D (`geometry`). Errors never escape `run`: they become
+a result with a status, so every command gets exactly one answer.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import grounding
+from .backends import create_backend
+from .backends.base import Backend, BackendError
+from .config import Kosmos2Config
+from .decoding import Cancelled, DecodingMode, Generation, Row, generate
+from .frames import Frame, FrameEncoding
+from .geometry import InputGeometry, box_point_3d
+from .loading import PromptIds, TextCodec, load_processor, resolve_model
+from .tasks import Prompt, PromptError, Task, TaskRequest, build_prompts, sanitize_text, split_marked_phrases
+from .vocab import PATCH_TOKEN_RE
+
+Box = Tuple[float, float, float, float]
+
+
+class Status(enum.IntEnum):
+    """Mirrors GroundingResult.STATUS_*."""
+    OK = 0
+    BUSY = 1
+    NO_FRAME = 2
+    STALE_FRAME = 3
+    INVALID = 4
+    CANCELLED = 5
+    MODEL_ERROR = 6
+    NOT_ACTIVE = 7
+
+
+@dataclass
+class Command:
+    id: str = ""
+    task: str = "refer"
+    text: str = ""
+    region_px: Optional[Box] = None        # pixels of the source image (REGION task)
+    image_stamp_ns: int = 0                # 0 = newest frame
+    max_new_tokens: int = 0                # 0 = config default
+    decoding: str = ""                     # "" = config default
+
+
+@dataclass
+class GroundedBox:
+    phrase: str
+    entity_index: int
+    span: Tuple[int, int]
+    box_px: Box
+    box_norm: Box
+    score: float
+    point: Optional[Tuple[float, float, float]] = None
+
+
+@dataclass
+class Result:
+    id: str
+    task: str
+    status: Status = Status.OK
+    error: str = ""
+    stamp_ns: int = 0
+    frame_id: str = ""
+    width: int = 0
+    height: int = 0
+    text: str = ""
+    raw_text: str = ""
+    entities: List[grounding.Entity] = field(default_factory=list)
+    objects: List[GroundedBox] = field(default_factory=list)
+    token_ids: List[int] = field(default_factory=list)
+    prompt_ids: List[int] = field(default_factory=list)
+    timings_ms: dict = field(default_factory=dict)
+    model_calls: int = 0
+
+    @classmethod
+    def failure(cls, command: Command, status: Status, error: str, frame: Optional[Frame] = None) -> Result:
+        res = cls(id=command.id, task=command.task, status=status, error=error)
+        if frame is not None:
+            res.stamp_ns, res.frame_id, res.width, res.height = frame.stamp_ns, frame.frame_id, frame.width, frame.height
+        return res
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "task": self.task, "status": self.status.name.lower(), "error": self.error,
+            "image": {"width": self.width, "height": self.height, "stamp_ns": self.stamp_ns, "frame_id": self.frame_id},
+            "text": self.text, "raw_text": self.raw_text,
+            "entities": [{"phrase": e.phrase, "span": list(e.span), "boxes_px": [list(b) for b in e.boxes_px],
+                          "boxes_norm": [list(b) for b in e.boxes_norm], "scores": list(e.scores)}
+                         for e in self.entities],
+            "token_ids": list(self.token_ids), "prompt_length": len(self.prompt_ids),
+            "model_calls": self.model_calls,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+@dataclass
+class _Plan:
+    """A validated command: its prompts as ids and how to decode them."""
+    command: Command
+    task: Task
+    prompts: List[Prompt]
+    ids: List[PromptIds]
+    max_new_tokens: int
+    mode: DecodingMode
+    caption: str = ""          # phrase grounding: the caption without brackets
+
+
+class Pipeline:
+    def __init__(self, config: Kosmos2Config, backend: Backend, processor: Any) -> None:
+        self.config = config
+        self.backend = backend
+        self.processor = processor
+        self.codec = TextCodec(processor)
+        self.vocab = self.codec.vocab
+
+    @classmethod
+    def load(cls, config: Kosmos2Config, **backend_options: Any) -> Pipeline:
+        """Resolve the model (hub id or directory), load processor and backend."""
+        model_dir = resolve_model(config.model, allow_download=config.allow_download,
+                                  allow_pickle=config.allow_pickle_weights)
+        processor = load_processor(model_dir)
+        options = dict(device=config.device, precision=config.precision,
+                       allow_pickle=config.allow_pickle_weights, artifacts_dir=config.artifacts_dir,
+                       build_engines=config.build_engines)
+        options.update(backend_options)
+        backend = create_backend(config.backend, model_dir, **options)
+        return cls(config, backend, processor)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # -- frames ----------------------------------------------------------------------------
+    def encode(self, frame: Frame) -> FrameEncoding:
+        """The frame's image encoding, computed on first use and then reused."""
+        with frame.lock:
+            if frame.encoding is None:
+                from PIL import Image
+
+                t0 = time.perf_counter()
+                pixel_values = self.processor.image_processor(
+                    images=Image.fromarray(frame.rgb), return_tensors="np")["pixel_values"].astype(np.float32)
+                embeds = self.backend.encode_image(pixel_values)
+                geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
+                frame.encoding = FrameEncoding(pixel_values, embeds, geometry, (time.perf_counter() - t0) * 1e3)
+                frame.encoding.fresh = True  # type: ignore[attr-defined]
+            return frame.encoding
+
+    # -- commands --------------------------------------------------------------------------
+    def plan(self, command: Command, frame: Frame) -> _Plan:
+        """Validate a command against a frame; PromptError says what is wrong."""
+        task = Task.parse(command.task)
+        limit = self.config.max_new_tokens_limit
+        max_new = int(command.max_new_tokens or self.config.max_new_tokens)
+        if not 1 <= max_new <= limit:
+            raise PromptError(f"max_new_tokens {max_new} outside [1, {limit}] (parameter max_new_tokens_limit)")
+        mode = DecodingMode.parse(command.decoding or self.config.decoding)
+        region_norm = None
+        if task is Task.REGION:
+            if command.region_px is None:
+                raise PromptError("task 'region' needs a region (use_region and region in pixels)")
+            geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
+            try:
+                region_norm = geometry.to_normalized(command.region_px)
+            except ValueError as exc:
+                raise PromptError(str(exc)) from None
+            x0, y0, x1, y1 = command.region_px
+            if min(x1, x0) >= frame.width or min(y0, y1) >= frame.height or max(x0, x1) <= 0 or max(y0, y1) <= 0:
+                raise PromptError(f"region {tuple(command.region_px)} lies outside the {frame.width}x{frame.height} image")
+        request = TaskRequest(task=task, text=command.text, region_norm=region_norm)
+        prompts = build_prompts(request, sorted(self.vocab.control_strings), self.config.max_prompt_chars)
+        ids = [self.codec.encode(p.text, p.bboxes) for p in prompts]
+        caption = ""
+        if task is Task.PHRASE_GROUNDING:
+            text = sanitize_text(command.text, (), self.config.max_prompt_chars)
+            caption = "".join(b + p for b, p in split_marked_phrases(text)) if "[" in text else text
+        return _Plan(command, task, prompts, ids, max_new, mode, caption)
+
+    def run(self, command: Command, frame: Frame,
+            on_token: Optional[Callable[[int, Generation], None]] = None,
+            should_stop: Optional[Callable[[], bool]] = None) -> Result:
+        return self.run_batch([command], frame, on_token=on_token, should_stop=should_stop)[0]
+
+    def run_batch(self, commands: Sequence[Command], frame: Frame,
+                  on_token: Optional[Callable[[int, Generation], None]] = None,
+                  should_stop: Optional[Callable[[], bool]] = None) -> List[Result]:
+        """Several commands about one frame: encoded once, prompt prefixes shared, rows decoded together."""
+        t_start = time.perf_counter()
+        results: List[Optional[Result]] = [None] * len(commands)
+        plans: List[Tuple[int, _Plan]] = []
+        for i, cmd in enumerate(commands):
+            try:
+                plans.append((i, self.plan(cmd, frame)))
+            except (PromptError, ValueError) as exc:
+                results[i] = Result.failure(cmd, Status.INVALID, str(exc), frame)
+        if plans:
+            try:
+                t0 = time.perf_counter()
+                enc = self.encode(frame)
+                fresh = getattr(enc, "fresh", False)
+                enc.fresh = False  # type: ignore[attr-defined]
+                encode_ms = enc.encode_ms if fresh else 0.0
+                rows, owners = self._rows(plans, enc)
+                t1 = time.perf_counter()
+                gens = generate(self.backend, enc.image_embeds, rows, self.vocab,
+                                on_token=on_token, should_stop=should_stop)
+                gen_ms = (time.perf_counter() - t1) * 1e3
+                prep_ms = (t1 - t0) * 1e3 - (encode_ms if fresh else 0.0)
+                for i, plan in plans:
+                    mine = [g for g, owner in zip(gens, owners) if owner == i]
+                    res = self._result(plan, mine, frame, enc)
+                    res.timings_ms = {"encode": encode_ms, "prefix": max(prep_ms, 0.0), "generate": gen_ms}
+                    results[i] = res
+            except Cancelled:
+                for i, plan in plans:
+                    results[i] = Result.failure(plan.command, Status.CANCELLED, "cancelled", frame)
+            except (BackendError, RuntimeError, MemoryError) as exc:
+                for i, plan in plans:
+                    results[i] = Result.failure(plan.command, Status.MODEL_ERROR,
+                                                f"{type(exc).__name__}: {exc}", frame)
+        total = (time.perf_counter() - t_start) * 1e3
+        for res in results:
+            assert res is not None
+            res.timings_ms["total"] = total
+        return results  # type: ignore[return-value]
+
+    # -- internals -------------------------------------------------------------------------
+    def _rows(self, plans: List[Tuple[int, _Plan]], enc: FrameEncoding) -> Tuple[List[Row], List[int]]:
+        rows, owners = [], []
+        for i, plan in plans:
+            for prompt, pids in zip(plan.prompts, plan.ids):
+                cache, plen = self._prefix(pids, enc)
+                rows.append(Row(pids.input_ids, pids.image_mask, plan.max_new_tokens,
+                                constrained=prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED,
+                                prefix_cache=cache, prefix_len=plen))
+                owners.append(i)
+        return rows, owners
+
+    def _prefix(self, pids: PromptIds, enc: FrameEncoding) -> Tuple[Any, int]:
+        """The frame's cached KV for the prompt's shared head (`<s><image>…</image><grounding>`)."""
+        ids = pids.input_ids
+        try:
+            plen = ids.index(self.vocab.grounding) + 1
+        except ValueError:
+            plen = ids.index(self.vocab.eoi) + 1
+        if plen >= len(ids):
+            return None, 0
+        key = tuple(ids[:plen])
+        cache = enc.prefix_caches.get(key)
+        if cache is None:
+            _, cache = self.backend.prefill(enc.image_embeds, ids[:plen], pids.image_mask[:plen])
+            enc.prefix_caches[key] = cache
+        return self.backend.fork(cache), plen
+
+    def _result(self, plan: _Plan, gens: List[Generation], frame: Frame, enc: FrameEncoding) -> Result:
+        cmd = plan.command
+        res = Result(id=cmd.id, task=plan.task.value, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
+                     width=frame.width, height=frame.height)
+        parsed_all = []
+        for pids, gen in zip(plan.ids, gens):
+            full = pids.input_ids + gen.token_ids
+            raw = self.codec.decode(full)
+            parsed = grounding.parse_generation(raw, self.vocab.patches_per_side)
+            grounding.attach_scores(parsed, self._patch_probs(pids.input_ids, gen, raw))
+            parsed_all.append((raw, parsed, gen))
+            res.token_ids.extend(gen.token_ids)
+            res.prompt_ids.extend(pids.input_ids)
+            res.model_calls += gen.model_calls
+        if plan.task is Task.PHRASE_GROUNDING:
+            res.text, res.entities = self._merge_phrases(plan.caption, parsed_all)
+            res.raw_text = "\n".join(raw.split(grounding.EOI)[-1] for raw, _, _ in parsed_all)
+        else:
+            raw, parsed, _ = parsed_all[0]
+            res.text, res.entities = parsed.text, parsed.entities
+            res.raw_text = raw.split(grounding.EOI)[-1]
+        self._place(res, frame, enc.geometry)
+        return res
+
+    def _patch_probs(self, prompt_ids: List[int], gen: Generation, raw: str) -> List[Optional[float]]:
+        """Probability of each location token in the parsed text, in order (None: from the prompt)."""
+        eoi_at = max((i for i, t in enumerate(prompt_ids) if t == self.vocab.eoi), default=-1)
+        probs: List[Optional[float]] = [None for t in prompt_ids[eoi_at + 1:] if self.vocab.is_patch(t)]
+        probs += [p for t, p in zip(gen.token_ids, gen.probs) if self.vocab.is_patch(t)]
+        in_text = len(PATCH_TOKEN_RE.findall(raw.split(grounding.EOI)[-1]))
+        return probs if in_text == len(probs) else []
+
+    @staticmethod
+    def _merge_phrases(caption: str, parsed_all: list) -> Tuple[str, List[grounding.Entity]]:
+        entities: List[grounding.Entity] = []
+        cursor = 0
+        for _, parsed, _ in parsed_all:
+            if not parsed.entities:
+                continue
+            ent = parsed.entities[-1]   # the phrase this prompt asked about
+            start = caption.find(ent.phrase, cursor)
+            if start >= 0:
+                ent.span = (start, start + len(ent.phrase))
+                cursor = start + len(ent.phrase)
+            entities.append(ent)
+        return caption, entities
+
+    def _place(self, res: Result, frame: Frame, geometry: InputGeometry) -> None:
+        """Boxes to pixels, threshold, 3D points; flatten into objects."""
+        cfg = self.config
+        for index, ent in enumerate(res.entities):
+            ent.boxes_px = [geometry.to_pixels(b) for b in ent.boxes_norm]
+            if len(ent.scores) != len(ent.boxes_norm):
+                ent.scores = [float("nan")] * len(ent.boxes_norm)
+            for box_norm, box_px, score in zip(ent.boxes_norm, ent.boxes_px, ent.scores):
+                if not math.isnan(score) and score < cfg.score_threshold:
+                    continue
+                point = None
+                if cfg.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
+                    point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
+                                         cfg.min_depth_m, cfg.max_depth_m)
+                res.objects.append(GroundedBox(ent.phrase, index, ent.span, box_px, tuple(box_norm), score, point))
