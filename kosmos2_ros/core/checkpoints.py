@@ -1,17 +1,32 @@
-"""Tiny random Kosmos-2 checkpoints for tests and benchmarks, saved like real ones.
+"""Tiny Kosmos-2 checkpoints for tests and benchmarks, saved like real ones.
 
 No model hub is reachable on CI, so tests build a small model and its processor here (with a
 tokenizer trained in code), save them with `save_pretrained`, and then load them back through
-the package's real loading path. `full_size=True` gives the real architecture with random
-weights: the same compute as microsoft/kosmos-2-patch14-224, for honest speed figures.
+the package's real loading path.
+
+- `train=True` (the default for tiny models) fits the tiny model for a few seconds on CPU to
+  synthetic scenes (coloured squares at known places) written in Kosmos-2's grounded format,
+  so greedy decoding gives well-formed phrases, boxes and eos instead of one repeated token.
+  It is structured, not good.
+- `train=False` keeps random weights (sharpened so greedy decoding is decisive).
+- `full_size=True` gives the real architecture with random weights, never trained: the same
+  compute as microsoft/kosmos-2-patch14-224, for honest speed figures.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-# Words that show up in the demo, tests and benchmarks, so the tiny tokenizer has pieces for them.
+import numpy as np
+
+from .grounding import box_to_patch_index
+from .scenes import OBJECTS, draw_scene
+from .vocab import patch_token
+
+# Words that show up in the demo, tests, benchmarks and training texts, so the tiny tokenizer
+# has pieces for them.
 CORPUS = (
     "An image of a red mug on a wooden table next to a laptop.",
     "Describe this image in detail: a robot arm picks up the blue box.",
@@ -20,7 +35,15 @@ CORPUS = (
     "the cup, the bottle, the person, the dog, the cat, the snowman, the fire, the door",
     "left right top bottom middle small large near far behind above below",
     "A man walking a dog on the beach, warming himself by a fire.",
+    "a red square, a blue square, a green square and a yellow square on a grey table.",
+    "There is a square. Where is the square? What color is the square? Red. Blue. Green. Yellow.",
+    "What is on the table? How many squares are there? One. Two. Three. Four.",
 )
+
+# Training budget of the tiny model: steps, batch, and a wall-clock cap so slow machines stay fast.
+TRAIN_STEPS = 400
+TRAIN_BATCH = 24
+TRAIN_MAX_SECONDS = 18.0
 
 
 def _train_tokenizer(vocab_size: int, corpus: Iterable[str]):
@@ -74,12 +97,131 @@ def tiny_config(vocab_size: int, image_size: int = 224, full_size: bool = False,
     return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=latent_query_num)
 
 
+# -- synthetic grounded training data --------------------------------------------------------
+
+def _obj(box_norm: Tuple[float, float, float, float]) -> str:
+    ul, lr = box_to_patch_index(box_norm)
+    return f"<object>{patch_token(ul)}{patch_token(lr)}</object>"
+
+
+def _side(box_norm: Tuple[float, float, float, float]) -> str:
+    return "left" if (box_norm[0] + box_norm[2]) / 2 < 0.5 else "right"
+
+
+def training_texts(objects: List[Dict[str, Any]], width: int, height: int) -> List[str]:
+    """Grounded texts for one scene, one per Kosmos-2 task, as the model should write them.
+
+    Each is a full sequence (prompt and answer) without `<s>`, `<image>` or the final `</s>`.
+    """
+    boxes = [(o["box"][0] / width, o["box"][1] / height, o["box"][2] / width, o["box"][3] / height)
+             for o in objects]
+    names = [o["name"] for o in objects]
+    colours = [n.split()[1] for n in names]
+    listed = ",".join(f"<phrase> {n}</phrase>{_obj(b)}" for n, b in zip(names, boxes))
+    first, first_box = names[0], boxes[0]
+    texts = [f"<grounding>An image of{listed}.",
+             f"<grounding>Describe this image in detail: There is{listed} on a grey table.",
+             f"<grounding> Question: What color is the square? Answer: {colours[0].capitalize()}.",
+             f"<grounding> Question: Where is {first}? Answer:<phrase> {first}</phrase>{_obj(first_box)}"
+             f" is on the {_side(first_box)}."]
+    for name, box in zip(names, boxes):
+        texts.append(f"<grounding><phrase> {name}</phrase>{_obj(box)}")
+        texts.append(f"<grounding><phrase> It</phrase>{_obj(box)} is {name}.")
+    return texts
+
+
+def _training_batches(processor: Any, rng: np.random.Generator, scenes: int) -> Dict[str, Any]:
+    """Tokenised synthetic scenes (images through the real processor), with LM labels."""
+    import torch
+    from PIL import Image
+
+    texts: List[str] = []
+    images: List[Any] = []
+    for _ in range(scenes):
+        width, height = int(rng.integers(160, 400)), int(rng.integers(160, 400))
+        count = int(rng.integers(1, len(OBJECTS) + 1))
+        rgb, objects = draw_scene(width, height, rng, count=count)
+        # The scene helper always draws objects in the same order; shuffle who is mentioned first.
+        order = rng.permutation(len(objects))
+        objects = [objects[i] for i in order]
+        image = Image.fromarray(rgb)
+        for text in training_texts(objects, width, height):
+            texts.append(text)
+            images.append(image)
+    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    tok = processor.tokenizer
+    ids = enc["input_ids"]
+    lengths = enc["attention_mask"].sum(dim=1)
+    # Append </s> after each sequence (the processor adds <s> only).
+    pad_col = torch.full((ids.shape[0], 1), tok.pad_token_id, dtype=ids.dtype)
+    ids = torch.cat([ids, pad_col], dim=1)
+    ids[torch.arange(ids.shape[0]), lengths] = tok.eos_token_id
+    attn = (torch.arange(ids.shape[1])[None, :] <= lengths[:, None]).long()
+    img_mask = torch.cat([enc["image_embeds_position_mask"], torch.zeros_like(pad_col)], dim=1)
+    labels = ids.clone()
+    labels[attn == 0] = -100
+    labels[img_mask == 1] = -100
+    eoi = tok.convert_tokens_to_ids("</image>")
+    # Learn the text after </image> (tags, boxes, eos); the fixed image header is not text to learn.
+    after = torch.cumsum((ids == eoi).long(), dim=1) > 0
+    labels[~after] = -100
+    labels[ids == eoi] = -100
+    return dict(pixel_values=enc["pixel_values"], input_ids=ids, attention_mask=attn,
+                image_embeds_position_mask=img_mask, labels=labels)
+
+
+def train_tiny_model(model: Any, processor: Any, seed: int = 0, steps: int = TRAIN_STEPS,
+                     batch_size: int = TRAIN_BATCH, max_seconds: float = TRAIN_MAX_SECONDS) -> Dict[str, float]:
+    """Fit the tiny model to synthetic grounded scenes for a few seconds (CPU, deterministic seed)."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = _training_batches(processor, rng, scenes=48)
+    n = data["input_ids"].shape[0]
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    t0 = time.perf_counter()
+    first = last = float("nan")
+    done = 0
+    for step in range(steps):
+        idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
+        batch = {k: v[idx] for k, v in data.items()}
+        # Trim shared right padding so short batches cost less.
+        width = int(batch["attention_mask"].sum(dim=1).max())
+        batch = {k: (v[:, :width] if k != "pixel_values" else v) for k, v in batch.items()}
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        done = step + 1
+        last = float(loss.detach())
+        if step == 0:
+            first = last
+        if time.perf_counter() - t0 > max_seconds:
+            break
+    model.eval()
+    return {"steps": float(done), "first_loss": first, "last_loss": last, "seconds": time.perf_counter() - t0}
+
+
 def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], seed: int = 0, full_size: bool = False,
-                          image_size: int = 224, vocab_size: Optional[int] = None) -> Path:
-    """Build a random Kosmos-2 with its processor and `save_pretrained` both into `out_dir`."""
+                          image_size: int = 224, vocab_size: Optional[int] = None,
+                          train: Optional[bool] = None) -> Path:
+    """Build a tiny Kosmos-2 with its processor and `save_pretrained` both into `out_dir`.
+
+    `train` (default: True unless `full_size`) fits the tiny model to synthetic grounded scenes
+    for a few seconds; `train=False` keeps random weights. Full-size models are never trained.
+    """
     import torch
     from transformers import Kosmos2ForConditionalGeneration
 
+    if train is None:
+        train = not full_size
+    if train and full_size:
+        raise ValueError("full_size checkpoints keep random weights; train=True is for tiny models only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor(image_size=image_size)
@@ -89,7 +231,12 @@ def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], seed: int = 0, full_
     for sub in (config, config.text_config):
         sub.bos_token_id, sub.eos_token_id, sub.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     model = Kosmos2ForConditionalGeneration(config).eval()
-    if not full_size:
+    if train:
+        stats = train_tiny_model(model, processor, seed=seed)
+        (out / "tiny_training.txt").write_text(
+            "Tiny test checkpoint trained on synthetic coloured squares (not Kosmos-2's weights): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()) + "\n")
+    elif not full_size:
         # Random init makes every logit tiny and alike; sharpen the output so greedy decoding is
         # decisive and exercises location tokens, phrases and eos like a trained model would.
         with torch.no_grad():

@@ -76,9 +76,9 @@ class _RowState:
         self.cache: Any = None
         self.logits: Optional[np.ndarray] = None
         self.done = row.max_new_tokens <= 0
-        self.phase = "free"  # constrained: p1 -> p2 -> close
+        self.phase = "free"  # constrained: open (<object> forced) -> p1 -> p2 -> close
         if row.constrained:
-            self.phase = "p1"
+            self.phase = "open"
 
     def allowed(self) -> Optional[np.ndarray]:
         v = self.vocab
@@ -100,6 +100,8 @@ class _RowState:
         if self.phase == "free":
             if token == v.eos:
                 self.done, self.gen.stop_reason = True, "eos"
+        elif self.phase == "open":
+            self.phase = "p1"
         elif self.phase == "p1":
             self.phase = "p2"
         elif self.phase == "p2":

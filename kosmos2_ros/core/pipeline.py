@@ -239,7 +239,8 @@ class Pipeline:
             for prompt, pids in zip(plan.prompts, plan.ids):
                 cache, plen = self._prefix(pids, enc)
                 rows.append(Row(pids.input_ids, pids.image_mask, plan.max_new_tokens,
-                                constrained=prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED,
+                                constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
+                                             and plan.max_new_tokens >= 4),
                                 prefix_cache=cache, prefix_len=plen))
                 owners.append(i)
         return rows, owners

@@ -1,0 +1,132 @@
+"""kosmos2-ground as a user runs it: a subprocess, JSON out, compared with transformers itself."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kosmos2_ros.core.scenes import draw_scene
+
+MAX_NEW = 12
+CASES = [
+    ("refer", "a red square", None),
+    ("phrase_grounding", "a man with [a red square]", None),
+    ("caption", "", None),
+    ("describe", "", None),
+    ("region", "", (40.0, 30.0, 200.0, 150.0)),
+    ("vqa", "What is on the table?", None),
+    ("raw", "An image of", None),
+]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kosmos2_ros.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rgb, _ = draw_scene(331, 247, np.random.default_rng(3))   # odd-sized, non-square
+    path = tmp_path_factory.mktemp("cli") / "scene.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def reference(model_dir: Path, image_path: Path, task: str, text: str, region) -> list:
+    """transformers' own generate + post_process_generation for each prompt the task needs."""
+    import torch
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+    from kosmos2_ros.core.frames import Frame
+    from kosmos2_ros.core.geometry import InputGeometry
+    from kosmos2_ros.core.tasks import Task, TaskRequest, build_prompts
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Kosmos2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    image = Image.open(image_path).convert("RGB")
+    frame = Frame(np.asarray(image))
+    region_norm = None
+    if region is not None:
+        region_norm = InputGeometry.from_processor(processor.image_processor, frame.width, frame.height).to_normalized(region)
+    out = []
+    for prompt in build_prompts(TaskRequest(Task(task), text, region_norm)):
+        inputs = processor(text=prompt.text, images=image, bboxes=prompt.bboxes, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                                 attention_mask=inputs["attention_mask"],
+                                 image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                                 max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
+        new = ids[0, inputs["input_ids"].shape[1]:].tolist()
+        decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
+        out.append((new, processor.post_process_generation(decoded)))
+    return out
+
+
+@pytest.mark.parametrize("task,text,region", CASES)
+def test_cli_matches_transformers(hf_saved_model_dir: Path, image_path: Path, task, text, region) -> None:
+    args = ["--model", str(hf_saved_model_dir), "--image", str(image_path), "--task", task, "--decoding", "free",
+            "--max-new-tokens", str(MAX_NEW), "--json", "--no-download"]
+    if text:
+        args += ["--text", text]
+    if region:
+        args += ["--region", *map(str, region)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["status"] == "ok"
+    assert set(got) >= {"text", "entities", "token_ids", "timings_ms"}
+    ref = reference(hf_saved_model_dir, image_path, task, text, region)
+    assert got["token_ids"] == [t for ids, _ in ref for t in ids]
+    if task != "phrase_grounding":
+        (_, (ref_text, ref_entities)), = ref
+        assert got["text"] == ref_text
+        assert [(e["phrase"], tuple(e["span"]), [tuple(b) for b in e["boxes_norm"]]) for e in got["entities"]] == \
+            [(p, tuple(s), [tuple(b) for b in boxes]) for p, s, boxes in ref_entities]
+    for entity in got["entities"]:
+        assert len(entity["boxes_px"]) == len(entity["boxes_norm"]) == len(entity["scores"])
+
+
+def test_cli_annotate_writes_image(tiny_model_dir: Path, image_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "annotated.png"
+    proc = run_cli("--model", str(tiny_model_dir), "--image", str(image_path), "--text", "a red square",
+                   "--decoding", "constrained", "--annotate", str(out), "--json", "--no-download")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert len(got["entities"]) == 1 and got["entities"][0]["boxes_px"]
+    img = np.asarray(Image.open(out))
+    assert img.shape == (247, 331, 3)
+    assert not np.array_equal(img, np.asarray(Image.open(image_path)))   # boxes were drawn
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image", "/nonexistent/x.png"], "cannot read image"),
+    (["--task", "nope"], "invalid choice"),
+    (["--task", "region"], "--region"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+])
+def test_cli_bad_arguments_one_line(tiny_model_dir: Path, image_path: Path, args, needle) -> None:
+    base = ["--model", str(tiny_model_dir), "--image", str(image_path), "--no-download"]
+    proc = run_cli(*base, *args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_model_says_what_was_tried(image_path: Path, tmp_path: Path) -> None:
+    proc = run_cli("--model", str(tmp_path / "no-such-model"), "--image", str(image_path), "--no-download")
+    assert proc.returncode == 3
+    assert "Tried:" in proc.stderr and "local copy" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_invalid_prompt_is_a_command_error(tiny_model_dir: Path, image_path: Path) -> None:
+    proc = run_cli("--model", str(tiny_model_dir), "--image", str(image_path), "--text", "a <patch_index_0042> mug",
+                   "--json", "--no-download")
+    assert proc.returncode == 4
+    got = json.loads(proc.stdout)
+    assert got["status"] == "invalid" and "control token" in got["error"]
