@@ -112,9 +112,10 @@ def _demosaic(mono: np.ndarray, pattern: str, use_opencv: bool = True) -> np.nda
     if h == 0 or w == 0:
         raise ImageError("a Bayer image needs at least 2x2 pixels")
     m = mono[:h, :w].astype(np.float32)
-    at = {pattern[0]: m[0::2, 0::2], pattern[1]: m[0::2, 1::2], pattern[3]: m[1::2, 1::2]}
-    greens = (m[0::2, 1::2] + m[1::2, 0::2]) / 2 if pattern[1] == "g" else (m[0::2, 0::2] + m[1::2, 1::2]) / 2
-    small = np.stack([at["r"], greens, at["b"]], axis=-1)
+    planes: Dict[str, list] = {"r": [], "g": [], "b": []}
+    for letter, plane in zip(pattern, (m[0::2, 0::2], m[0::2, 1::2], m[1::2, 0::2], m[1::2, 1::2])):
+        planes[letter].append(plane)
+    small = np.stack([sum(planes[c]) / len(planes[c]) for c in "rgb"], axis=-1)
     out = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)
     full = np.zeros(mono.shape + (3,), np.float32)
     full[:h, :w] = out

@@ -1,0 +1,216 @@
+"""Stress a running grounding node over real DDS and print what happened to every command.
+
+Starts the node (unless --attach), publishes frames at camera rate and commands at a rate
+several times what the node can serve, for a bounded count or time, then waits for the
+stragglers and prints: commands sent, results by status, lost (no result), duplicated
+(more than one result), latency p50/p95/p99, and the node's resident memory at start and
+end. Lost and duplicated must be 0. Not a test: a tool whose table goes in the README.
+
+  scripts/ros-env python bench/stress_node.py --count 2000 --rate 40
+  scripts/ros-env python bench/stress_node.py --count 10000 --rate 60 --soak   # memory trend
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def percentile(values: List[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def start_node(model: str, node_name: str, extra: List[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kosmos2_ros.ros.node", "--ros-args", "-r", f"__node:={node_name}",
+           "-p", f"model:={model}", "-p", "allow_download:=false", "-p", "max_frame_age_s:=0.0", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model dir (default: build a tiny test checkpoint)")
+    ap.add_argument("--attach", action="store_true", help="use a node that is already running")
+    ap.add_argument("--node", default="kosmos2", help="node name (topics /<node>/command, /<node>/result)")
+    ap.add_argument("--count", type=int, default=1000, help="commands to send")
+    ap.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
+    ap.add_argument("--rate", type=float, default=40.0, help="commands per second")
+    ap.add_argument("--camera-hz", type=float, default=15.0)
+    ap.add_argument("--size", default="320x240", help="frame WxH")
+    ap.add_argument("--task-mix", default="refer", help="comma list of tasks to cycle: refer,caption,vqa,region")
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--drain", type=float, default=60.0, help="seconds to wait for results after sending")
+    ap.add_argument("--soak", action="store_true", help="also print memory every 10%% of the run")
+    ap.add_argument("--param", action="append", default=[], help="extra node parameter name:=value")
+    args = ap.parse_args(argv)
+
+    import rclpy
+    from kosmos2_ros.msg import GroundingCommand, GroundingResult
+    from rclpy.node import Node
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    proc = None
+    if not args.attach:
+        model = args.model
+        if not model:
+            from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+
+            model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
+        extra = []
+        for p in args.param:
+            extra += ["-p", p]
+        proc = start_node(model, args.node, extra)
+
+    rclpy.init()
+    node = Node("kosmos2_stress")
+    w, h = (int(v) for v in args.size.split("x"))
+    reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+    img_pub = node.create_publisher(Image, "image", qos_profile_sensor_data)
+    cmd_pub = node.create_publisher(GroundingCommand, f"/{args.node}/command", reliable)
+    sent: Dict[str, float] = {}
+    got: Dict[str, List[int]] = defaultdict(list)
+    latency: List[float] = []
+    lock = threading.Lock()
+
+    def on_result(msg: GroundingResult) -> None:
+        now = time.monotonic()
+        with lock:
+            got[msg.id].append(int(msg.status))
+            if msg.id in sent and len(got[msg.id]) == 1:
+                latency.append((now - sent[msg.id]) * 1e3)
+
+    node.create_subscription(GroundingResult, f"/{args.node}/result", on_result, reliable)
+    spin = threading.Thread(target=rclpy.spin, args=(node,), daemon=True)
+    spin.start()
+    stop = threading.Event()
+    rng = np.random.default_rng(0)
+    frames_sent = [0]
+
+    def camera() -> None:
+        period = 1.0 / args.camera_hz
+        while not stop.is_set():
+            msg = Image()
+            msg.header.stamp = node.get_clock().now().to_msg()
+            msg.header.frame_id = "stress_camera"
+            msg.height, msg.width, msg.encoding, msg.step = h, w, "rgb8", w * 3
+            msg.data = rng.integers(0, 255, (h, w, 3), dtype=np.uint8).tobytes()
+            img_pub.publish(msg)
+            frames_sent[0] += 1
+            time.sleep(period)
+
+    threading.Thread(target=camera, daemon=True).start()
+
+    # Wait until the node answers (it may be loading the model).
+    t_wait = time.monotonic()
+    ready = False
+    while time.monotonic() - t_wait < 120 and (proc is None or proc.poll() is None):
+        probe = GroundingCommand(id=f"probe-{time.monotonic_ns()}", task="refer", text="a red square",
+                                 max_new_tokens=args.max_new_tokens)
+        cmd_pub.publish(probe)
+        time.sleep(1.0)
+        with lock:
+            if any(s and s[0] == 0 for k, s in got.items() if k.startswith("probe-")):
+                ready = True
+                break
+    if not ready:
+        err = proc.stderr.read() if proc is not None and proc.poll() is not None else ""
+        print(f"node did not become ready: {err[-2000:]}", file=sys.stderr)
+        stop.set()
+        if proc is not None:
+            proc.terminate()
+        return 1
+    pid = proc.pid if proc is not None else 0
+    rss_start = rss_mb(pid) if pid else float("nan")
+    rss_trace = [rss_start]
+    tasks = args.task_mix.split(",")
+    t0 = time.monotonic()
+    period = 1.0 / args.rate
+    for i in range(args.count):
+        if time.monotonic() - t0 > args.duration:
+            break
+        task = tasks[i % len(tasks)]
+        cmd = GroundingCommand(id=f"c{i}", task=task, text={"refer": "a red square", "vqa": "what is it?"}.get(task, ""),
+                               max_new_tokens=args.max_new_tokens)
+        if task == "region":
+            cmd.use_region = True
+            cmd.region.x_min, cmd.region.y_min, cmd.region.x_max, cmd.region.y_max = 10.0, 10.0, w / 2.0, h / 2.0
+        with lock:
+            sent[cmd.id] = time.monotonic()
+        cmd_pub.publish(cmd)
+        if args.soak and pid and args.count >= 10 and i % (args.count // 10) == 0 and i:
+            rss_trace.append(rss_mb(pid))
+            print(f"  sent {i:6d}  node RSS {rss_trace[-1]:8.1f} MB", flush=True)
+        target = t0 + (i + 1) * period
+        time.sleep(max(0.0, target - time.monotonic()))
+    send_s = time.monotonic() - t0
+    deadline = time.monotonic() + args.drain
+    while time.monotonic() < deadline:
+        with lock:
+            if all(k in got for k in sent):
+                break
+        time.sleep(0.2)
+    time.sleep(1.0)   # let duplicates, if any, arrive
+    stop.set()
+    rss_end = rss_mb(pid) if pid else float("nan")
+    with lock:
+        statuses = Counter()
+        lost = dup = 0
+        for k in sent:
+            s = got.get(k, [])
+            if not s:
+                lost += 1
+            elif len(s) > 1:
+                dup += 1
+            if s:
+                statuses[s[0]] += 1
+    names = {0: "ok", 1: "busy", 2: "no_frame", 3: "stale_frame", 4: "invalid", 5: "cancelled", 6: "model_error",
+             7: "not_active"}
+    ok_lat = latency
+    print()
+    print("| metric | value |")
+    print("|---|---|")
+    print(f"| commands sent | {len(sent)} in {send_s:.1f} s ({len(sent) / max(send_s, 1e-9):.1f}/s) |")
+    print(f"| frames sent | {frames_sent[0]} at {args.camera_hz:g} Hz ({w}x{h} rgb8) |")
+    for code, n in sorted(statuses.items()):
+        print(f"| results {names.get(code, code)} | {n} |")
+    print(f"| lost (no result) | {lost} |")
+    print(f"| duplicated | {dup} |")
+    print(f"| latency p50 / p95 / p99 ms (all results) | {percentile(ok_lat, 50):.1f} / {percentile(ok_lat, 95):.1f}"
+          f" / {percentile(ok_lat, 99):.1f} |")
+    print(f"| node RSS start / end MB | {rss_start:.1f} / {rss_end:.1f} |")
+    if args.soak:
+        print(f"| node RSS trace MB | {' '.join(f'{v:.0f}' for v in rss_trace + [rss_end])} |")
+    node.destroy_node()
+    rclpy.try_shutdown()
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return 0 if lost == 0 and dup == 0 else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

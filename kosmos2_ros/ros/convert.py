@@ -1,0 +1,180 @@
+"""Messages <-> core types. Unpacks message fields; the pixel decoding itself is core.images.
+
+cv_bridge is used where it imports and works (a real ROS 2 install); the numpy path in
+core.images is the reference and the fallback, so results do not depend on which one ran.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Point
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+
+from kosmos2_ros.core import images
+from kosmos2_ros.core.geometry import CameraIntrinsics
+from kosmos2_ros.core.pipeline import Command, Result
+from kosmos2_ros.msg import GroundedObject, GroundingCommand, GroundingResult, PixelBox
+
+ImageError = images.ImageError
+
+try:  # pragma: no cover - not installed on the development machine
+    from cv_bridge import CvBridge
+
+    _BRIDGE: Optional[Any] = CvBridge()
+except Exception:  # noqa: BLE001 - a broken cv_bridge (ROS 1 wheel) raises more than ImportError
+    _BRIDGE = None
+
+try:  # pragma: no cover - vision_msgs is optional
+    from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
+
+    HAVE_VISION_MSGS = True
+except ImportError:
+    HAVE_VISION_MSGS = False
+
+
+# -- time ------------------------------------------------------------------------------------
+def stamp_to_ns(stamp: Time) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def header_of(stamp_ns: int, frame_id: str) -> Header:
+    return Header(stamp=ns_to_stamp(stamp_ns), frame_id=frame_id)
+
+
+# -- images ----------------------------------------------------------------------------------
+def _check_size(msg: Image) -> None:
+    """The checks cv_bridge does not make (it would read past a truncated buffer or crash)."""
+    if msg.height == 0 or msg.width == 0:
+        raise ImageError(f"zero-size image ({msg.width}x{msg.height})")
+    fmt = images.pixel_format(msg.encoding)
+    need = msg.height * msg.step
+    if len(msg.data) < need:
+        raise ImageError(f"image data is truncated: {len(msg.data)} bytes, expected height*step = "
+                         f"{msg.height}*{msg.step} = {need}")
+    if msg.step < msg.width * fmt.channels * np.dtype(fmt.dtype).itemsize:
+        raise ImageError(f"step {msg.step} is smaller than one row of {msg.width} {msg.encoding} pixels")
+
+
+def image_to_rgb(msg: Image, use_bridge: bool = True) -> np.ndarray:
+    """sensor_msgs/Image -> H x W x 3 uint8 RGB, or ImageError with the reason."""
+    _check_size(msg)
+    if use_bridge and _BRIDGE is not None and not msg.encoding.startswith("bayer_") and msg.encoding != "32FC1":
+        try:  # pragma: no cover - exercised only where cv_bridge works
+            out = _BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8")
+            if out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8:
+                return np.ascontiguousarray(out)
+        except Exception:  # noqa: BLE001 - fall back to the reference path below
+            pass
+    return images.to_rgb8(msg.encoding, msg.height, msg.width, msg.step, bool(msg.is_bigendian), msg.data)
+
+
+def depth_to_m(msg: Image) -> np.ndarray:
+    """sensor_msgs/Image with 16UC1 (mm) or 32FC1 (m) depth -> H x W float32 metres (NaN invalid)."""
+    _check_size(msg)
+    return images.to_depth_m(msg.encoding, msg.height, msg.width, msg.step, bool(msg.is_bigendian), msg.data)
+
+
+def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+    return images.decode_compressed(msg.format, msg.data)
+
+
+def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "bgr8") -> Image:
+    data, step = images.from_rgb8(rgb, encoding)
+    return Image(header=header, height=int(rgb.shape[0]), width=int(rgb.shape[1]), encoding=encoding,
+                 is_bigendian=0, step=step, data=data)
+
+
+def intrinsics_from(msg: CameraInfo) -> Optional[CameraIntrinsics]:
+    k = list(msg.k)
+    if len(k) != 9:
+        return None
+    intr = CameraIntrinsics.from_k(k, int(msg.width), int(msg.height))
+    return intr if intr.valid() else None
+
+
+# -- commands and results --------------------------------------------------------------------
+def command_from_msg(msg: GroundingCommand) -> Command:
+    region: Optional[Tuple[float, float, float, float]] = None
+    if msg.use_region:
+        r = msg.region
+        region = (float(r.x_min), float(r.y_min), float(r.x_max), float(r.y_max))
+    return Command(id=msg.id, task=msg.task or "refer", text=msg.text, region_px=region,
+                   image_stamp_ns=stamp_to_ns(msg.image_stamp), max_new_tokens=int(msg.max_new_tokens),
+                   decoding=msg.decoding)
+
+
+def command_to_msg(cmd: Command) -> GroundingCommand:
+    msg = GroundingCommand(id=cmd.id, task=cmd.task, text=cmd.text, max_new_tokens=int(cmd.max_new_tokens),
+                           decoding=cmd.decoding, image_stamp=ns_to_stamp(cmd.image_stamp_ns))
+    if cmd.region_px is not None:
+        msg.use_region = True
+        msg.region = PixelBox(x_min=float(cmd.region_px[0]), y_min=float(cmd.region_px[1]),
+                              x_max=float(cmd.region_px[2]), y_max=float(cmd.region_px[3]))
+    return msg
+
+
+def _f32(value: float) -> float:
+    return float(value) if math.isfinite(value) else 0.0
+
+
+def result_to_msg(res: Result, queue_ms: float = 0.0) -> GroundingResult:
+    """A core Result -> GroundingResult; the header is the source image's, never the node clock."""
+    msg = GroundingResult(id=res.id, task=res.task, status=int(res.status), error=res.error,
+                          header=header_of(res.stamp_ns, res.frame_id),
+                          image_width=int(res.width), image_height=int(res.height),
+                          text=res.text, raw_text=res.raw_text, token_ids=[int(t) for t in res.token_ids])
+    objects: List[GroundedObject] = []
+    for obj in res.objects:
+        x0, y0, x1, y1 = obj.box_px
+        o = GroundedObject(phrase=obj.phrase, entity_index=int(obj.entity_index),
+                           span_start=int(max(0, obj.span[0])), span_end=int(max(0, obj.span[1])),
+                           box=PixelBox(x_min=float(x0), y_min=float(y0), x_max=float(x1), y_max=float(y1)),
+                           box_normalized=[float(v) for v in obj.box_norm],
+                           score=_f32(obj.score))
+        if obj.point is not None:
+            o.point = Point(x=float(obj.point[0]), y=float(obj.point[1]), z=float(obj.point[2]))
+            o.point_valid = True
+        objects.append(o)
+    msg.objects = objects
+    t = res.timings_ms
+    msg.queue_ms = float(queue_ms)
+    msg.encode_ms = float(t.get("encode", 0.0))
+    msg.generate_ms = float(t.get("generate", 0.0))
+    msg.total_ms = float(t.get("total", 0.0)) + float(queue_ms)
+    return msg
+
+
+def detections_from(msg: GroundingResult) -> Optional[Any]:
+    """vision_msgs/Detection2DArray (phrase as class_id) where vision_msgs is installed, else None."""
+    if not HAVE_VISION_MSGS:
+        return None
+    out = Detection2DArray(header=msg.header)  # pragma: no cover - vision_msgs absent here
+    for obj in msg.objects:  # pragma: no cover
+        det = Detection2D(header=msg.header)
+        b = obj.box
+        center = det.bbox.center
+        pos = getattr(center, "position", center)   # Humble+: Pose2D.position; older: geometry_msgs/Pose2D
+        pos.x, pos.y = (b.x_min + b.x_max) / 2.0, (b.y_min + b.y_max) / 2.0
+        det.bbox.size_x, det.bbox.size_y = b.x_max - b.x_min, b.y_max - b.y_min
+        hyp = ObjectHypothesisWithPose()
+        target = getattr(hyp, "hypothesis", hyp)
+        if hasattr(target, "class_id"):
+            target.class_id = obj.phrase
+        else:
+            target.id = obj.phrase
+        target.score = float(obj.score)
+        if obj.point_valid:
+            hyp.pose.pose.position = obj.point
+        det.results.append(hyp)
+        if hasattr(det, "id"):
+            det.id = msg.id
+        out.detections.append(det)
+    return out

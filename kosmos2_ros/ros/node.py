@@ -1,0 +1,432 @@
+"""The grounding node: camera frames in, Kosmos-2 commands in, grounded results out.
+
+A lifecycle node. Camera and command callbacks only convert and enqueue; one worker thread
+(`worker.Worker`) runs the model, so slow generation never blocks callbacks nor queues old
+frames (only the newest few are kept). The service and the action wait for the worker's
+future in a reentrant callback group under a multi-threaded executor, so they cannot deadlock.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import fields
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import String
+from visualization_msgs.msg import MarkerArray
+
+from kosmos2_ros.action import GroundTask
+from kosmos2_ros.core.config import ConfigError, Kosmos2Config
+from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
+from kosmos2_ros.msg import GroundingCommand, GroundingResult
+from kosmos2_ros.srv import Ground
+
+from . import convert, visualize
+from .worker import FrameRejected, Job, Worker
+
+try:  # Humble and later
+    from rclpy.executors import ExternalShutdownException
+except ImportError:  # pragma: no cover
+    ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
+
+NODE_NAME = "kosmos2"
+# Depth and colour frames are paired by stamp; a depth image this close to the colour frame counts.
+DEPTH_SYNC_S = 0.5
+
+PARAMETER_DOCS: Dict[str, str] = {
+    "model": "Hugging Face hub id or local directory saved with save_pretrained",
+    "backend": "inference backend: torch | onnxruntime | tensorrt",
+    "device": "auto | cpu | cuda | cuda:N",
+    "precision": "fp32 | fp16 | bf16",
+    "allow_download": "may fetch the model from the hub when it is not cached",
+    "allow_pickle_weights": "accept *.bin / *.pt weights (pickle); refused by default",
+    "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
+    "build_engines": "the node may build missing ONNX/TensorRT artifacts itself on configure",
+    "max_new_tokens": "default generation limit for a command (commands may ask for another)",
+    "max_new_tokens_limit": "commands asking for more tokens are refused (STATUS_INVALID)",
+    "decoding": "default decoding for refer/phrase grounding: constrained (always a box) | free",
+    "score_threshold": "boxes scoring below this are dropped, in [0, 1]",
+    "max_prompt_chars": "longest accepted command text",
+    "max_frame_age_s": "a newest frame older than this gives STATUS_STALE_FRAME; 0 = no limit",
+    "frame_cache_size": "recent frames kept so a command can name its frame by stamp",
+    "queue_size": "pending commands; past this a command gets STATUS_BUSY at once",
+    "image_qos": "QoS of the camera subscriptions: sensor_data (best effort, depth 1) | reliable",
+    "use_compressed": "also subscribe to image/compressed (sensor_msgs/CompressedImage)",
+    "enable_3d": "compute a 3D point per box from depth/image + camera_info",
+    "depth_inner_fraction": "central fraction of a box whose median depth gives its 3D point",
+    "min_depth_m": "depth readings below this are ignored (metres)",
+    "max_depth_m": "depth readings above this are ignored (metres)",
+    "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
+    "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
+}
+# Changing these at runtime is accepted and validated, but takes effect on the next configure
+# (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
+DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
+                                 "allow_pickle_weights", "artifacts_dir", "build_engines",
+                                 "image_qos", "use_compressed"})
+CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
+
+
+def image_qos(name: str) -> QoSProfile:
+    """sensor_data: best effort, depth 1 (newest frame only); reliable: reliable, depth 1."""
+    reliability = ReliabilityPolicy.BEST_EFFORT if name == "sensor_data" else ReliabilityPolicy.RELIABLE
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
+
+
+class GroundingNode(LifecycleNode):
+    """Kosmos-2 grounding as a managed node (see the module docstring for the threading)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._declare_parameters()
+        self.param_error = ""
+        try:
+            self.config = Kosmos2Config.from_dict(self._parameter_values())
+        except ConfigError as exc:
+            self.param_error = str(exc)
+            self.get_logger().error(f"bad parameter: {exc}; the node will not configure until it is fixed")
+            self.config = Kosmos2Config()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._lock = threading.Lock()
+        self._pipeline: Optional[Pipeline] = None
+        self._active = False
+        self.state_label = "unconfigured"
+        self.frames = FrameStore(self.config.frame_cache_size)
+        self._image_error: Optional[Tuple[int, str, str]] = None   # (stamp_ns, frame_id, reason)
+        self._depths: Deque[Tuple[int, Any]] = deque(maxlen=8)
+        self._intrinsics = None
+        self._ids = itertools.count(1)
+        self.stats = visualize.Stats()
+        self._sensor_subs: List[Any] = []
+
+        self._commands_group = ReentrantCallbackGroup()
+        self._sensor_group = MutuallyExclusiveCallbackGroup()
+        reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        self._result_pub = self.create_publisher(GroundingResult, "~/result", reliable)
+        self._debug_pub = self.create_publisher(Image, "~/debug_image", image_qos("reliable"))
+        self._marker_pub = self.create_publisher(MarkerArray, "~/markers", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._detections_pub = None
+        if convert.HAVE_VISION_MSGS:  # pragma: no cover - vision_msgs absent here
+            from vision_msgs.msg import Detection2DArray
+
+            self._detections_pub = self.create_publisher(Detection2DArray, "~/detections", 10)
+        self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, 50,
+                                                     callback_group=self._commands_group)
+        self.create_subscription(String, "~/refer", self._on_refer, 50, callback_group=self._commands_group)
+        self.create_service(Ground, "~/ground", self._on_ground, callback_group=self._commands_group)
+        self._action = ActionServer(self, GroundTask, "~/ground_task", execute_callback=self._on_goal,
+                                    goal_callback=lambda _goal: GoalResponse.ACCEPT,
+                                    cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+                                    callback_group=self._commands_group)
+        self.worker = Worker(lambda: self._pipeline if self._active else None, self._resolve, self._finish,
+                             capacity=lambda: self.config.queue_size)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=self._sensor_group)
+
+    # -- parameters ------------------------------------------------------------------------
+    def _declare_parameters(self) -> None:
+        defaults = Kosmos2Config()
+        for name in CONFIG_FIELDS:
+            default = getattr(defaults, name)
+            doc = PARAMETER_DOCS.get(name, name)
+            if name in DEFERRED_PARAMETERS:
+                doc += " (a change applies on the next configure)"
+            if isinstance(default, float):
+                # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
+                descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
+            else:
+                kind = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+                        str: ParameterType.PARAMETER_STRING}[type(default)]
+                descriptor = ParameterDescriptor(description=doc, type=kind)
+            self.declare_parameter(name, default, descriptor)
+
+    def _parameter_values(self) -> Dict[str, Any]:
+        return {name: self.get_parameter(name).value for name in CONFIG_FIELDS}
+
+    def _on_set_parameters(self, params: List[Any]) -> SetParametersResult:
+        changes = {p.name: p.value for p in params if p.name in CONFIG_FIELDS}
+        if not changes:
+            return SetParametersResult(successful=True)
+        try:
+            base = Kosmos2Config.from_dict(self._parameter_values()) if self.param_error else self.config
+            new = base.with_changes(changes)
+        except ConfigError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.param_error = ""
+        self.config = new
+        self.frames.capacity = new.frame_cache_size
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.config = new     # generation settings apply from the next command
+        deferred = sorted(set(changes) & DEFERRED_PARAMETERS)
+        if deferred and self.state_label != "unconfigured":
+            self.get_logger().info(f"{', '.join(deferred)} changed: applies on the next configure "
+                                   "(lifecycle cleanup + configure)")
+        return SetParametersResult(successful=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        if self.param_error:
+            self.get_logger().error(f"cannot configure: bad parameter: {self.param_error}")
+            return TransitionCallbackReturn.FAILURE
+        cfg = self.config
+        self.get_logger().info(f"loading model {cfg.model!r} (backend {cfg.backend}, device {cfg.device})")
+        t0 = time.perf_counter()
+        try:
+            pipeline = Pipeline.load(cfg)
+        except Exception as exc:  # noqa: BLE001 - ModelNotFound, BackendError, OSError...: all fail the transition
+            self.get_logger().error(f"cannot load model {cfg.model!r} with backend {cfg.backend}: "
+                                    f"{type(exc).__name__}: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        with self._lock:
+            self._pipeline = pipeline
+        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s")
+        self._make_sensor_subscriptions(cfg)
+        self.state_label = "inactive"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        self._active = True
+        self.state_label = "active"
+        image_topic = self._sensor_subs[0].topic_name if self._sensor_subs else "image"
+        self.get_logger().info(f"active: waiting for images on {image_topic} and commands on "
+                               f"{self._command_sub.topic_name}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._active = False
+        self.state_label = "inactive"
+        self.worker.drain(Status.NOT_ACTIVE, "node deactivated")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        self.state_label = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        self.state_label = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: State) -> TransitionCallbackReturn:
+        self.get_logger().error("lifecycle error: freeing the model")
+        self._release()
+        self.state_label = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        self._active = False
+        self.worker.drain(Status.NOT_ACTIVE, "node is not active")
+        for sub in self._sensor_subs:
+            self.destroy_subscription(sub)
+        self._sensor_subs = []
+        with self._lock:
+            pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            # The worker may be mid-command; wait for it before freeing the backend.
+            deadline = time.monotonic() + 30.0
+            while self.worker.busy and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pipeline.close()
+        self.frames.clear()
+        self._image_error = None
+
+    def _make_sensor_subscriptions(self, cfg: Kosmos2Config) -> None:
+        qos = image_qos(cfg.image_qos)
+        group = self._sensor_group
+        subs = [self.create_subscription(Image, "image", self._on_image, qos, callback_group=group),
+                self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=group)]
+        if cfg.enable_3d:
+            subs.append(self.create_subscription(Image, "depth/image", self._on_depth, qos, callback_group=group))
+        if cfg.use_compressed:
+            subs.append(self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, qos,
+                                                 callback_group=group))
+        self._sensor_subs = subs
+
+    # -- sensors ---------------------------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        self._take_frame(msg.header, lambda: convert.image_to_rgb(msg))
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self._take_frame(msg.header, lambda: convert.compressed_to_rgb(msg))
+
+    def _take_frame(self, header: Any, decode: Any) -> None:
+        stamp = convert.stamp_to_ns(header.stamp)
+        try:
+            frame = Frame(rgb=decode(), stamp_ns=stamp, frame_id=header.frame_id)
+        except Exception as exc:  # noqa: BLE001 - a bad image must never kill the node
+            reason = str(exc) or type(exc).__name__
+            self._image_error = (stamp, header.frame_id, reason)
+            self.stats.frame(False, reason)
+            self.get_logger().warning(f"image rejected: {reason}", throttle_duration_sec=5.0)
+            return
+        self.frames.put(frame)
+        self._image_error = None
+        self.stats.frame(True)
+
+    def _on_depth(self, msg: Image) -> None:
+        try:
+            depth = convert.depth_to_m(msg)
+        except Exception as exc:  # noqa: BLE001
+            self.get_logger().warning(f"depth image rejected: {exc}", throttle_duration_sec=5.0)
+            return
+        self._depths.append((convert.stamp_to_ns(msg.header.stamp), depth))
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        intr = convert.intrinsics_from(msg)
+        if intr is not None:
+            self._intrinsics = intr
+
+    # -- commands --------------------------------------------------------------------------
+    def _on_command(self, msg: GroundingCommand) -> None:
+        self.submit(convert.command_from_msg(msg))
+
+    def _on_refer(self, msg: String) -> None:
+        self.submit(Command(task="refer", text=msg.data))
+
+    def _on_ground(self, request: Ground.Request, response: Ground.Response) -> Ground.Response:
+        job = self.submit(convert.command_from_msg(request.command))
+        job.future.result()
+        response.result = job.message
+        return response
+
+    def _on_goal(self, goal_handle: Any) -> GroundTask.Result:
+        cmd = convert.command_from_msg(goal_handle.request.command)
+        last = [0.0]
+
+        def on_token(_row: int, gen: Any) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.05:
+                return
+            last[0] = now
+            pipeline = self._pipeline
+            text = pipeline.codec.decode(gen.token_ids) if pipeline is not None else ""
+            goal_handle.publish_feedback(GroundTask.Feedback(tokens_generated=len(gen.token_ids), partial_text=text))
+
+        job = self.submit(cmd, on_token=on_token, should_stop=lambda: goal_handle.is_cancel_requested)
+        job.future.result()
+        msg: GroundingResult = job.message
+        if msg.status == GroundingResult.STATUS_CANCELLED and goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        elif msg.status == GroundingResult.STATUS_OK:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return GroundTask.Result(result=msg)
+
+    def submit(self, command: Command, on_token: Any = None, should_stop: Any = None) -> Job:
+        """Queue a command; not active or a full queue is answered at once. Returns its job."""
+        if not command.id:
+            command.id = f"{self.get_name()}-{next(self._ids)}"
+        job = Job(command, on_token=on_token, should_stop=should_stop)
+        if not self._active or self._pipeline is None:
+            self.worker.complete(job, Result.failure(command, Status.NOT_ACTIVE,
+                                                     f"node is not active (state: {self.state_label})"), None)
+        elif not self.worker.submit(job):
+            self.worker.complete(job, Result.failure(command, Status.BUSY,
+                                                     f"queue full ({self.config.queue_size} commands pending; "
+                                                     "parameter queue_size)"), None)
+        return job
+
+    def _resolve(self, command: Command) -> Frame:
+        """The frame a command runs on, or FrameRejected with its result (no frame, stale, bad image)."""
+        error = self._image_error
+        if error is not None and command.image_stamp_ns in (0, error[0]):
+            res = Result.failure(command, Status.INVALID, f"last image was rejected: {error[2]}")
+            res.stamp_ns, res.frame_id = error[0], error[1]
+            raise FrameRejected(res)
+        try:
+            frame = self.frames.select(command.image_stamp_ns, self.config.max_frame_age_s)
+        except FrameUnavailable as exc:
+            status = Status.STALE_FRAME if exc.status == "stale_frame" else Status.NO_FRAME
+            res = Result.failure(command, status, str(exc))
+            newest = self.frames.newest()
+            if status is Status.STALE_FRAME and newest is not None:
+                res.stamp_ns, res.frame_id = newest.stamp_ns, newest.frame_id
+            raise FrameRejected(res) from None
+        self._attach_depth(frame)
+        return frame
+
+    def _attach_depth(self, frame: Frame) -> None:
+        if not self.config.enable_3d or self._intrinsics is None:
+            return
+        if frame.intrinsics is None:
+            frame.intrinsics = self._intrinsics
+        if frame.depth_m is None and self._depths:
+            stamp, depth = min(list(self._depths), key=lambda sd: abs(sd[0] - frame.stamp_ns))
+            if abs(stamp - frame.stamp_ns) <= DEPTH_SYNC_S * 1e9:
+                frame.depth_m = depth
+
+    def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
+        """Publish a command's one result (and debug image, markers, detections)."""
+        msg = convert.result_to_msg(result, queue_ms)
+        job.message = msg
+        self._result_pub.publish(msg)
+        self.stats.result(msg.status, msg.total_ms)
+        if frame is None or result.status is not Status.OK:
+            return
+        try:
+            if self._detections_pub is not None:  # pragma: no cover - vision_msgs absent here
+                self._detections_pub.publish(convert.detections_from(msg))
+            if self.config.publish_debug_image and self._debug_pub.get_subscription_count() > 0:
+                self._debug_pub.publish(visualize.debug_image(frame.rgb, result, msg.header))
+            if self.config.enable_3d and any(o.point_valid for o in msg.objects):
+                self._marker_pub.publish(visualize.markers(msg))
+        except Exception as exc:  # noqa: BLE001 - visualisation must not lose the result
+            self.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
+
+    def _publish_diagnostics(self) -> None:
+        extra = [("queue_depth", self.worker.depth()), ("frames_replaced_unused", self.frames.replaced_unused),
+                 ("image_error_now", self._image_error is not None), ("backend", self.config.backend)]
+        self._diag_pub.publish(visualize.diagnostics(self.stats, self.get_clock().now().to_msg(), self.state_label,
+                                                     self.config.model, extra))
+
+    def destroy_node(self) -> None:
+        self.worker.stop()
+        self._release()
+        super().destroy_node()
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """`ros2 run kosmos2_ros grounding_node [--ros-args ...]`."""
+    rclpy.init(args=args if args is not None else sys.argv)
+    node = GroundingNode()
+    # Service and action callbacks each hold a thread while their command runs; keep spare ones.
+    executor = MultiThreadedExecutor(num_threads=8)
+    executor.add_node(node)
+    if node.config.autostart and not node.param_error:
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        else:
+            node.get_logger().error("autostart: configure failed; the node stays unconfigured "
+                                    "(fix the parameters and call the lifecycle change_state service)")
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+
+
+if __name__ == "__main__":
+    main()
+

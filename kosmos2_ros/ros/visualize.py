@@ -1,0 +1,114 @@
+"""What people look at: the debug image, RViz markers, and /diagnostics.
+
+Built from results the node already has; nothing here touches the model.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from typing import Deque, Dict, Iterable, Optional
+
+import numpy as np
+from builtin_interfaces.msg import Duration
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from sensor_msgs.msg import Image
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from kosmos2_ros.core.annotate import PALETTE, draw_result
+from kosmos2_ros.core.pipeline import Result, Status
+from kosmos2_ros.msg import GroundingResult
+
+from .convert import rgb_to_image
+
+
+def debug_image(rgb: np.ndarray, result: Result, header: Header) -> Image:
+    """The frame with the result's boxes and phrases drawn (bgr8, the source image's header)."""
+    title = result.text[:80] if result.text else None
+    return rgb_to_image(draw_result(rgb, result, title), header, "bgr8")
+
+
+def markers(result: GroundingResult, lifetime_s: float = 5.0, ns: str = "kosmos2") -> MarkerArray:
+    """A sphere and a text label for each object with a valid 3D point, in the image's frame."""
+    out = MarkerArray()
+    life = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
+    clear = Marker(header=result.header, ns=ns, action=Marker.DELETEALL)
+    out.markers.append(clear)
+    for i, obj in enumerate(o for o in result.objects if o.point_valid):
+        r, g, b = PALETTE[obj.entity_index % len(PALETTE)]
+        color = ColorRGBA(r=r / 255.0, g=g / 255.0, b=b / 255.0, a=0.9)
+        sphere = Marker(header=result.header, ns=ns, id=2 * i, type=Marker.SPHERE, action=Marker.ADD,
+                        lifetime=life, color=color)
+        sphere.pose.position = obj.point
+        sphere.pose.orientation.w = 1.0
+        sphere.scale.x = sphere.scale.y = sphere.scale.z = 0.08
+        text = Marker(header=result.header, ns=ns, id=2 * i + 1, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
+                      lifetime=life, color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0), text=obj.phrase or "?")
+        text.pose.position.x, text.pose.position.y = obj.point.x, obj.point.y - 0.08   # optical frame: y is down
+        text.pose.position.z = obj.point.z
+        text.pose.orientation.w = 1.0
+        text.scale.z = 0.06
+        out.markers.extend([sphere, text])
+    return out
+
+
+class Stats:
+    """Counters and recent latencies for /diagnostics. Thread-safe."""
+
+    def __init__(self, window: int = 200) -> None:
+        self._lock = threading.Lock()
+        self.latencies_ms: Deque[float] = deque(maxlen=window)
+        self.by_status: Counter = Counter()
+        self.frames_received = 0
+        self.frames_rejected = 0
+        self.last_image_error = ""
+
+    def frame(self, ok: bool, error: str = "") -> None:
+        with self._lock:
+            self.frames_received += 1
+            if not ok:
+                self.frames_rejected += 1
+                self.last_image_error = error
+
+    def result(self, status: int, total_ms: float) -> None:
+        with self._lock:
+            self.by_status[Status(status).name] += 1
+            if status == Status.OK:
+                self.latencies_ms.append(total_ms)
+
+    def percentile(self, q: float) -> float:
+        with self._lock:
+            data = list(self.latencies_ms)
+        return float(np.percentile(data, q)) if data else 0.0
+
+    def snapshot(self) -> Dict[str, str]:
+        p50, p95 = self.percentile(50), self.percentile(95)
+        with self._lock:
+            values = {
+                "latency_p50_ms": f"{p50:.1f}", "latency_p95_ms": f"{p95:.1f}",
+                "frames_received": str(self.frames_received), "frames_rejected": str(self.frames_rejected),
+                "commands_ok": str(self.by_status.get("OK", 0)),
+                "commands_failed": str(sum(v for k, v in self.by_status.items() if k != "OK")),
+                "last_image_error": self.last_image_error,
+            }
+            for st in Status:
+                if st is not Status.OK:
+                    values[f"commands_{st.name.lower()}"] = str(self.by_status.get(st.name, 0))
+        return values
+
+
+def diagnostics(stats: Stats, stamp, state: str, model: str, extra: Optional[Iterable] = None,
+                name: str = "kosmos2: grounding") -> DiagnosticArray:
+    """One DiagnosticStatus: OK when active, WARN when not active or the last image was rejected."""
+    values = stats.snapshot()
+    values["state"] = state
+    for key, value in extra or ():
+        values[key] = str(value)
+    level, message = DiagnosticStatus.OK, "active"
+    if state != "active":
+        level, message = DiagnosticStatus.WARN, f"not active ({state})"
+    elif values.get("image_error_now") == "True":
+        level, message = DiagnosticStatus.WARN, "last image rejected: " + values["last_image_error"]
+    status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=model,
+                              values=[KeyValue(key=k, value=v) for k, v in values.items()])
+    return DiagnosticArray(header=Header(stamp=stamp), status=[status])

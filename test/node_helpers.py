@@ -1,0 +1,289 @@
+"""Test helpers: start the grounding node as its own process and talk to it over real DDS."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def node_env(domain_id: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = str(domain_id)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    if env.get("ROS_DISTRO") == "humble":   # Humble predates ROS_AUTOMATIC_DISCOVERY_RANGE
+        env["ROS_LOCALHOST_ONLY"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+class NodeProcess:
+    """`python -m kosmos2_ros.ros.node --ros-args -p ...` (or another module) as a child process."""
+
+    def __init__(self, params: Dict[str, Any], domain_id: int, log_path: Path,
+                 module: str = "kosmos2_ros.ros.node", remaps: Optional[Dict[str, str]] = None,
+                 script: Optional[str] = None, params_file: Optional[Path] = None) -> None:
+        args = [sys.executable, script] if script else [sys.executable, "-m", module]
+        args.append("--ros-args")
+        if params_file is not None:
+            args += ["--params-file", str(params_file)]
+        for key, value in params.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            args += ["-p", f"{key}:={text}"]
+        for src, dst in (remaps or {}).items():
+            args += ["-r", f"{src}:={dst}"]
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, env=node_env(domain_id), stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(ROOT))
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def rgb_image_msg(rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera_optical", encoding: str = "rgb8") -> Any:
+    from sensor_msgs.msg import Image
+
+    from kosmos2_ros.ros.convert import header_of
+
+    arr = rgb if encoding == "rgb8" else rgb[:, :, ::-1]
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    return Image(header=header_of(stamp_ns, frame_id), height=arr.shape[0], width=arr.shape[1], encoding=encoding,
+                 is_bigendian=0, step=arr.shape[1] * 3, data=arr.tobytes())
+
+
+def scene(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """A small synthetic colour image: a gradient with two coloured rectangles."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, :, 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    img[:, :, 1] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+    img[5:20, 5:25] = (255, 0, 0)
+    img[25:45, 35:60] = rng.integers(0, 255, 3, dtype=np.uint8)
+    return img
+
+
+class Tester:
+    """A test-side rclpy node in its own context and domain, spun in a background thread."""
+
+    __test__ = False
+
+    def __init__(self, domain_id: int, node_ns: str = "/kosmos2", topic_ns: str = "") -> None:
+        import rclpy
+        from kosmos2_ros.action import GroundTask
+        from kosmos2_ros.msg import GroundingCommand, GroundingResult
+        from kosmos2_ros.srv import Ground
+        from rclpy.action import ActionClient
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+        from std_msgs.msg import String
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node(f"kosmos2_tester_{os.getpid()}", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+        self.results: Dict[str, List[Any]] = {}
+        self.debug_images: List[Any] = []
+        self.markers: List[Any] = []
+        self.diagnostics: List[Any] = []
+        self._cv = threading.Condition()
+        n = self.node
+        self.node_ns = node_ns
+        n.create_subscription(GroundingResult, f"{node_ns}/result", self._on_result, QoSProfile(depth=200))
+        self.image_pub = n.create_publisher(Image, f"{topic_ns}/image", reliable)
+        self.compressed_pub = n.create_publisher(CompressedImage, f"{topic_ns}/image/compressed", reliable)
+        self.depth_pub = n.create_publisher(Image, f"{topic_ns}/depth/image", reliable)
+        self.info_pub = n.create_publisher(CameraInfo, f"{topic_ns}/camera_info", reliable)
+        self.command_pub = n.create_publisher(GroundingCommand, f"{node_ns}/command", reliable)
+        self.refer_pub = n.create_publisher(String, f"{node_ns}/refer", reliable)
+        self.ground_client = n.create_client(Ground, f"{node_ns}/ground")
+        self.action_client = ActionClient(n, GroundTask, f"{node_ns}/ground_task")
+        self._probes = 0
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._running = True
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while self._running and self.context.ok():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def _on_result(self, msg: Any) -> None:
+        with self._cv:
+            self.results.setdefault(msg.id, []).append(msg)
+            self._cv.notify_all()
+
+    def subscribe_debug(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from sensor_msgs.msg import Image
+        from visualization_msgs.msg import MarkerArray
+
+        self.node.create_subscription(Image, f"{self.node_ns}/debug_image", self.debug_images.append, 10)
+        self.node.create_subscription(MarkerArray, f"{self.node_ns}/markers", self.markers.append, 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+
+    def close(self) -> None:
+        import rclpy
+
+        self._running = False
+        self._thread.join(timeout=5)
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+    # -- waiting ---------------------------------------------------------------------------
+    def wait_for(self, future: Any, timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError("timed out waiting for a ROS future")
+            time.sleep(0.01)
+        return future.result()
+
+    def wait_result(self, cmd_id: str, timeout: float = 30.0, count: int = 1) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while len(self.results.get(cmd_id, [])) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no result for command {cmd_id!r} within {timeout} s")
+                self._cv.wait(left)
+            return self.results[cmd_id][count - 1]
+
+    def wait_active(self, timeout: float = 90.0, proc: Optional[NodeProcess] = None) -> None:
+        """Until the node's lifecycle state is active (the model is loaded)."""
+        from lifecycle_msgs.srv import GetState
+
+        client = self.node.create_client(GetState, f"{self.node_ns}/get_state")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and not proc.alive():
+                raise RuntimeError("node process exited:\n" + proc.log())
+            if client.wait_for_service(timeout_sec=0.5):
+                state = self.wait_for(client.call_async(GetState.Request()), 10.0)
+                if state.current_state.label == "active":
+                    # Wait for our publishers to be matched so nothing is lost at start.
+                    while self.command_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    return
+            time.sleep(0.2)
+        raise TimeoutError("node did not become active" + ("\n" + proc.log() if proc else ""))
+
+    # -- commands --------------------------------------------------------------------------
+    def command(self, cmd_id: str, task: str = "refer", text: str = "", region: Optional[tuple] = None,
+                stamp_ns: int = 0, max_new_tokens: int = 0, decoding: str = "") -> Any:
+        from kosmos2_ros.msg import GroundingCommand, PixelBox
+
+        from kosmos2_ros.ros.convert import ns_to_stamp
+
+        msg = GroundingCommand(id=cmd_id, task=task, text=text, max_new_tokens=max_new_tokens, decoding=decoding,
+                               image_stamp=ns_to_stamp(stamp_ns))
+        if region is not None:
+            msg.use_region = True
+            msg.region = PixelBox(x_min=float(region[0]), y_min=float(region[1]),
+                                  x_max=float(region[2]), y_max=float(region[3]))
+        return msg
+
+    def run(self, msg: Any, timeout: float = 30.0) -> Any:
+        self.command_pub.publish(msg)
+        return self.wait_result(msg.id, timeout)
+
+    def wait_frame(self, stamp_ns: int, timeout: float = 20.0) -> Any:
+        """Until the node has handled the image with `stamp_ns` (kept or rejected): probe commands
+        naming that stamp answer NO_FRAME until it arrives. Returns the last probe's result."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._probes += 1
+            probe = self.command(f"probe-{self._probes}", task="caption", stamp_ns=stamp_ns, max_new_tokens=1)
+            res = self.run(probe, max(1.0, deadline - time.monotonic()))
+            if not (res.status == 2 and "no cached frame" in res.error):
+                return res
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the node never received the image stamped {stamp_ns}")
+            time.sleep(0.05)
+
+    def publish_frame(self, rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera_optical") -> None:
+        self.image_pub.publish(rgb_image_msg(rgb, stamp_ns, frame_id))
+
+    def set_parameters(self, values: Dict[str, Any]) -> List[Any]:
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        client = self.node.create_client(SetParameters, f"{self.node_ns}/set_parameters")
+        assert client.wait_for_service(timeout_sec=10.0)
+        req = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+        return list(self.wait_for(client.call_async(req), 10.0).results)
+
+
+
+# -- a slowed-down real backend, for plumbing tests only (busy queue, cancel) ------------------
+class SlowBackend:
+    """Wraps the real backend: sleeps before each decode step and never lets eos win, so a
+    generation reliably lasts long enough to fill the queue or be cancelled."""
+
+    def __init__(self, inner: Any, eos: int, delay_s: float) -> None:
+        self._inner, self._eos, self._delay = inner, eos, delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _no_eos(self, logits: Any) -> Any:
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[..., self._eos] = -np.inf
+        return out
+
+    def prefill(self, *args: Any, **kwargs: Any) -> Any:
+        logits, cache = self._inner.prefill(*args, **kwargs)
+        return self._no_eos(logits), cache
+
+    def decode_batch(self, caches: Any, token_ids: Any) -> Any:
+        time.sleep(self._delay)
+        logits, caches = self._inner.decode_batch(caches, token_ids)
+        return self._no_eos(logits), caches
+
+
+def slow_node_main() -> None:
+    """The real node, with the real checkpoint, behind SlowBackend (env KOSMOS2_TEST_DELAY_S)."""
+    from kosmos2_ros.core import pipeline as pipeline_module
+    from kosmos2_ros.ros import node
+
+    original = pipeline_module.Pipeline.load.__func__
+    delay = float(os.environ.get("KOSMOS2_TEST_DELAY_S", "0.05"))
+
+    def load(cls: Any, config: Any, **options: Any) -> Any:
+        pipe = original(cls, config, **options)
+        pipe.backend = SlowBackend(pipe.backend, pipe.vocab.eos, delay)
+        return pipe
+
+    pipeline_module.Pipeline.load = classmethod(load)
+    node.main()
+
+
+if __name__ == "__main__":
+    slow_node_main()
