@@ -173,12 +173,12 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args(argv)
     _quiet_libraries()
+    from .core.annotate import draw_result
     from .core.checkpoints import build_tiny_checkpoint
     from .core.config import Kosmos2Config
     from .core.frames import Frame
     from .core.loading import ModelNotFound, resolve_model
     from .core.pipeline import Command, Pipeline
-    from .core.annotate import draw_result
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
