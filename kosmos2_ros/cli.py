@@ -174,8 +174,9 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     _quiet_libraries()
     from .core.annotate import draw_result
+    from .core.backends.base import BackendError
     from .core.checkpoints import build_tiny_checkpoint
-    from .core.config import Kosmos2Config
+    from .core.config import ConfigError, Kosmos2Config
     from .core.frames import Frame
     from .core.loading import ModelNotFound, resolve_model
     from .core.pipeline import Command, Pipeline
@@ -193,10 +194,13 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
                   " scenes; it shows the pipeline working end to end, not Kosmos-2's quality).")
             build_tiny_checkpoint(tiny)
         model_dir, label = str(tiny), "TINY TEST CHECKPOINT (not the real model)"
-    config = Kosmos2Config(model=model_dir, backend=args.backend, max_new_tokens=args.max_new_tokens,
-                           allow_download=False)
-    t0 = time.perf_counter()
-    pipeline = Pipeline.load(config)
+    try:
+        config = Kosmos2Config(model=model_dir, backend=args.backend, max_new_tokens=args.max_new_tokens,
+                               allow_download=False)
+        t0 = time.perf_counter()
+        pipeline = Pipeline.load(config)
+    except (ConfigError, BackendError, ImportError, OSError) as exc:
+        return _fail(prog, EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_MODEL, str(exc))
     print(f"[demo] model: {label}; backend {args.backend}; loaded in {time.perf_counter() - t0:.1f} s")
     rgb, objects = demo_scene()
     frame = Frame(rgb=rgb, frame_id="demo_camera")

@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny Kosmos-2 checkpoints built and saved once per test session."""
+"""Shared fixtures: tiny Kosmos-2 checkpoints built and saved once per test session.
+
+- `tiny_model_dir`: the package's helper, trained for seconds on synthetic coloured squares, so
+  greedy decoding writes phrases, boxes and eos (structured, not good).
+- `tiny_untrained_dir`: the package's helper with random weights (sharpened logits).
+- `hf_saved_model_dir`: built with transformers and `tokenizers` alone (no package code) and
+  saved with `save_pretrained`: the "checkpoint saved by transformers itself" of issue 2. Its
+  image processor resizes the shortest edge and centre-crops, the other processor mode.
+"""
 from __future__ import annotations
 
 import os
@@ -10,10 +18,82 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+HF_CORPUS = (
+    "A photo of a cat sitting on a sofa next to a lamp.",
+    "Describe this image in detail: two people ride bicycles along a river.",
+    "Question: Where is the dog? Answer: the dog is under the table.",
+    "An image of a snowman warming himself by a fire.",
+    "a red square, a blue circle, a green triangle, the left, the right, the top. It is here.",
+)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Kosmos-2 + processor saved by the package's helper (save_pretrained)."""
+    """A tiny Kosmos-2 + processor saved by the package's helper, trained for seconds."""
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_kosmos2"))
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_kosmos2"), train=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_untrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Kosmos-2 with random (sharpened) weights, saved by the package's helper."""
+    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_kosmos2_random"), train=False)
+
+
+def build_hf_checkpoint(out: Path, seed: int = 1) -> Path:
+    """A tiny Kosmos-2 built and saved with transformers and tokenizers only (no package code)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessor,
+        Kosmos2Config,
+        Kosmos2ForConditionalGeneration,
+        Kosmos2Processor,
+        XLMRobertaTokenizerFast,
+    )
+
+    raw = Tokenizer(models.Unigram())
+    raw.normalizer = normalizers.NFKC()
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    raw.train_from_iterator(list(HF_CORPUS) * 3, trainer=trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tokenizer = XLMRobertaTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<unk>")
+    image_processor = CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224},
+        do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True, resample=3)
+    processor = Kosmos2Processor(image_processor, tokenizer)
+    tok = processor.tokenizer
+    torch.manual_seed(seed)
+    config = Kosmos2Config(
+        text_config=dict(vocab_size=len(tok), embed_dim=48, layers=2, attention_heads=4, ffn_dim=96,
+                         max_position_embeddings=512, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=32),
+        latent_query_num=64)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model = Kosmos2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # sharper logits than the default init, so greedy choices are not near-ties
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_saved_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Kosmos-2 + processor built and saved by transformers itself (not the package's helper)."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("hf_kosmos2"))

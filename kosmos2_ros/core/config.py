@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
@@ -53,6 +54,10 @@ class Kosmos2Config:
     publish_debug_image: bool = True                 # only when someone subscribes
     autostart: bool = True
 
+    def __post_init__(self) -> None:
+        # Direct construction is validated too, so no unchecked config reaches the pipeline.
+        self.validate()
+
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Kosmos2Config:
@@ -62,7 +67,12 @@ class Kosmos2Config:
     def from_yaml(cls, path: Union[str, Path], section: str = "") -> Kosmos2Config:
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of parameter names to values")
         # Accept a ROS params file: {node: {ros__parameters: {...}}}.
         if section and section in data:
             data = data[section]
@@ -71,9 +81,13 @@ class Kosmos2Config:
             data = inner.get("ros__parameters", inner)
         elif "ros__parameters" in data:
             data = data["ros__parameters"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of parameter names to values")
         return cls.from_dict(data)
 
     def with_changes(self, values: Mapping[str, Any]) -> Kosmos2Config:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"parameters must be a mapping of names to values, got {type(values).__name__}")
         known = {f.name: f for f in fields(self)}
         updates: Dict[str, Any] = {}
         for name, value in values.items():
@@ -93,10 +107,17 @@ class Kosmos2Config:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+            ok = {"bool": isinstance(value, bool),
+                  "int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "str": isinstance(value, str)}.get(kind, True)
+            need(ok, f"parameter {f.name!r} must be a {kind}, got {value!r}")
         need(bool(self.model.strip()), "model must name a hub id or a directory")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.decoding in DECODING, f"decoding must be one of {DECODING}, got {self.decoding!r}")
         need(self.image_qos in QOS, f"image_qos must be one of {QOS}, got {self.image_qos!r}")

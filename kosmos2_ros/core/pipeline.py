@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -112,6 +113,7 @@ class _Plan:
     max_new_tokens: int
     mode: DecodingMode
     caption: str = ""          # phrase grounding: the caption without brackets
+    phrases: List[str] = field(default_factory=list)   # phrase grounding: the marked phrases
 
 
 class Pipeline:
@@ -178,11 +180,12 @@ class Pipeline:
         request = TaskRequest(task=task, text=command.text, region_norm=region_norm)
         prompts = build_prompts(request, sorted(self.vocab.control_strings), self.config.max_prompt_chars)
         ids = [self.codec.encode(p.text, p.bboxes) for p in prompts]
-        caption = ""
+        caption, phrases = "", []
         if task is Task.PHRASE_GROUNDING:
             text = sanitize_text(command.text, (), self.config.max_prompt_chars)
-            caption = "".join(b + p for b, p in split_marked_phrases(text)) if "[" in text else text
-        return _Plan(command, task, prompts, ids, max_new, mode, caption)
+            caption = " ".join(re.sub(r"\[([^\[\]]*)\]", r"\1", text).split())
+            phrases = [p for _, p in split_marked_phrases(text)]
+        return _Plan(command, task, prompts, ids, max_new, mode, caption, phrases)
 
     def run(self, command: Command, frame: Frame,
             on_token: Optional[Callable[[int, Generation], None]] = None,
@@ -276,7 +279,7 @@ class Pipeline:
             res.prompt_ids.extend(pids.input_ids)
             res.model_calls += gen.model_calls
         if plan.task is Task.PHRASE_GROUNDING:
-            res.text, res.entities = self._merge_phrases(plan.caption, parsed_all)
+            res.text, res.entities = self._merge_phrases(plan.caption, plan.phrases, parsed_all)
             res.raw_text = "\n".join(raw.split(grounding.EOI)[-1] for raw, _, _ in parsed_all)
         else:
             raw, parsed, _ = parsed_all[0]
@@ -294,17 +297,20 @@ class Pipeline:
         return probs if in_text == len(probs) else []
 
     @staticmethod
-    def _merge_phrases(caption: str, parsed_all: list) -> Tuple[str, List[grounding.Entity]]:
+    @staticmethod
+    def _merge_phrases(caption: str, phrases: List[str], parsed_all: list) -> Tuple[str, List[grounding.Entity]]:
+        """One entity per asked phrase, named and placed as the user wrote it in the caption."""
         entities: List[grounding.Entity] = []
         cursor = 0
-        for _, parsed, _ in parsed_all:
+        for phrase, (_, parsed, _) in zip(phrases, parsed_all):
             if not parsed.entities:
                 continue
             ent = parsed.entities[-1]   # the phrase this prompt asked about
-            start = caption.find(ent.phrase, cursor)
+            ent.phrase = phrase
+            start = caption.find(phrase, cursor)
             if start >= 0:
-                ent.span = (start, start + len(ent.phrase))
-                cursor = start + len(ent.phrase)
+                ent.span = (start, start + len(phrase))
+                cursor = start + len(phrase)
             entities.append(ent)
         return caption, entities
 

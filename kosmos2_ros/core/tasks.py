@@ -17,7 +17,7 @@ DEFAULT_MAX_PROMPT_CHARS = 1000
 # Rejecting the generic shape as well as the tokenizer's exact strings keeps near-misses that a
 # tokenizer update could start matching out of the prompt.
 _TAG_SHAPE = re.compile(
-    r"</?\s*(?:phrase|object|grounding|image|patch_index_\d*|delimiter_of_multi_objects|doc|chunk|line|s|pad|unk|mask)\s*/?>",
+    r"<\s*/?\s*(?:phrase|object|grounding|image|patch_index_\w*|delimiter_of_multi_objects|doc|chunk|line|s|pad|unk|mask)\s*/?\s*>",
     re.IGNORECASE,
 )
 
@@ -82,11 +82,14 @@ def sanitize_text(text: str, control_strings: Iterable[str] = (),
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") and not ch.isspace():
             raise PromptError(f"text contains the control character U+{ord(ch):04X}")
     cleaned = " ".join(text.split())
-    found = _TAG_SHAPE.search(cleaned)
+    # Also look at the NFKC form: a tokenizer that normalises before matching its added tokens
+    # (SentencePiece's nmt_nfkc) would read fullwidth '＜phrase＞' as '<phrase>'.
+    folded = " ".join(unicodedata.normalize("NFKC", cleaned).split())
+    found = _TAG_SHAPE.search(cleaned) or _TAG_SHAPE.search(folded)
     if found:
         raise PromptError(f"text contains the control token {found.group(0)!r}; Kosmos-2 tags cannot be sent as text")
     for token in control_strings:
-        if token and token in cleaned:
+        if token and (token in cleaned or token in folded):
             raise PromptError(f"text contains the control token {token!r}; Kosmos-2 tags cannot be sent as text")
     return cleaned
 
@@ -97,7 +100,10 @@ def split_marked_phrases(caption: str) -> List[Tuple[str, str]]:
     Each pair is (text before the phrase since the previous phrase, the phrase). Text without
     brackets is one phrase.
     """
-    parts = re.split(r"\[([^\[\]]+)\]", caption)
+    parts = re.split(r"\[([^\[\]]*)\]", caption)
+    # Text outside the [phrases] must hold no brackets: nested or unbalanced ones are a mistake.
+    if any("[" in part or "]" in part for part in parts[0::2]):
+        raise PromptError("unbalanced or nested [brackets] in phrase_grounding text")
     if len(parts) == 1:
         return [("", caption.strip())]
     pairs = []
@@ -125,11 +131,11 @@ def build_prompts(request: TaskRequest, control_strings: Sequence[str] = (),
         return [phrase_prompt(text)]
     if task is Task.PHRASE_GROUNDING:
         prompts = []
-        context = ""
+        caption = ""   # the caption up to here, brackets removed, spaces as the user wrote them
         for before, phrase in split_marked_phrases(text):
-            context += before
-            prompts.append(phrase_prompt(phrase, context))
-            context += f" {phrase}" if context else phrase
+            caption += before
+            prompts.append(phrase_prompt(phrase, " ".join(caption.split())))
+            caption += phrase
         return prompts
     if task is Task.CAPTION:
         return [Prompt(text="<grounding>An image of")]
