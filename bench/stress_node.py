@@ -8,6 +8,10 @@ end. Lost and duplicated must be 0. Not a test: a tool whose table goes in the R
 
   scripts/ros-env python bench/stress_node.py --count 2000 --rate 40
   scripts/ros-env python bench/stress_node.py --count 10000 --rate 60 --soak   # memory trend
+
+The node it starts is the real one (`python -m kosmos2_ros.ros.node`) on its own
+ROS_DOMAIN_ID (--domain), discovery limited to localhost, its log in --log. Latency is from
+publishing a command to receiving its result, per status (BUSY answers are immediate).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def rss_mb(pid: int) -> float:
@@ -41,10 +46,26 @@ def percentile(values: List[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_node(model: str, node_name: str, extra: List[str]) -> subprocess.Popen:
+def start_node(model: str, node_name: str, extra: List[str], log_path: Path) -> subprocess.Popen:
+    """The real node as a child process; its output goes to a file (a pipe nobody reads would block it)."""
     cmd = [sys.executable, "-m", "kosmos2_ros.ros.node", "--ros-args", "-r", f"__node:={node_name}",
            "-p", f"model:={model}", "-p", "allow_download:=false", "-p", "max_frame_age_s:=0.0", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    log = open(log_path, "w")  # noqa: SIM115 - the child keeps it open for its lifetime
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+
+
+def trend_mb_per_1k(trace: List[tuple]) -> float:
+    """Least-squares slope of RSS over commands sent, second half of the run (after warm-up)."""
+    half = trace[len(trace) // 2:]
+    if len(half) < 2:
+        return float("nan")
+    x = np.array([c for c, _ in half], dtype=float)
+    y = np.array([m for _, m in half], dtype=float)
+    if np.ptp(x) == 0:
+        return float("nan")
+    return float(np.polyfit(x, y, 1)[0] * 1000.0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -62,13 +83,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--drain", type=float, default=60.0, help="seconds to wait for results after sending")
     ap.add_argument("--soak", action="store_true", help="also print memory every 10%% of the run")
     ap.add_argument("--param", action="append", default=[], help="extra node parameter name:=value")
+    ap.add_argument("--domain", type=int, default=70, help="ROS_DOMAIN_ID for the node and this tool")
+    ap.add_argument("--pid", type=int, default=0, help="with --attach: the node's pid, for its RSS")
+    ap.add_argument("--log", default="", help="the started node's log file (default: a temp file)")
     args = ap.parse_args(argv)
+    os.environ["ROS_DOMAIN_ID"] = str(args.domain)
 
     import rclpy
-    from kosmos2_ros.msg import GroundingCommand, GroundingResult
     from rclpy.node import Node
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import Image
+
+    from kosmos2_ros.msg import GroundingCommand, GroundingResult
 
     proc = None
     if not args.attach:
@@ -80,7 +106,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = []
         for p in args.param:
             extra += ["-p", p]
-        proc = start_node(model, args.node, extra)
+        log_path = Path(args.log or tempfile.mkstemp(prefix="kosmos2_stress_", suffix=".log")[1])
+        print(f"node log: {log_path}", flush=True)
+        proc = start_node(model, args.node, extra, log_path)
 
     rclpy.init()
     node = Node("kosmos2_stress")
@@ -90,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmd_pub = node.create_publisher(GroundingCommand, f"/{args.node}/command", reliable)
     sent: Dict[str, float] = {}
     got: Dict[str, List[int]] = defaultdict(list)
-    latency: List[float] = []
+    latency: Dict[int, List[float]] = defaultdict(list)
     lock = threading.Lock()
 
     def on_result(msg: GroundingResult) -> None:
@@ -98,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with lock:
             got[msg.id].append(int(msg.status))
             if msg.id in sent and len(got[msg.id]) == 1:
-                latency.append((now - sent[msg.id]) * 1e3)
+                latency[int(msg.status)].append((now - sent[msg.id]) * 1e3)
 
     node.create_subscription(GroundingResult, f"/{args.node}/result", on_result, reliable)
     spin = threading.Thread(target=rclpy.spin, args=(node,), daemon=True)
@@ -134,15 +162,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ready = True
                 break
     if not ready:
-        err = proc.stderr.read() if proc is not None and proc.poll() is not None else ""
-        print(f"node did not become ready: {err[-2000:]}", file=sys.stderr)
+        print("node did not become ready (see the node log)", file=sys.stderr)
         stop.set()
         if proc is not None:
             proc.terminate()
         return 1
-    pid = proc.pid if proc is not None else 0
+    pid = proc.pid if proc is not None else args.pid
     rss_start = rss_mb(pid) if pid else float("nan")
-    rss_trace = [rss_start]
+    rss_trace = [(0, rss_start)]
     tasks = args.task_mix.split(",")
     t0 = time.monotonic()
     period = 1.0 / args.rate
@@ -159,8 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             sent[cmd.id] = time.monotonic()
         cmd_pub.publish(cmd)
         if args.soak and pid and args.count >= 10 and i % (args.count // 10) == 0 and i:
-            rss_trace.append(rss_mb(pid))
-            print(f"  sent {i:6d}  node RSS {rss_trace[-1]:8.1f} MB", flush=True)
+            rss_trace.append((i, rss_mb(pid)))
+            with lock:
+                ok_so_far = sum(1 for k in sent if got.get(k) and got[k][0] == 0)
+            print(f"  sent {i:6d}  ok {ok_so_far:6d}  node RSS {rss_trace[-1][1]:8.1f} MB", flush=True)
         target = t0 + (i + 1) * period
         time.sleep(max(0.0, target - time.monotonic()))
     send_s = time.monotonic() - t0
@@ -173,6 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     time.sleep(1.0)   # let duplicates, if any, arrive
     stop.set()
     rss_end = rss_mb(pid) if pid else float("nan")
+    rss_trace.append((len(sent), rss_end))
+    alive = proc is None or proc.poll() is None
     with lock:
         statuses = Counter()
         lost = dup = 0
@@ -186,7 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 statuses[s[0]] += 1
     names = {0: "ok", 1: "busy", 2: "no_frame", 3: "stale_frame", 4: "invalid", 5: "cancelled", 6: "model_error",
              7: "not_active"}
-    ok_lat = latency
+    lost_ids = [k for k in sent if not got.get(k)]
+    if lost_ids:
+        print(f"lost ids (first 20): {' '.join(lost_ids[:20])}", file=sys.stderr)
+    all_lat = [v for vs in latency.values() for v in vs]
     print()
     print("| metric | value |")
     print("|---|---|")
@@ -196,11 +230,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"| results {names.get(code, code)} | {n} |")
     print(f"| lost (no result) | {lost} |")
     print(f"| duplicated | {dup} |")
-    print(f"| latency p50 / p95 / p99 ms (all results) | {percentile(ok_lat, 50):.1f} / {percentile(ok_lat, 95):.1f}"
-          f" / {percentile(ok_lat, 99):.1f} |")
+    for label, values in [("all results", all_lat)] + [(names.get(c, str(c)), v) for c, v in sorted(latency.items())]:
+        print(f"| latency p50 / p95 / p99 ms ({label}) | {percentile(values, 50):.1f} / "
+              f"{percentile(values, 95):.1f} / {percentile(values, 99):.1f} |")
     print(f"| node RSS start / end MB | {rss_start:.1f} / {rss_end:.1f} |")
+    print(f"| node alive at the end | {'yes' if alive else 'NO'} |")
     if args.soak:
-        print(f"| node RSS trace MB | {' '.join(f'{v:.0f}' for v in rss_trace + [rss_end])} |")
+        print(f"| node RSS trace MB (commands sent: MB) | {' '.join(f'{c}:{m:.1f}' for c, m in rss_trace)} |")
+        print(f"| RSS slope, second half, MB per 1000 commands | {trend_mb_per_1k(rss_trace):+.2f} |")
     node.destroy_node()
     rclpy.try_shutdown()
     if proc is not None:

@@ -32,7 +32,8 @@ class NodeProcess:
 
     def __init__(self, params: Dict[str, Any], domain_id: int, log_path: Path,
                  module: str = "kosmos2_ros.ros.node", remaps: Optional[Dict[str, str]] = None,
-                 script: Optional[str] = None, params_file: Optional[Path] = None) -> None:
+                 script: Optional[str] = None, params_file: Optional[Path] = None,
+                 env: Optional[Dict[str, str]] = None) -> None:
         args = [sys.executable, script] if script else [sys.executable, "-m", module]
         args.append("--ros-args")
         if params_file is not None:
@@ -44,7 +45,7 @@ class NodeProcess:
             args += ["-r", f"{src}:={dst}"]
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, env=node_env(domain_id), stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(args, env={**node_env(domain_id), **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
 
     def log(self) -> str:
@@ -94,14 +95,15 @@ class Tester:
 
     def __init__(self, domain_id: int, node_ns: str = "/kosmos2", topic_ns: str = "") -> None:
         import rclpy
-        from kosmos2_ros.action import GroundTask
-        from kosmos2_ros.msg import GroundingCommand, GroundingResult
-        from kosmos2_ros.srv import Ground
         from rclpy.action import ActionClient
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image
         from std_msgs.msg import String
+
+        from kosmos2_ros.action import GroundTask
+        from kosmos2_ros.msg import GroundingCommand, GroundingResult
+        from kosmos2_ros.srv import Ground
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
@@ -199,7 +201,6 @@ class Tester:
     def command(self, cmd_id: str, task: str = "refer", text: str = "", region: Optional[tuple] = None,
                 stamp_ns: int = 0, max_new_tokens: int = 0, decoding: str = "") -> Any:
         from kosmos2_ros.msg import GroundingCommand, PixelBox
-
         from kosmos2_ros.ros.convert import ns_to_stamp
 
         msg = GroundingCommand(id=cmd_id, task=task, text=text, max_new_tokens=max_new_tokens, decoding=decoding,
@@ -262,6 +263,11 @@ class SlowBackend:
         logits, cache = self._inner.prefill(*args, **kwargs)
         return self._no_eos(logits), cache
 
+    def prefill_batch(self, *args: Any, **kwargs: Any) -> Any:
+        # generate() prefills rows on a shared prefix through this; keep eos out of them too.
+        logits, caches = self._inner.prefill_batch(*args, **kwargs)
+        return self._no_eos(logits), caches
+
     def decode_batch(self, caches: Any, token_ids: Any) -> Any:
         time.sleep(self._delay)
         logits, caches = self._inner.decode_batch(caches, token_ids)
@@ -285,5 +291,113 @@ def slow_node_main() -> None:
     node.main()
 
 
+# -- a fault-injecting real backend, for reliability tests --------------------------------------
+FAULT_DIR_ENV = "KOSMOS2_TEST_FAULT_DIR"
+FAULTS = {
+    "memory": lambda: MemoryError("simulated: cannot allocate host memory"),
+    "cuda_oom": lambda: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+    "runtime": lambda: RuntimeError("simulated backend failure"),
+    "value": lambda: ValueError("simulated: engine file from another version"),
+    "key": lambda: KeyError("simulated missing output"),
+}
+
+
+class FaultyBackend:
+    """Wraps the real backend; files in a control folder steer it while the node runs.
+
+    `delay`: seconds to sleep before each decode step, eos suppressed (long, cancellable work).
+    `fault`: "<kind> <where> [min_rows]" makes the next matching call raise FAULTS[kind]
+    (where: encode | prefill | decode; min_rows: only a decode of at least that many rows),
+    once: the file is removed when it fires.
+    """
+
+    def __init__(self, inner: Any, eos: int, control: Path) -> None:
+        self._inner, self._eos, self._control = inner, eos, control
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _delay(self) -> float:
+        try:
+            return float((self._control / "delay").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0.0
+
+    def _maybe_fail(self, where: str, rows: int = 1) -> None:
+        path = self._control / "fault"
+        try:
+            words = path.read_text().split()
+        except OSError:
+            return
+        if len(words) < 2 or words[1] != where or rows < (int(words[2]) if len(words) > 2 else 1):
+            return
+        try:
+            path.unlink()
+        except OSError:
+            return   # another call fired it
+        raise FAULTS[words[0]]()
+
+    def _no_eos(self, logits: Any) -> Any:
+        if self._delay() <= 0:
+            return logits
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[..., self._eos] = -np.inf
+        return out
+
+    def encode_image(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("encode")
+        return self._inner.encode_image(*args, **kwargs)
+
+    def prefill(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("prefill")
+        logits, cache = self._inner.prefill(*args, **kwargs)
+        return self._no_eos(logits), cache
+
+    def prefill_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("prefill")
+        logits, caches = self._inner.prefill_batch(*args, **kwargs)
+        return self._no_eos(logits), caches
+
+    def decode(self, cache: Any, token_id: int) -> Any:
+        logits, caches = self.decode_batch([cache], [token_id])
+        return logits[0], caches[0]
+
+    def decode_batch(self, caches: Any, token_ids: Any) -> Any:
+        self._maybe_fail("decode", len(token_ids))
+        delay = self._delay()
+        if delay > 0:
+            time.sleep(delay)
+        logits, caches = self._inner.decode_batch(caches, token_ids)
+        return self._no_eos(logits), caches
+
+
+def fault_node_main() -> None:
+    """The real node, with the real checkpoint, behind FaultyBackend (control folder: env)."""
+    from kosmos2_ros.core import pipeline as pipeline_module
+    from kosmos2_ros.ros import node
+
+    original = pipeline_module.Pipeline.load.__func__
+    control = Path(os.environ[FAULT_DIR_ENV])
+
+    def load(cls: Any, config: Any, **options: Any) -> Any:
+        pipe = original(cls, config, **options)
+        pipe.backend = FaultyBackend(pipe.backend, pipe.vocab.eos, control)
+        return pipe
+
+    pipeline_module.Pipeline.load = classmethod(load)
+    node.main()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 if __name__ == "__main__":
-    slow_node_main()
+    if os.environ.get(FAULT_DIR_ENV):
+        fault_node_main()
+    else:
+        slow_node_main()

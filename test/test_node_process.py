@@ -274,6 +274,7 @@ def test_service_returns_the_result_and_publishes_it(node: tuple) -> None:
 
 def test_action_gives_feedback_and_result(node: tuple) -> None:
     from action_msgs.msg import GoalStatus
+
     from kosmos2_ros.action import GroundTask
 
     _, t = node
@@ -469,6 +470,7 @@ def test_full_queue_answers_busy_at_once(slow_node: tuple) -> None:
 
 def test_action_cancel_gives_cancelled(slow_node: tuple) -> None:
     from action_msgs.msg import GoalStatus
+
     from kosmos2_ros.action import GroundTask
 
     _, t = slow_node

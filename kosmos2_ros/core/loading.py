@@ -67,9 +67,22 @@ def _check_safe(path: Path, allow_pickle: bool) -> None:
             "convert them to safetensors, or set allow_pickle_weights: true if you trust the source")
     if not has_safetensors and not has_pickle:
         raise ModelNotFound(f"{path} has no weights (*.safetensors)")
-    if any(path.glob("*.py")):
-        # Remote code is never executed (trust_remote_code=False); say so rather than fail later.
-        pass
+    _check_no_remote_code(path)
+
+
+def _check_no_remote_code(path: Path) -> None:
+    """A config naming custom classes (`auto_map`) needs remote code, which is never run here."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return   # a missing or broken config.json is reported by from_pretrained itself
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise UnsafeCheckpoint(
+            f"{path} needs remote code (config.json has auto_map: {sorted(config['auto_map'])}); this package "
+            "never runs code shipped with a checkpoint (trust_remote_code is always false). Use a checkpoint "
+            "of the stock transformers Kosmos-2 classes")
 
 
 @dataclass

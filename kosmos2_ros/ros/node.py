@@ -4,10 +4,16 @@ A lifecycle node. Camera and command callbacks only convert and enqueue; one wor
 (`worker.Worker`) runs the model, so slow generation never blocks callbacks nor queues old
 frames (only the newest few are kept). The service and the action wait for the worker's
 future in a reentrant callback group under a multi-threaded executor, so they cannot deadlock.
+
+Reliability: every accepted command gets exactly one result on ~/result (see worker.py);
+at most `queue_size` wait, past that BUSY at once. Deactivate, cleanup and shutdown answer
+what is queued (NOT_ACTIVE) and stop what runs (CANCELLED) before the model is freed; a
+backend failure is a MODEL_ERROR result plus a diagnostics entry, and the next command runs.
 """
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 import threading
 import time
@@ -46,6 +52,16 @@ except ImportError:  # pragma: no cover
 NODE_NAME = "kosmos2"
 # Depth and colour frames are paired by stamp; a depth image this close to the colour frame counts.
 DEPTH_SYNC_S = 0.5
+# Result publisher history: reliable KEEP_LAST drops unacknowledged samples past this depth, so it
+# is far above what a burst of BUSY answers can produce before the subscriber acknowledges them.
+RESULT_HISTORY = 1000
+COMMAND_HISTORY = 1000
+# The worker's Python decode loop holds the GIL; with the default 5 ms switch interval every GIL
+# hand-off to an executor thread can wait that long, and a command callback needs several, so
+# BUSY answers lagged by seconds under load. 0.5 ms keeps callbacks prompt at a small cost.
+GIL_SWITCH_INTERVAL_S = 0.0005
+# How long deactivate/cleanup/shutdown wait for the running command to stop at its next token.
+STOP_WAIT_S = 10.0
 
 PARAMETER_DOCS: Dict[str, str] = {
     "model": "Hugging Face hub id or local directory saved with save_pretrained",
@@ -116,7 +132,8 @@ class GroundingNode(LifecycleNode):
 
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
-        reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RESULT_HISTORY,
+                              reliability=ReliabilityPolicy.RELIABLE)
         self._result_pub = self.create_publisher(GroundingResult, "~/result", reliable)
         self._debug_pub = self.create_publisher(Image, "~/debug_image", image_qos("reliable"))
         self._marker_pub = self.create_publisher(MarkerArray, "~/markers", 10)
@@ -126,9 +143,9 @@ class GroundingNode(LifecycleNode):
             from vision_msgs.msg import Detection2DArray
 
             self._detections_pub = self.create_publisher(Detection2DArray, "~/detections", 10)
-        self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, 50,
+        self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, COMMAND_HISTORY,
                                                      callback_group=self._commands_group)
-        self.create_subscription(String, "~/refer", self._on_refer, 50, callback_group=self._commands_group)
+        self.create_subscription(String, "~/refer", self._on_refer, COMMAND_HISTORY, callback_group=self._commands_group)
         self.create_service(Ground, "~/ground", self._on_ground, callback_group=self._commands_group)
         self._action = ActionServer(self, GroundTask, "~/ground_task", execute_callback=self._on_goal,
                                     goal_callback=lambda _goal: GoalResponse.ACCEPT,
@@ -201,6 +218,7 @@ class GroundingNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
+        self.worker.resume()
         self._active = True
         self.state_label = "active"
         image_topic = self._sensor_subs[0].topic_name if self._sensor_subs else "image"
@@ -211,7 +229,7 @@ class GroundingNode(LifecycleNode):
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._active = False
         self.state_label = "inactive"
-        self.worker.drain(Status.NOT_ACTIVE, "node deactivated")
+        self._stop_commands("node deactivated")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
@@ -230,20 +248,31 @@ class GroundingNode(LifecycleNode):
         self.state_label = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
+    def _stop_commands(self, reason: str) -> None:
+        """Queued commands get NOT_ACTIVE, the running one CANCELLED; wait until it has stopped."""
+        self.worker.abort(reason)
+        self.worker.drain(Status.NOT_ACTIVE, reason)
+        if not self.worker.wait_idle(STOP_WAIT_S):
+            self.get_logger().warning(f"{reason}: the running command did not stop within {STOP_WAIT_S:g} s")
+        self.worker.drain(Status.NOT_ACTIVE, reason)   # anything that slipped in meanwhile
+
     def _release(self) -> None:
         self._active = False
-        self.worker.drain(Status.NOT_ACTIVE, "node is not active")
+        self._stop_commands("node is not active")
         for sub in self._sensor_subs:
             self.destroy_subscription(sub)
         self._sensor_subs = []
         with self._lock:
             pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
-            # The worker may be mid-command; wait for it before freeing the backend.
-            deadline = time.monotonic() + 30.0
-            while self.worker.busy and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # The worker may still be mid-command (a long encode); wait for it before freeing the backend.
+            self.worker.wait_idle(30.0)
             pipeline.close()
+            del pipeline
+            import gc
+
+            gc.collect()
+            self.get_logger().info("model released")
         self.frames.clear()
         self._image_error = None
 
@@ -379,6 +408,9 @@ class GroundingNode(LifecycleNode):
         job.message = msg
         self._result_pub.publish(msg)
         self.stats.result(msg.status, msg.total_ms)
+        if result.status is Status.MODEL_ERROR:
+            self.get_logger().error(f"command {result.id!r}: model error: {result.error}",
+                                    throttle_duration_sec=1.0)
         if frame is None or result.status is not Status.OK:
             return
         try:
@@ -393,7 +425,10 @@ class GroundingNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         extra = [("queue_depth", self.worker.depth()), ("frames_replaced_unused", self.frames.replaced_unused),
-                 ("image_error_now", self._image_error is not None), ("backend", self.config.backend)]
+                 ("image_error_now", self._image_error is not None), ("backend", self.config.backend),
+                 ("queue_size", self.config.queue_size), ("model_errors", self.worker.model_errors),
+                 ("last_model_error", self.worker.last_model_error),
+                 ("results_unpublished", self.worker.finish_errors)]
         self._diag_pub.publish(visualize.diagnostics(self.stats, self.get_clock().now().to_msg(), self.state_label,
                                                      self.config.model, extra))
 
@@ -403,9 +438,32 @@ class GroundingNode(LifecycleNode):
         super().destroy_node()
 
 
+def _init_rclpy(args: List[str]) -> bool:
+    """rclpy.init without its SIGINT/SIGTERM handlers (they shut the context down at once, and
+    pending results could no longer be published); True when our own handlers may be used."""
+    try:
+        from rclpy.signals import SignalHandlerOptions
+
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        return True
+    except (ImportError, TypeError):  # pragma: no cover - an rclpy without the option
+        rclpy.init(args=args)
+        return False
+
+
 def main(args: Optional[List[str]] = None) -> None:
-    """`ros2 run kosmos2_ros grounding_node [--ros-args ...]`."""
-    rclpy.init(args=args if args is not None else sys.argv)
+    """`ros2 run kosmos2_ros grounding_node [--ros-args ...]`.
+
+    SIGINT/SIGTERM stop spinning; then every queued command is answered (NOT_ACTIVE), the
+    running one is stopped (CANCELLED), and the executor spins a moment longer so those
+    results and any waiting service/action replies go out before the context shuts down.
+    """
+    own_signals = _init_rclpy(args if args is not None else sys.argv)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    stop = threading.Event()
+    if own_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     node = GroundingNode()
     # Service and action callbacks each hold a thread while their command runs; keep spare ones.
     executor = MultiThreadedExecutor(num_threads=8)
@@ -417,7 +475,15 @@ def main(args: Optional[List[str]] = None) -> None:
             node.get_logger().error("autostart: configure failed; the node stays unconfigured "
                                     "(fix the parameters and call the lifecycle change_state service)")
     try:
-        executor.spin()
+        while rclpy.ok() and not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+        if rclpy.ok():
+            node.get_logger().info("shutting down: answering pending commands")
+            node._active = False
+            node.worker.stop()
+            flush_until = time.monotonic() + 0.5
+            while rclpy.ok() and time.monotonic() < flush_until:
+                executor.spin_once(timeout_sec=0.05)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
