@@ -180,10 +180,15 @@ class CountingBackend:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.encode_calls = 0
+        self.prefill_tokens: list = []
 
     def encode_image(self, pixel_values: Any) -> Any:
         self.encode_calls += 1
         return self.inner.encode_image(pixel_values)
+
+    def prefill(self, image_embeds: Any, input_ids: Any, image_mask: Any, cache: Any = None) -> Any:
+        self.prefill_tokens.append(len(input_ids))
+        return self.inner.prefill(image_embeds, input_ids, image_mask, cache=cache)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -203,6 +208,28 @@ def test_image_encoded_once_per_frame(loaded: Loaded) -> None:
         assert first.timings_ms["encode"] > 0 and second.timings_ms["encode"] == 0
         pipe.run(Command(task="caption", max_new_tokens=4, decoding="free"), loaded.frame())
         assert counting.encode_calls == 2   # a new frame is encoded again
+    finally:
+        pipe.backend = inner
+
+
+def test_lone_command_prefills_once_and_leaves_the_prefix_for_the_next(loaded: Loaded) -> None:
+    """A single command on a new frame costs one prefill of its whole prompt; the next command
+    about the frame prefills only its own suffix on the kept prefix, with the same tokens as alone."""
+    pipe = loaded.pipeline
+    inner = pipe.backend
+    counting = CountingBackend(inner)
+    pipe.backend = counting
+    try:
+        frame = loaded.frame()
+        first = pipe.run(Command(task="refer", text="a red square", max_new_tokens=8, decoding="free"), frame)
+        assert first.status == Status.OK
+        assert counting.prefill_tokens == [len(first.prompt_ids)]
+        counting.prefill_tokens.clear()
+        second = pipe.run(Command(task="refer", text="a blue square", max_new_tokens=8, decoding="free"), frame)
+        prefix_len = second.prompt_ids.index(pipe.vocab.grounding) + 1
+        assert counting.prefill_tokens in ([], [len(second.prompt_ids) - prefix_len])  # prefill_batch may batch it
+        alone = pipe.run(Command(task="refer", text="a blue square", max_new_tokens=8, decoding="free"), loaded.frame())
+        assert second.token_ids == alone.token_ids
     finally:
         pipe.backend = inner
 

@@ -42,6 +42,8 @@ class Generation:
     forced: List[bool] = field(default_factory=list)
     model_calls: int = 0
     stop_reason: str = ""                               # eos | length | box
+    # For a row with `export_prefix`: its KV cut to the shared prefix (None if the backend cannot cut).
+    prefix_cache: Any = None
 
 
 @dataclass
@@ -54,6 +56,9 @@ class Row:
     # A prefix cache already holding input_ids[:prefix_len] (shared between rows of a frame).
     prefix_cache: Any = None
     prefix_len: int = 0
+    # No prefix cache yet: prefill the whole prompt at once and hand back its first prefix_len
+    # tokens' KV for later rows (one decoder call instead of prefix + suffix).
+    export_prefix: bool = False
 
 
 def token_prob(logits: np.ndarray, token: int) -> float:
@@ -124,6 +129,7 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
              should_stop: Optional[Callable[[], bool]] = None) -> List[Generation]:
     """Decode every row greedily; rows advance together so backends can batch decode steps."""
     states = [_RowState(r, vocab) for r in rows]
+    prompts = []
     for st in states:
         if st.done:
             continue
@@ -132,12 +138,21 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
         if r.constrained:
             # <object> is forced: it joins the prompt's prefill rather than costing a step.
             ids.append(vocab.object_open)
-        mask = list(r.image_mask) + [0] * (len(ids) - len(r.image_mask))
-        if r.prefix_cache is not None:
-            st.logits, st.cache = backend.prefill(None, ids[r.prefix_len:], mask[r.prefix_len:],
-                                                  cache=r.prefix_cache)
-        else:
+        prompts.append((st, ids))
+    # Rows on a shared prefix prefill their suffixes together; others (with the image) alone.
+    on_prefix = [(st, ids) for st, ids in prompts if st.row.prefix_cache is not None]
+    if on_prefix:
+        logits, caches = backend.prefill_batch([st.row.prefix_cache for st, _ in on_prefix],
+                                               [ids[st.row.prefix_len:] for st, ids in on_prefix])
+        for (st, _), row_logits, cache in zip(on_prefix, logits, caches):
+            st.logits, st.cache = row_logits, cache
+    for st, ids in prompts:
+        r = st.row
+        if r.prefix_cache is None:
+            mask = list(r.image_mask) + [0] * (len(ids) - len(r.image_mask))
             st.logits, st.cache = backend.prefill(image_embeds, ids, mask)
+            if r.export_prefix and r.prefix_len:
+                st.gen.prefix_cache = backend.truncate(st.cache, r.prefix_len)
         st.gen.model_calls += 1
         if r.constrained:
             st.take(vocab.object_open, 1.0, forced=True)

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"
 OPSET = 17
-VISION_FILE = "vision.onnx"
-DECODER_FILE = "decoder.onnx"
+VISION_FILE = "vision/vision.onnx"
+DECODER_FILE = "decoder/decoder.onnx"
 MANIFEST_FILE = "manifest.json"
 #: Rows of the sinusoidal position table baked into the graph (transformers grows it on demand;
 #: every row is independent of the table size, so a large fixed table is exact).
@@ -253,47 +253,50 @@ def _export(module: Any, args: tuple, path: Path, inputs: List[str], outputs: Li
 
 
 def _consolidate(path: Path) -> None:
-    """Store weights in one external file beside large graphs (protobuf is limited to 2 GB)."""
+    """Keep small graphs in one file; large ones keep the exporter's external weight files.
+
+    Each graph has its own folder, so external tensor files of two graphs never collide.
+    """
+    if any(f != path for f in path.parent.iterdir()):
+        return   # > 2 GB: the exporter already wrote weights beside the graph; loading all would double memory
     import onnx
 
-    model = onnx.load(str(path), load_external_data=True)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    for f in path.parent.glob(path.name + "*"):
-        if f != path:
-            f.unlink()
-    stray = [f for f in path.parent.iterdir() if f.suffix not in (".onnx", ".json", ".data") and f.is_file()]
-    for f in stray:  # the legacy exporter writes one file per initializer for >2 GB models
-        f.unlink()
-    if size > (1 << 30):
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
 
 
 def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle: bool = False,
                  log: Any = None) -> dict:
     """Export vision and decoder graphs into `out_dir`; returns (and writes) the manifest."""
-    import torch
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if model is None:
         model = load_for_export(model_dir, allow_pickle)
-    else:
-        model.config._attn_implementation = "eager"
-        for sub in (model.config.text_config, model.config.vision_config):
-            sub._attn_implementation = "eager"
-    VisionGraph, DecoderGraph = _modules()
+        restore: List[Tuple[Any, Any]] = []
+    else:  # a caller's model: trace the eager attention, then give its setting back
+        configs = (model.config, model.config.text_config, model.config.vision_config)
+        restore = [(c, c._attn_implementation) for c in configs]
+        for c in configs:
+            c._attn_implementation = "eager"
+    try:
+        return _export_all(model, model_dir, out_dir, tmp, log, t0)
+    finally:
+        for c, impl in restore:
+            c._attn_implementation = impl
+
+
+def _export_all(model: Any, model_dir: str, out_dir: Path, tmp: Path, log: Any, t0: float) -> dict:
+    import torch
+
+    vision_graph, decoder_graph = _modules()
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     size = int(vcfg.image_size)
     n_img = int(model.config.latent_query_num)
-    D, L, H = int(tcfg.embed_dim), int(tcfg.layers), int(tcfg.attention_heads)
-    hd = D // H
+    dim, layers, heads = int(tcfg.embed_dim), int(tcfg.layers), int(tcfg.attention_heads)
+    hd = dim // heads
     pixel = torch.zeros(1, 3, size, size)
-    _export(VisionGraph(model).eval(), (pixel,), tmp / VISION_FILE, ["pixel_values"], ["image_embeds"],
+    _export(vision_graph(model).eval(), (pixel,), tmp / VISION_FILE, ["pixel_values"], ["image_embeds"],
             {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
     _consolidate(tmp / VISION_FILE)
     if log:
@@ -304,8 +307,8 @@ def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle:
     img_mask = torch.zeros(bsz, seq, dtype=torch.long)
     pos = torch.arange(seq).expand(bsz, -1) + past + 2
     att = torch.ones(bsz, past + seq, dtype=torch.long)
-    kv = [torch.zeros(bsz, H, past, hd) for _ in range(2 * L)]
-    ins, outs = decoder_names(L)
+    kv = [torch.zeros(bsz, heads, past, hd) for _ in range(2 * layers)]
+    ins, outs = decoder_names(layers)
     axes: Dict[str, Dict[int, str]] = {
         "input_ids": {0: "batch", 1: "seq"}, "image_embeds": {0: "img_batch", 1: "img"},
         "image_mask": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
@@ -316,7 +319,7 @@ def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle:
     for name in outs[1:]:
         axes[name] = {0: "batch", 2: "total"}
     t1 = time.perf_counter()
-    _export(DecoderGraph(model).eval(), (ids, torch.zeros(1, n_img, D), img_mask, pos, att, *kv),
+    _export(decoder_graph(model).eval(), (ids, torch.zeros(1, n_img, dim), img_mask, pos, att, *kv),
             tmp / DECODER_FILE, ins, outs, axes)
     _consolidate(tmp / DECODER_FILE)
     if log:
@@ -324,7 +327,7 @@ def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle:
     manifest = {
         "export_version": EXPORT_VERSION, "opset": OPSET, "model_dir": str(model_dir),
         "files": {"vision": VISION_FILE, "decoder": DECODER_FILE},
-        "image_size": size, "image_tokens": n_img, "embed_dim": D, "layers": L, "heads": H, "head_dim": hd,
+        "image_size": size, "image_tokens": n_img, "embed_dim": dim, "layers": layers, "heads": heads, "head_dim": hd,
         "vocab_size": int(tcfg.vocab_size), "pad_token_id": int(tcfg.pad_token_id if tcfg.pad_token_id is not None else 1),
         "max_positions": int(MIN_POSITION_ROWS), "torch": torch.__version__,
         "inputs": {"vision": ["pixel_values"], "decoder": ins}, "outputs": {"vision": ["image_embeds"], "decoder": outs},

@@ -215,6 +215,7 @@ class Pipeline:
                 t1 = time.perf_counter()
                 gens = generate(self.backend, enc.image_embeds, rows, self.vocab,
                                 on_token=on_token, should_stop=should_stop)
+                self._keep_prefixes(rows, gens, enc)
                 gen_ms = (time.perf_counter() - t1) * 1e3
                 prep_ms = (t1 - t0) * 1e3 - (encode_ms if fresh else 0.0)
                 for i, plan in plans:
@@ -237,32 +238,52 @@ class Pipeline:
 
     # -- internals -------------------------------------------------------------------------
     def _rows(self, plans: List[Tuple[int, _Plan]], enc: FrameEncoding) -> Tuple[List[Row], List[int]]:
+        """One decode row per prompt, each on its frame's shared prefix where that saves work.
+
+        The prefix (`<s><image>…</image><grounding>`) is the same for every command about a frame.
+        A prefix used by one row only is not prefilled on its own: that row prefills its whole
+        prompt and hands back the prefix KV (`export_prefix`) for the frame's later commands.
+        """
+        keyed = [(i, plan, prompt, pids, self._prefix_len(pids.input_ids))
+                 for i, plan in plans for prompt, pids in zip(plan.prompts, plan.ids)]
+        uses: dict = {}
+        for *_, pids, plen in keyed:
+            if plen:
+                key = tuple(pids.input_ids[:plen])
+                uses[key] = uses.get(key, 0) + 1
         rows, owners = [], []
-        for i, plan in plans:
-            for prompt, pids in zip(plan.prompts, plan.ids):
-                cache, plen = self._prefix(pids, enc)
-                rows.append(Row(pids.input_ids, pids.image_mask, plan.max_new_tokens,
-                                constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
-                                             and plan.max_new_tokens >= 4),
-                                prefix_cache=cache, prefix_len=plen))
-                owners.append(i)
+        for i, plan, prompt, pids, plen in keyed:
+            row = Row(pids.input_ids, pids.image_mask, plan.max_new_tokens,
+                      constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
+                                   and plan.max_new_tokens >= 4))
+            if plen:
+                key = tuple(pids.input_ids[:plen])
+                cache = enc.prefix_caches.get(key)
+                if cache is None and uses[key] == 1 and self.backend.can_truncate:
+                    row.prefix_len, row.export_prefix = plen, True
+                else:
+                    if cache is None:
+                        _, cache = self.backend.prefill(enc.image_embeds, pids.input_ids[:plen], pids.image_mask[:plen])
+                        enc.prefix_caches[key] = cache
+                    row.prefix_cache, row.prefix_len = self.backend.fork(cache), plen
+            rows.append(row)
+            owners.append(i)
         return rows, owners
 
-    def _prefix(self, pids: PromptIds, enc: FrameEncoding) -> Tuple[Any, int]:
-        """The frame's cached KV for the prompt's shared head (`<s><image>…</image><grounding>`)."""
-        ids = pids.input_ids
+    def _prefix_len(self, ids: List[int]) -> int:
+        """Length of the shared head `<s><image>…</image><grounding>` (0 when nothing follows it)."""
         try:
             plen = ids.index(self.vocab.grounding) + 1
         except ValueError:
             plen = ids.index(self.vocab.eoi) + 1
-        if plen >= len(ids):
-            return None, 0
-        key = tuple(ids[:plen])
-        cache = enc.prefix_caches.get(key)
-        if cache is None:
-            _, cache = self.backend.prefill(enc.image_embeds, ids[:plen], pids.image_mask[:plen])
-            enc.prefix_caches[key] = cache
-        return self.backend.fork(cache), plen
+        return plen if plen < len(ids) else 0
+
+    @staticmethod
+    def _keep_prefixes(rows: List[Row], gens: List[Generation], enc: FrameEncoding) -> None:
+        for row, gen in zip(rows, gens):
+            if row.export_prefix and gen.prefix_cache is not None:
+                enc.prefix_caches[tuple(row.input_ids[:row.prefix_len])] = gen.prefix_cache
+                gen.prefix_cache = None
 
     def _result(self, plan: _Plan, gens: List[Generation], frame: Frame, enc: FrameEncoding) -> Result:
         cmd = plan.command

@@ -38,6 +38,8 @@ class Backend(abc.ABC):
     #: the text model's hidden size and vocabulary (for buffers and checks)
     vocab_size: int
     pad_token_id: int
+    #: whether `truncate` works (lets a lone command skip the separate prefix prefill)
+    can_truncate: bool = False
 
     @abc.abstractmethod
     def encode_image(self, pixel_values: np.ndarray) -> Any:
@@ -67,6 +69,26 @@ class Backend(abc.ABC):
             rows.append(logits)
             out.append(new_cache)
         return np.stack(rows), out
+
+    def prefill_batch(self, caches: List[Any], chunks: List[List[int]]) -> Tuple[np.ndarray, List[Any]]:
+        """Text chunks (no image) appended to several caches -> (rows of last logits, new caches).
+
+        Used for the per-expression suffixes after a frame's shared prefix. The given caches
+        are not modified. Backends that can run rows together override this.
+        """
+        rows, out = [], []
+        for cache, chunk in zip(caches, chunks):
+            logits, new_cache = self.prefill(None, chunk, [0] * len(chunk), cache=cache)
+            rows.append(logits)
+            out.append(new_cache)
+        return np.stack(rows), out
+
+    def truncate(self, cache: Any, length: int) -> Any:
+        """A new cache holding only the first `length` tokens of `cache`, or None if unsupported.
+
+        Exact for a causal decoder: the first tokens' keys and values do not depend on later ones.
+        """
+        return None
 
     @abc.abstractmethod
     def fork(self, cache: Any) -> Any:

@@ -99,6 +99,61 @@ class TorchBackend(Backend):
                 use_cache=True, **{self._cache_kw: cache.kv})
         return self._last_logits(out), TorchCache(cache.kv, cache.length + 1)
 
+    def decode_batch(self, caches: list, token_ids: list) -> Tuple[np.ndarray, list]:
+        """One step for several rows in one forward: caches right-padded to a common length.
+
+        Padding keys are masked (exactly zero attention weight) and positions are passed
+        explicitly, so each row computes what `decode` computes for it alone.
+        """
+        if len(caches) < 2:
+            return super().decode_batch(caches, token_ids)
+        torch = self._torch
+        from transformers import DynamicCache
+
+        from .base import position_ids
+
+        lengths = [int(c.length) for c in caches]
+        longest = max(lengths)
+        packed = DynamicCache(config=self.model.config.text_config)
+        for i in range(len(caches[0].kv.layers)):
+            keys, values = [], []
+            for c, n in zip(caches, lengths):
+                layer = c.kv.layers[i]
+                pad = (0, 0, 0, longest - n)
+                keys.append(torch.nn.functional.pad(layer.keys[:, :, :n], pad))
+                values.append(torch.nn.functional.pad(layer.values[:, :, :n], pad))
+            packed.update(torch.cat(keys), torch.cat(values), i)
+        mask = torch.zeros((len(caches), longest + 1), dtype=torch.long, device=self.device)
+        for b, n in enumerate(lengths):
+            mask[b, :n] = 1
+        mask[:, -1] = 1
+        pos = [int(position_ids([t], n, self.pad_token_id)[0]) for t, n in zip(token_ids, lengths)]
+        ids = torch.tensor([[int(t)] for t in token_ids], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model.text_model(
+                input_ids=ids, attention_mask=mask, position_ids=torch.tensor([[p] for p in pos], device=self.device),
+                use_cache=True, **{self._cache_kw: packed})
+            logits = out.logits[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):
+                raise BackendError("the model produced non-finite logits (overflow in this precision?)")
+            new = []
+            for b, n in enumerate(lengths):
+                row = DynamicCache(config=self.model.config.text_config)
+                for i, layer in enumerate(packed.layers):
+                    row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, -1:]], dim=2),
+                               torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, -1:]], dim=2), i)
+                new.append(TorchCache(row, n + 1))
+        return logits.cpu().numpy(), new
+
+    can_truncate = True
+
+    def truncate(self, cache: TorchCache, length: int) -> TorchCache:
+        kv = copy.deepcopy(cache.kv)
+        drop = cache.length - int(length)
+        if drop > 0:
+            kv.crop(-drop)   # a negative crop removes tokens from the end in transformers 4.x and 5.x
+        return TorchCache(kv, int(length))
+
     def fork(self, cache: TorchCache) -> TorchCache:
         return TorchCache(copy.deepcopy(cache.kv), cache.length)
 

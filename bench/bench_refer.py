@@ -1,0 +1,190 @@
+"""Referring-expression benchmark: transformers `generate` baseline vs this package's paths.
+
+    scripts/ros-env python bench/bench_refer.py              # small toy checkpoint (seconds)
+    scripts/ros-env python bench/bench_refer.py --full-size  # real architecture, random weights
+
+Workload: frames arrive one after another; each frame gets 1 (or 4) referring expressions
+`<grounding><phrase> {expr}</phrase>`. Every frame is new, so every path pays for vision
+encoding and the image prefix at least once per frame.
+
+* baseline: the naive way, per command: `processor(text, image)` + `model.generate(greedy,
+  max_new_tokens=5)`; 5 covers `<object><p><p></object></s>`, a one-box answer and its eos.
+* ours: `Pipeline.run_batch(commands, frame)` per frame (vision once, prefix KV shared,
+  suffixes prefilled together, decode steps batched), for torch and onnxruntime backends,
+  free (max_new_tokens 5) and constrained decoding.
+
+Latency per command is the wall time until its answer (a batch's commands are answered
+together, so each gets the batch's time); commands/s = commands / time spent in that path.
+Paths take turns frame by frame, so load from other processes hits them alike. CPU s/cmd is
+the process's CPU time per command, a second view of the same work. `boxes ==` checks
+location tokens against the baseline's wherever the baseline produced a well-formed box
+(random full-size weights never do); `tokens ==` checks free decoding's token ids exactly.
+p95 over few samples is just the worst; the iteration counts are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.toy_checkpoint import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
+
+
+def _patches(ids: List[int], vocab) -> List[int]:
+    return [t for t in ids if vocab.is_patch(t)]
+
+
+def _stats(lat: List[float], total_s: float, n: int, cpu_s: float) -> Dict[str, float]:
+    return {"p50": float(np.percentile(lat, 50)) * 1e3, "p95": float(np.percentile(lat, 95)) * 1e3,
+            "cps": n / total_s, "cpu": cpu_s / n}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full-size", action="store_true", help="real architecture (1.66 B params), random weights")
+    ap.add_argument("--model", default="", help="an existing checkpoint directory instead of building one")
+    ap.add_argument("--frames", type=int, default=0, help="frames per workload (default 6 small, 2 full size)")
+    ap.add_argument("--workdir", default="", help="where checkpoints and ONNX graphs go (default: a temp dir)")
+    ap.add_argument("--backends", default="torch,onnxruntime")
+    args = ap.parse_args(argv)
+
+    import torch
+    from PIL import Image
+    from transformers import Kosmos2ForConditionalGeneration
+
+    from kosmos2_ros.core.backends.torch_backend import TorchBackend
+    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.frames import Frame
+    from kosmos2_ros.core.loading import load_processor
+    from kosmos2_ros.core.pipeline import Command, Pipeline
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kosmos2_bench_"))
+    frames = args.frames or (2 if args.full_size else 6)
+    t0 = time.perf_counter()
+    if args.model:
+        model_dir = Path(args.model)
+    elif args.full_size:
+        model_dir = work / "full_size"
+        if not (model_dir / "config.json").exists():
+            build_tiny_checkpoint(model_dir, full_size=True)
+    else:
+        model_dir = work / "toy"
+        if not (model_dir / "config.json").exists():
+            build_toy_grounding_checkpoint(str(build_tiny_checkpoint(work / "tiny")), str(model_dir))
+    print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}",
+          flush=True)
+    processor = load_processor(str(model_dir))
+    model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    max_new = 5
+    images = [toy_image(100 + i, size=224) for i in range(frames)]
+
+    def workload(k: int):
+        return [(f, [EXPRESSIONS[(f * 3 + j) % len(EXPRESSIONS)] for j in range(k)]) for f in range(frames)]
+
+    # -- baseline ------------------------------------------------------------------------------
+    from kosmos2_ros.core.vocab import GroundingVocab
+    vocab = GroundingVocab.from_tokenizer(processor.tokenizer)
+
+    def baseline_one(img: np.ndarray, expr: str) -> List[int]:
+        inputs = processor(text=f"<grounding><phrase> {expr}</phrase>", images=Image.fromarray(img), return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                                 attention_mask=inputs["attention_mask"],
+                                 image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                                 max_new_tokens=max_new, do_sample=False, num_beams=1)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    # -- ours: one backend object per kind, shared by its two modes ------------------------------
+    pipes = {}
+    for backend_name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        t = time.perf_counter()
+        if backend_name == "torch":
+            backend = TorchBackend(str(model_dir), device="cpu", model=model)
+        elif backend_name == "onnxruntime":
+            from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
+            backend = OnnxBackend(str(model_dir), device="cpu", artifacts_dir=str(work / "artifacts"), model=model)
+        else:
+            raise SystemExit(f"unknown backend {backend_name}")
+        print(f"{backend_name} backend ready in {time.perf_counter() - t:.1f} s", flush=True)
+        for mode in ("free", "constrained"):
+            cfg = Kosmos2Config(model=str(model_dir), backend=backend_name, device="cpu", decoding=mode,
+                                max_new_tokens=max_new, enable_3d=False)
+            pipes[(backend_name, mode)] = Pipeline(cfg, backend, processor)
+
+    # Paths take turns frame by frame, so load from other processes hits them alike.
+    baseline_one(images[0], EXPRESSIONS[0])  # warm-up
+    for pipe in pipes.values():
+        pipe.run(Command(id="w", task="refer", text=EXPRESSIONS[0]), Frame(rgb=images[0], stamp_ns=1, frame_id="cam"))
+    rows = []
+    for k in (1, 4):
+        acc: Dict[str, dict] = {key: {"lat": [], "wall": 0.0, "cpu": 0.0, "n": 0, "same": True, "checked": 0,
+                                      "tok": True} for key in ["baseline"] + list(pipes)}
+        for f, exprs in workload(k):
+            reference, ref_tokens = {}, {}
+            a = acc["baseline"]
+            for e in exprs:
+                t, c = time.perf_counter(), time.process_time()
+                out = baseline_one(images[f], e)
+                dt = time.perf_counter() - t
+                a["lat"].append(dt)
+                a["wall"] += dt
+                a["cpu"] += time.process_time() - c
+                a["n"] += 1
+                ref_tokens[e] = out
+                # Only a well-formed box (<object> p p </object>) must be reproduced by every path.
+                reference[e] = _patches(out, vocab) if vocab.object_close in out else None
+            for (backend_name, mode), pipe in pipes.items():
+                a = acc[(backend_name, mode)]
+                frame = Frame(rgb=images[f], stamp_ns=1000 + f, frame_id="cam")  # a new frame: no cache
+                cmds = [Command(id=str(j), task="refer", text=e, max_new_tokens=max_new) for j, e in enumerate(exprs)]
+                t, c = time.perf_counter(), time.process_time()
+                results = pipe.run_batch(cmds, frame)
+                dt = time.perf_counter() - t
+                a["wall"] += dt
+                a["cpu"] += time.process_time() - c
+                for e, res in zip(exprs, results):
+                    if res.status != 0:
+                        raise SystemExit(f"{backend_name}/{mode}: {res.status.name} {res.error}")
+                    if mode == "free":
+                        a["tok"] &= res.token_ids == ref_tokens[e]
+                    if reference[e] is not None:
+                        a["checked"] += 1
+                        a["same"] &= _patches(res.token_ids, vocab) == reference[e]
+                    a["lat"].append(dt)
+                    a["n"] += 1
+            print(f"k={k} frame {f} done", flush=True)
+        base = _stats(acc["baseline"]["lat"], acc["baseline"]["wall"], acc["baseline"]["n"], acc["baseline"]["cpu"])
+        rows.append(("transformers generate (baseline)", "free", k, base, (1.0, 1.0), ("ref", "ref"), acc["baseline"]["n"]))
+        for (backend_name, mode) in pipes:
+            a = acc[(backend_name, mode)]
+            st = _stats(a["lat"], a["wall"], a["n"], a["cpu"])
+            rows.append((backend_name, mode, k, st, (st["cps"] / base["cps"], base["cpu"] / st["cpu"]),
+                         (f"{'yes' if a['same'] else 'NO'} {a['checked']}/{a['n']}",
+                          ("yes" if a["tok"] else "NO") if mode == "free" else "-"), a["n"]))
+
+    print()
+    print(f"checkpoint: {'full-size architecture, random weights' if args.full_size else 'toy (tiny, trained)'}"
+          f" ({n_params / 1e9:.3f} B params), fp32, CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores;"
+          f" {frames} frames per workload, max_new_tokens {max_new}")
+    head = (f"| {'path':34} | {'decoding':11} | expr/frame | cmds | p50 ms/cmd | p95 ms/cmd | cmds/s "
+            "| cmds/s x base | CPU s/cmd | CPU x base | boxes == (well-formed) | tokens == |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for name, mode, k, st, ratio, same, n in rows:
+        print(f"| {name:34} | {mode:11} | {k:10d} | {n:4d} | {st['p50']:10.1f} | {st['p95']:10.1f} | {st['cps']:6.2f} |"
+              f" {ratio[0]:12.2f}x | {st['cpu']:9.3f} | {ratio[1]:9.2f}x | {same[0]:22} | {same[1]:9} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""onnxruntime backend: the exported graphs (`core.export`) behind the `Backend` interface.
+
+CPU here; CUDA when onnxruntime-gpu is installed. The graphs are exported into
+`artifacts_dir` on first use (keyed by the model's hash and the export version). fp32 only:
+the graphs are the fp32 reference TensorRT builds its fp16/bf16 engines from.
+
+Rows are run together for real: several caches of different lengths are packed into one
+batch, with holes in the key/value tensors masked out by `attention_mask` and positions
+passed explicitly, so each row computes what it would alone (masked keys get exactly zero
+attention weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .base import Backend, BackendError, BackendUnavailable, position_ids
+
+
+@dataclass
+class OrtCache:
+    kv: List[np.ndarray]   # past_key_0, past_value_0, ...: each [1, H, length, head_dim]
+    length: int
+
+
+def providers_for(device: str, available: Sequence[str]) -> List[str]:
+    device = (device or "auto").lower()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise BackendUnavailable(
+                f"device {device!r} requested but onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); pip install onnxruntime-gpu, or use device: cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
+                 artifacts_dir: str = "~/.cache/kosmos2_ros", build_engines: bool = False,
+                 allow_pickle: bool = False, model: Any = None, threads: int = 0, **_: Any) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable(f"onnxruntime Python package not importable ({exc}); "
+                                     "pip install onnxruntime (or onnxruntime-gpu)") from None
+        if precision != "fp32":
+            raise BackendUnavailable(f"the onnxruntime backend runs the fp32 graphs; precision {precision!r} "
+                                     "needs backend: tensorrt (or use precision: fp32)")
+        from .. import export
+
+        self.graph_dir, self.manifest = export.ensure_exported(
+            model_dir, artifacts_dir, allow_export=True, model=model, allow_pickle=allow_pickle)
+        m = self.manifest
+        self.vocab_size = int(m["vocab_size"])
+        self.pad_token_id = int(m["pad_token_id"])
+        self.layers, self.heads, self.head_dim = int(m["layers"]), int(m["heads"]), int(m["head_dim"])
+        self.embed_dim = int(m["embed_dim"])
+        self.max_positions = int(m["max_positions"])
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        self.providers = providers_for(device, ort.get_available_providers())
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._vision = ort.InferenceSession(str(self.graph_dir / m["files"]["vision"]), opts, providers=self.providers)
+        self._decoder = ort.InferenceSession(str(self.graph_dir / m["files"]["decoder"]), opts, providers=self.providers)
+        self._kv_names = list(m["inputs"]["decoder"][5:])
+        self._no_image = np.zeros((1, 1, self.embed_dim), dtype=np.float32)
+
+    # -- Backend ---------------------------------------------------------------------------
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        return self._vision.run(["image_embeds"], {"pixel_values": pv})[0]
+
+    def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
+                cache: Optional[OrtCache] = None) -> Tuple[np.ndarray, OrtCache]:
+        if cache is not None or image_embeds is None:
+            image_embeds, image_mask = None, [0] * len(input_ids)   # as transformers: no image after a past
+        logits, caches = self._run([cache], [list(input_ids)], image_embeds, [list(image_mask)])
+        return logits[0], caches[0]
+
+    def prefill_batch(self, caches: List[Optional[OrtCache]], chunks: List[List[int]]) -> Tuple[np.ndarray, List[OrtCache]]:
+        """Text chunks (no image) appended to several caches in one call."""
+        return self._run(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
+
+    def decode(self, cache: OrtCache, token_id: int) -> Tuple[np.ndarray, OrtCache]:
+        logits, caches = self._run([cache], [[int(token_id)]], None, [[0]])
+        return logits[0], caches[0]
+
+    def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
+        return self._run(list(caches), [[int(t)] for t in token_ids], None, [[0] for _ in token_ids])
+
+    can_truncate = True
+
+    def truncate(self, cache: OrtCache, length: int) -> OrtCache:
+        return OrtCache([np.ascontiguousarray(k[:, :, :length]) for k in cache.kv], int(length))
+
+    def fork(self, cache: OrtCache) -> OrtCache:
+        return OrtCache(list(cache.kv), cache.length)   # arrays are never written in place
+
+    def close(self) -> None:
+        self._vision = self._decoder = None
+
+    # -- the one graph call ------------------------------------------------------------------
+    def _run(self, caches: List[Optional[OrtCache]], chunks: List[List[int]], image_embeds: Any,
+             masks: List[List[int]]) -> Tuple[np.ndarray, List[OrtCache]]:
+        """Append chunk b to cache b for every row at once.
+
+        Row layout in the batch: [its past | hole up to the longest past | left padding | chunk].
+        Holes and padding have attention_mask 0 and the pad position (a zero position vector).
+        """
+        if self._decoder is None:
+            raise BackendError("backend is closed")
+        pad = self.pad_token_id
+        bsz = len(chunks)
+        pasts = [0 if c is None else int(c.length) for c in caches]
+        lens = [len(c) for c in chunks]
+        if min(lens) < 1:
+            raise BackendError("empty chunk")
+        pmax, smax = max(pasts), max(lens)
+        if pmax + smax > self.max_positions - pad - 2:
+            raise BackendError(f"sequence of {pmax + smax} tokens exceeds the exported position table "
+                               f"({self.max_positions} rows)")
+        ids = np.full((bsz, smax), pad, dtype=np.int64)
+        pos = np.full((bsz, smax), pad, dtype=np.int64)
+        img_mask = np.zeros((bsz, smax), dtype=np.int64)
+        att = np.zeros((bsz, pmax + smax), dtype=np.int64)
+        for b, (chunk, past, n) in enumerate(zip(chunks, pasts, lens)):
+            ids[b, smax - n:] = chunk
+            pos[b, smax - n:] = position_ids(chunk, past, pad)
+            img_mask[b, smax - n:] = masks[b]
+            att[b, :past] = 1
+            att[b, pmax + smax - n:] = 1
+        feeds = {"input_ids": ids, "image_mask": img_mask, "position_ids": pos, "attention_mask": att,
+                 "image_embeds": self._no_image if image_embeds is None
+                 else np.ascontiguousarray(image_embeds, dtype=np.float32)}
+        packed = bsz == 1 or all(p == pmax for p in pasts)
+        for j, name in enumerate(self._kv_names):
+            if bsz == 1 and caches[0] is not None:
+                feeds[name] = caches[0].kv[j]
+            elif packed and pmax > 0:
+                feeds[name] = np.concatenate([c.kv[j] for c in caches], axis=0)  # type: ignore[union-attr]
+            else:
+                buf = np.zeros((bsz, self.heads, pmax, self.head_dim), dtype=np.float32)
+                for b, c in enumerate(caches):
+                    if c is not None and c.length:
+                        buf[b, :, :c.length] = c.kv[j][0]
+                feeds[name] = buf
+        try:
+            out = self._decoder.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime decoder failed: {exc}") from exc
+        logits, presents = out[0], out[1:]
+        if not np.isfinite(logits).all():
+            raise BackendError("the model produced non-finite logits")
+        new = []
+        for b, (past, n) in enumerate(zip(pasts, lens)):
+            if bsz == 1 and n == smax:
+                kv = presents
+            else:
+                kv = [np.concatenate([p[b:b + 1, :, :past], p[b:b + 1, :, pmax + smax - n:]], axis=2) for p in presents]
+            new.append(OrtCache(kv, past + n))
+        return logits, new
+
+
+def available() -> bool:
+    """Whether onnxruntime can be imported here."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
