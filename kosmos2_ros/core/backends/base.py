@@ -7,6 +7,7 @@ logits. Caches are opaque to the loop.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, List, Sequence, Tuple
 
 import numpy as np
@@ -29,6 +30,42 @@ def position_ids(input_ids: Sequence[int], cache_length: int, pad_id: int) -> np
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = (ids != pad_id).astype(np.int64)
     return (np.cumsum(mask) + cache_length) * mask + pad_id
+
+
+@dataclass
+class PackedRows:
+    """Several chunks, each appended to its own cache, laid out as one batch for the exported graph.
+
+    Row b: [its past | hole up to the longest past | left padding | chunk]. Holes and padding have
+    attention_mask 0 and the pad position, so each row computes exactly what it would alone.
+    """
+    input_ids: np.ndarray       # [b, smax]
+    position_ids: np.ndarray    # [b, smax]
+    image_mask: np.ndarray      # [b, smax]
+    attention_mask: np.ndarray  # [b, pmax + smax]
+    pasts: List[int]
+    lens: List[int]
+    pmax: int
+    smax: int
+
+
+def pack_rows(pasts: Sequence[int], chunks: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+              pad_id: int) -> PackedRows:
+    """The graph inputs for `chunks[b]` appended to a cache of `pasts[b]` tokens (ONNX and TensorRT)."""
+    bsz = len(chunks)
+    lens = [len(c) for c in chunks]
+    pmax, smax = max(pasts), max(lens)
+    ids = np.full((bsz, smax), pad_id, dtype=np.int64)
+    pos = np.full((bsz, smax), pad_id, dtype=np.int64)
+    img = np.zeros((bsz, smax), dtype=np.int64)
+    att = np.zeros((bsz, pmax + smax), dtype=np.int64)
+    for b, (chunk, past, n) in enumerate(zip(chunks, pasts, lens)):
+        ids[b, smax - n:] = chunk
+        pos[b, smax - n:] = position_ids(chunk, past, pad_id)
+        img[b, smax - n:] = masks[b]
+        att[b, :past] = 1
+        att[b, pmax + smax - n:] = 1
+    return PackedRows(ids, pos, img, att, list(pasts), lens, pmax, smax)
 
 
 class Backend(abc.ABC):

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable, position_ids
+from .base import Backend, BackendError, BackendUnavailable, pack_rows
 
 
 @dataclass
@@ -117,26 +117,16 @@ class OnnxBackend(Backend):
         """
         if self._decoder is None:
             raise BackendError("backend is closed")
-        pad = self.pad_token_id
         bsz = len(chunks)
         pasts = [0 if c is None else int(c.length) for c in caches]
-        lens = [len(c) for c in chunks]
-        if min(lens) < 1:
+        if min(len(c) for c in chunks) < 1:
             raise BackendError("empty chunk")
-        pmax, smax = max(pasts), max(lens)
-        if pmax + smax > self.max_positions - pad - 2:
+        rows = pack_rows(pasts, chunks, masks, self.pad_token_id)
+        pmax, smax, lens = rows.pmax, rows.smax, rows.lens
+        if pmax + smax > self.max_positions - self.pad_token_id - 2:
             raise BackendError(f"sequence of {pmax + smax} tokens exceeds the exported position table "
                                f"({self.max_positions} rows)")
-        ids = np.full((bsz, smax), pad, dtype=np.int64)
-        pos = np.full((bsz, smax), pad, dtype=np.int64)
-        img_mask = np.zeros((bsz, smax), dtype=np.int64)
-        att = np.zeros((bsz, pmax + smax), dtype=np.int64)
-        for b, (chunk, past, n) in enumerate(zip(chunks, pasts, lens)):
-            ids[b, smax - n:] = chunk
-            pos[b, smax - n:] = position_ids(chunk, past, pad)
-            img_mask[b, smax - n:] = masks[b]
-            att[b, :past] = 1
-            att[b, pmax + smax - n:] = 1
+        ids, pos, img_mask, att = rows.input_ids, rows.position_ids, rows.image_mask, rows.attention_mask
         feeds = {"input_ids": ids, "image_mask": img_mask, "position_ids": pos, "attention_mask": att,
                  "image_embeds": self._no_image if image_embeds is None
                  else np.ascontiguousarray(image_embeds, dtype=np.float32)}

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable, position_ids
+from .base import Backend, BackendError, BackendUnavailable, pack_rows
 
 
 @dataclass
@@ -110,20 +110,11 @@ class TensorRTBackend(Backend):
     def _run(self, caches: List[Optional[TrtCache]], chunks: List[List[int]], image_embeds: Any,
              masks: List[List[int]]) -> Tuple[np.ndarray, List[TrtCache]]:
         torch = self._torch
-        pad, bsz = self.pad_token_id, len(chunks)
+        bsz = len(chunks)
         pasts = [0 if c is None else int(c.length) for c in caches]
-        lens = [len(c) for c in chunks]
-        pmax, smax = max(pasts), max(lens)
-        ids = np.full((bsz, smax), pad, dtype=np.int64)
-        pos = np.full((bsz, smax), pad, dtype=np.int64)
-        img = np.zeros((bsz, smax), dtype=np.int64)
-        att = np.zeros((bsz, pmax + smax), dtype=np.int64)
-        for b, (chunk, past, n) in enumerate(zip(chunks, pasts, lens)):
-            ids[b, smax - n:] = chunk
-            pos[b, smax - n:] = position_ids(chunk, past, pad)
-            img[b, smax - n:] = masks[b]
-            att[b, :past] = 1
-            att[b, pmax + smax - n:] = 1
+        rows = pack_rows(pasts, chunks, masks, self.pad_token_id)
+        pmax, smax, lens = rows.pmax, rows.smax, rows.lens
+        ids, pos, img, att = rows.input_ids, rows.position_ids, rows.image_mask, rows.attention_mask
         dev = self.device
         inputs = {"input_ids": torch.from_numpy(ids).to(dev), "image_mask": torch.from_numpy(img).to(dev),
                   "position_ids": torch.from_numpy(pos).to(dev), "attention_mask": torch.from_numpy(att).to(dev),
