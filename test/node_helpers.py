@@ -190,8 +190,10 @@ class Tester:
             if client.wait_for_service(timeout_sec=0.5):
                 state = self.wait_for(client.call_async(GetState.Request()), 10.0)
                 if state.current_state.label == "active":
-                    # Wait for our publishers to be matched so nothing is lost at start.
-                    while self.command_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+                    # Wait for our publishers to be matched so nothing is lost at start (a frame sent
+                    # before discovery completes is dropped, and the first command would say NO_FRAME).
+                    while time.monotonic() < deadline and (self.command_pub.get_subscription_count() == 0
+                                                           or self.image_pub.get_subscription_count() == 0):
                         time.sleep(0.05)
                     return
             time.sleep(0.2)

@@ -451,6 +451,20 @@ def _init_rclpy(args: List[str]) -> bool:
         return False
 
 
+def _spin_once(executor: MultiThreadedExecutor, timeout_sec: float) -> None:
+    """One executor turn that survives entities destroyed under it.
+
+    A lifecycle transition (cleanup, shutdown) runs in an executor thread and destroys the
+    subscriptions while this thread may be building its wait set; rclpy then raises
+    InvalidHandle for that turn only. The next turn builds the wait set anew.
+    """
+    try:
+        executor.spin_once(timeout_sec=timeout_sec)
+    except Exception as exc:  # noqa: BLE001 - rclpy's InvalidHandle lives in a private module
+        if type(exc).__name__ != "InvalidHandle":
+            raise
+
+
 def main(args: Optional[List[str]] = None) -> None:
     """`ros2 run kosmos2_ros grounding_node [--ros-args ...]`.
 
@@ -476,14 +490,14 @@ def main(args: Optional[List[str]] = None) -> None:
                                     "(fix the parameters and call the lifecycle change_state service)")
     try:
         while rclpy.ok() and not stop.is_set():
-            executor.spin_once(timeout_sec=0.1)
+            _spin_once(executor, 0.1)
         if rclpy.ok():
             node.get_logger().info("shutting down: answering pending commands")
             node._active = False
             node.worker.stop()
             flush_until = time.monotonic() + 0.5
             while rclpy.ok() and time.monotonic() < flush_until:
-                executor.spin_once(timeout_sec=0.05)
+                _spin_once(executor, 0.05)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
