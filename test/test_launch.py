@@ -1,0 +1,66 @@
+"""launch/grounding.launch.py started by the real launch system, answering a referring expression.
+
+Needs ros2/launch and launch_ros, which a ROS 2 install has and the PyPI-wheel set-up does not:
+there this test is skipped, and test/test_node_process.py (the node as its own process) stands
+in for it.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+launch_ros = pytest.importorskip("launch_ros", reason="launch_ros is not installed (PyPI-wheel set-up)")
+
+from node_helpers import Tester, node_env, scene  # noqa: E402
+
+DOMAIN = 45
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# What `ros2 launch kosmos2_ros grounding.launch.py k:=v ...` does, without needing ros2cli:
+# the launch service must own its process's main thread.
+LAUNCHER = """
+import sys
+from launch import LaunchService
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+args = dict(a.split(":=", 1) for a in sys.argv[2:])
+service = LaunchService(noninteractive=True)
+service.include_launch_description(IncludeLaunchDescription(PythonLaunchDescriptionSource(sys.argv[1]),
+                                                            launch_arguments=args.items()))
+sys.exit(service.run())
+"""
+
+
+def test_launch_file_starts_a_node_that_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = node_env(DOMAIN)
+    arguments = {"namespace": "launch_test", "image_topic": "/launch_cam/image",
+                 "camera_info_topic": "/launch_cam/camera_info", "depth_topic": "/launch_cam/depth/image",
+                 "model": str(tiny_model_dir), "log_level": "info"}
+    log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ROOT / "launch" / "grounding.launch.py"),
+                             *(f"{k}:={v}" for k, v in arguments.items())],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    tester = Tester(DOMAIN, node_ns="/launch_test/kosmos2", topic_ns="/launch_cam")
+    try:
+        tester.wait_active(timeout=120)
+        stamp = 1_700_000_000_123_000_000
+        tester.publish_frame(scene(96, 72), stamp, "launch_camera")
+        tester.wait_frame(stamp)
+        result = tester.run(tester.command("launched", "refer", "a red square"))
+        assert result.status == 0, result.error
+        assert result.header.frame_id == "launch_camera"
+        assert result.header.stamp.sec * 10**9 + result.header.stamp.nanosec == stamp
+        assert result.objects and result.objects[0].phrase == "a red square"
+    finally:
+        tester.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
