@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from PIL import Image
     from transformers import Kosmos2ForConditionalGeneration
 
     from kosmos2_ros.core.backends.torch_backend import TorchBackend
@@ -92,17 +91,12 @@ def main(argv=None) -> int:
         return [(f, [EXPRESSIONS[(f * 3 + j) % len(EXPRESSIONS)] for j in range(k)]) for f in range(frames)]
 
     # -- baseline ------------------------------------------------------------------------------
+    from kosmos2_ros.core.reference import reference_generate
     from kosmos2_ros.core.vocab import GroundingVocab
     vocab = GroundingVocab.from_tokenizer(processor.tokenizer)
 
     def baseline_one(img: np.ndarray, expr: str) -> List[int]:
-        inputs = processor(text=f"<grounding><phrase> {expr}</phrase>", images=Image.fromarray(img), return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                                 attention_mask=inputs["attention_mask"],
-                                 image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                                 max_new_tokens=max_new, do_sample=False, num_beams=1)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        return reference_generate(model, processor, f"<grounding><phrase> {expr}</phrase>", img, max_new).new_ids
 
     # -- ours: one backend object per kind, shared by its two modes ------------------------------
     pipes = {}

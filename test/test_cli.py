@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kosmos2_ros.core.reference import reference_generate
 from kosmos2_ros.core.scenes import draw_scene
 
 MAX_NEW = 12
@@ -38,7 +39,6 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def reference(model_dir: Path, image_path: Path, task: str, text: str, region) -> list:
     """transformers' own generate + post_process_generation for each prompt the task needs."""
-    import torch
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
     from kosmos2_ros.core.frames import Frame
@@ -54,15 +54,8 @@ def reference(model_dir: Path, image_path: Path, task: str, text: str, region) -
         region_norm = InputGeometry.from_processor(processor.image_processor, frame.width, frame.height).to_normalized(region)
     out = []
     for prompt in build_prompts(TaskRequest(Task(task), text, region_norm)):
-        inputs = processor(text=prompt.text, images=image, bboxes=prompt.bboxes, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                                 attention_mask=inputs["attention_mask"],
-                                 image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                                 max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
-        new = ids[0, inputs["input_ids"].shape[1]:].tolist()
-        decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
-        out.append((new, processor.post_process_generation(decoded)))
+        ref = reference_generate(model, processor, prompt.text, image, MAX_NEW, bboxes=prompt.bboxes)
+        out.append((ref.new_ids, ref.parsed))
     return out
 
 

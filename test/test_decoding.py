@@ -13,6 +13,7 @@ from kosmos2_ros.core.decoding import DecodingMode, Row, generate
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.loading import TextCodec, load_processor
 from kosmos2_ros.core.pipeline import Command, Pipeline
+from kosmos2_ros.core.reference import reference_generate
 
 EXTRA = ("the chair", "a man walking a dog", "the yellow chair on the left")
 
@@ -90,13 +91,7 @@ def test_constrained_budget_closes_the_box(toy):
 
 
 def _hf_generate(model, processor, expr, image, max_new):
-    inputs = processor(text=f"<grounding><phrase> {expr}</phrase>", images=image, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                             attention_mask=inputs["attention_mask"],
-                             image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                             max_new_tokens=max_new, do_sample=False, num_beams=1)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return reference_generate(model, processor, f"<grounding><phrase> {expr}</phrase>", image, max_new).new_ids
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "onnxruntime"])

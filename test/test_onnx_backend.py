@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from kosmos2_ros.core.backends import create_backend
 from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
@@ -13,6 +12,7 @@ from kosmos2_ros.core.decoding import Row, generate
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.loading import TextCodec, load_processor
 from kosmos2_ros.core.pipeline import Command, Pipeline
+from kosmos2_ros.core.reference import reference_generate
 
 PROMPTS = ("<grounding><phrase> the red mug</phrase>", "<grounding>An image of",
            "<grounding>Describe this image in detail:", "<grounding> Question: What is on the left? Answer:")
@@ -57,13 +57,7 @@ def test_tokens_and_logits_equal_torch(backends, prompt):
 
 
 def _hf_generate(model, processor, prompt, image, max_new):
-    inputs = processor(text=prompt, images=image, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                             attention_mask=inputs["attention_mask"],
-                             image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                             max_new_tokens=max_new, do_sample=False, num_beams=1)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return reference_generate(model, processor, prompt, image, max_new).new_ids
 
 
 def test_pipeline_equals_transformers_generate(backends, tiny_model_dir):

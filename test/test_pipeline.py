@@ -16,6 +16,7 @@ import pytest
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.pipeline import Command, Pipeline, Status
+from kosmos2_ros.core.reference import reference_generate
 from kosmos2_ros.core.scenes import draw_scene
 
 MAX_NEW = 24
@@ -43,19 +44,8 @@ class Loaded:
     def reference(self, prompt: str, bboxes: Optional[list] = None,
                   max_new_tokens: int = MAX_NEW) -> Tuple[List[int], Any]:
         """transformers' greedy generate and post-processing: (new token ids, (text, entities))."""
-        import torch
-        from PIL import Image
-
-        inputs = self.processor(text=prompt, images=Image.fromarray(self.rgb), bboxes=bboxes, return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                                      attention_mask=inputs["attention_mask"],
-                                      image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                                      do_sample=False, max_new_tokens=max_new_tokens)
-        n_prompt = inputs["input_ids"].shape[1]
-        assert out[0, :n_prompt].tolist() == inputs["input_ids"][0].tolist()
-        text = self.processor.batch_decode(out, skip_special_tokens=True)[0]
-        return out[0, n_prompt:].tolist(), self.processor.post_process_generation(text)
+        ref = reference_generate(self.model, self.processor, prompt, self.rgb, max_new_tokens, bboxes=bboxes)
+        return ref.new_ids, ref.parsed
 
     def region_norm(self, box_px: Tuple[float, float, float, float]) -> Tuple[float, float, float, float]:
         """The region in model-input coordinates, computed here from the processor's settings."""

@@ -1,0 +1,36 @@
+"""transformers' own greedy `generate`: the reference every backend and mode is measured against.
+
+The naive way a user runs Kosmos-2 (processor + generate per prompt, unbatched), used by the
+equality tests and as the benchmark's baseline. Not used on the serving path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+
+@dataclass
+class ReferenceOutput:
+    new_ids: List[int]            # generated ids (after the prompt)
+    text: str                     # batch_decode(skip_special_tokens=True) of prompt + generation
+    parsed: Tuple[str, list]      # processor.post_process_generation(text)
+
+
+def reference_generate(model: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int,
+                       bboxes: Optional[list] = None) -> ReferenceOutput:
+    """Greedy `model.generate` for one prompt and image (PIL or H x W x 3 uint8 RGB)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    inputs = processor(text=prompt, images=image, bboxes=bboxes, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                             attention_mask=inputs["attention_mask"],
+                             image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    n_prompt = inputs["input_ids"].shape[1]
+    text = processor.batch_decode(out, skip_special_tokens=True)[0]
+    return ReferenceOutput(out[0, n_prompt:].tolist(), text, processor.post_process_generation(text))
