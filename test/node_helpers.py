@@ -1,6 +1,7 @@
 """Test helpers: start the grounding node as its own process and talk to it over real DDS."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -64,6 +65,24 @@ class NodeProcess:
                 self.proc.wait(timeout=5)
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_node(params: Dict[str, Any], domain_id: int, log_path: Path, *, debug: bool = False,
+                 check_exit: bool = True, **node_kwargs: Any) -> Iterator[Tuple[NodeProcess, Tester]]:
+    """A node process and a tester on its domain, the node active; stopped (exit code checked) after."""
+    proc = NodeProcess(params, domain_id, log_path, **node_kwargs)
+    tester = Tester(domain_id)
+    try:
+        if debug:
+            tester.subscribe_debug()
+        tester.wait_active(proc=proc)
+        yield proc, tester
+    finally:
+        tester.close()
+        code = proc.stop()
+        if check_exit:
+            assert code == 0, f"node exited with {code}:\n{proc.log()}"
 
 
 def rgb_image_msg(rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera_optical", encoding: str = "rgb8") -> Any:

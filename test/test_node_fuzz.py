@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from node_helpers import NodeProcess, Tester, rgb_image_msg, scene
+from node_helpers import Tester, rgb_image_msg, running_node, scene
 
 DOMAIN = 63
 OK = 0
@@ -37,16 +37,9 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def node(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     log = tmp_path_factory.mktemp("fuzz_node") / "node.log"
-    proc = NodeProcess({"model": str(tiny_model_dir), "use_compressed": True, "max_frame_age_s": 0,
-                        "queue_size": 64, "max_new_tokens": 6, "max_new_tokens_limit": 64}, DOMAIN, log)
-    tester = Tester(DOMAIN)
-    try:
-        tester.wait_active(proc=proc)
-        yield proc, tester
-    finally:
-        tester.close()
-        code = proc.stop()
-        assert code == 0, f"node exited with {code}:\n{proc.log()}"
+    with running_node({"model": str(tiny_model_dir), "use_compressed": True, "max_frame_age_s": 0,
+                       "queue_size": 64, "max_new_tokens": 6, "max_new_tokens_limit": 64}, DOMAIN, log) as running:
+        yield running
 
 
 @st.composite

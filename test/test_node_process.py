@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from node_helpers import ROOT, NodeProcess, Tester, rgb_image_msg, scene
+from node_helpers import ROOT, NodeProcess, Tester, rgb_image_msg, running_node, scene
 
 DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = 41, 42, 43
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
@@ -23,18 +23,10 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def node(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     log = tmp_path_factory.mktemp("node") / "node.log"
-    proc = NodeProcess({"model": str(tiny_model_dir), "use_compressed": True, "max_frame_age_s": 0,
-                        "queue_size": 32, "max_new_tokens": 24}, DOMAIN, log,
-                       script=str(ROOT / "bin" / "grounding_node"), params_file=ROOT / "config" / "grounding.yaml")
-    tester = Tester(DOMAIN)
-    try:
-        tester.subscribe_debug()
-        tester.wait_active(proc=proc)
-        yield proc, tester
-    finally:
-        tester.close()
-        code = proc.stop()
-        assert code == 0, f"node exited with {code}:\n{proc.log()}"
+    with running_node({"model": str(tiny_model_dir), "use_compressed": True, "max_frame_age_s": 0,
+                       "queue_size": 32, "max_new_tokens": 24}, DOMAIN, log, debug=True,
+                      script=str(ROOT / "bin" / "grounding_node"), params_file=ROOT / "config" / "grounding.yaml") as running:
+        yield running
 
 
 _stamp = [1_700_000_000_000_000_000]
@@ -442,15 +434,9 @@ def test_not_active_after_deactivate(node: tuple) -> None:
 @pytest.fixture(scope="module")
 def slow_node(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     log = tmp_path_factory.mktemp("slow_node") / "node.log"
-    proc = NodeProcess({"model": str(tiny_model_dir), "queue_size": 1, "max_new_tokens": 40, "max_frame_age_s": 0},
-                       SLOW_DOMAIN, log, script=str(Path(__file__).with_name("node_helpers.py")))
-    tester = Tester(SLOW_DOMAIN)
-    try:
-        tester.wait_active(proc=proc)
-        yield proc, tester
-    finally:
-        tester.close()
-        proc.stop()
+    with running_node({"model": str(tiny_model_dir), "queue_size": 1, "max_new_tokens": 40, "max_frame_age_s": 0},
+                      SLOW_DOMAIN, log, check_exit=False, script=str(Path(__file__).with_name("node_helpers.py"))) as running:
+        yield running
 
 
 def test_full_queue_answers_busy_at_once(slow_node: tuple) -> None:
