@@ -44,13 +44,11 @@ class InputGeometry:
             rw, rh = float(size["width"]), float(size["height"])
         elif "shortest_edge" in size:
             short = float(size["shortest_edge"])
-            scale = short / min(width, height)
             # transformers rounds the long side with int(); keep its arithmetic.
             if width <= height:
                 rw, rh = short, float(int(short * height / width))
             else:
                 rw, rh = float(int(short * width / height)), short
-            del scale
         else:
             raise ValueError(f"unsupported image processor size {size!r}")
         sx, sy = width / rw, height / rh  # source pixels per resized pixel

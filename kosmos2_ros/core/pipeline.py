@@ -143,18 +143,22 @@ class Pipeline:
     # -- frames ----------------------------------------------------------------------------
     def encode(self, frame: Frame) -> FrameEncoding:
         """The frame's image encoding, computed on first use and then reused."""
-        with frame.lock:
-            if frame.encoding is None:
-                from PIL import Image
+        return self._encode(frame)[0]
 
-                t0 = time.perf_counter()
-                pixel_values = self.processor.image_processor(
-                    images=Image.fromarray(frame.rgb), return_tensors="np")["pixel_values"].astype(np.float32)
-                embeds = self.backend.encode_image(pixel_values)
-                geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
-                frame.encoding = FrameEncoding(pixel_values, embeds, geometry, (time.perf_counter() - t0) * 1e3)
-                frame.encoding.fresh = True  # type: ignore[attr-defined]
-            return frame.encoding
+    def _encode(self, frame: Frame) -> Tuple[FrameEncoding, float]:
+        """(encoding, ms spent encoding in this call: 0 when it was already cached)."""
+        with frame.lock:
+            if frame.encoding is not None:
+                return frame.encoding, 0.0
+            from PIL import Image
+
+            t0 = time.perf_counter()
+            pixel_values = self.processor.image_processor(
+                images=Image.fromarray(frame.rgb), return_tensors="np")["pixel_values"].astype(np.float32)
+            embeds = self.backend.encode_image(pixel_values)
+            geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
+            frame.encoding = FrameEncoding(pixel_values, embeds, geometry, (time.perf_counter() - t0) * 1e3)
+            return frame.encoding, frame.encoding.encode_ms
 
     # -- commands --------------------------------------------------------------------------
     def plan(self, command: Command, frame: Frame) -> _Plan:
@@ -207,17 +211,14 @@ class Pipeline:
         if plans:
             try:
                 t0 = time.perf_counter()
-                enc = self.encode(frame)
-                fresh = getattr(enc, "fresh", False)
-                enc.fresh = False  # type: ignore[attr-defined]
-                encode_ms = enc.encode_ms if fresh else 0.0
+                enc, encode_ms = self._encode(frame)
                 rows, owners = self._rows(plans, enc)
                 t1 = time.perf_counter()
                 gens = generate(self.backend, enc.image_embeds, rows, self.vocab,
                                 on_token=on_token, should_stop=should_stop)
                 self._keep_prefixes(rows, gens, enc)
                 gen_ms = (time.perf_counter() - t1) * 1e3
-                prep_ms = (t1 - t0) * 1e3 - (encode_ms if fresh else 0.0)
+                prep_ms = (t1 - t0) * 1e3 - encode_ms
                 for i, plan in plans:
                     mine = [g for g, owner in zip(gens, owners) if owner == i]
                     res = self._result(plan, mine, frame, enc)
