@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -295,21 +295,26 @@ class SlowBackend:
         return self._no_eos(logits), caches
 
 
-def slow_node_main() -> None:
-    """The real node, with the real checkpoint, behind SlowBackend (env KOSMOS2_TEST_DELAY_S)."""
+def run_node_with_backend(wrap: Callable[[Any, Any], Any]) -> None:
+    """The real node and checkpoint, with the loaded backend replaced by `wrap(backend, pipeline)`."""
     from kosmos2_ros.core import pipeline as pipeline_module
     from kosmos2_ros.ros import node
 
     original = pipeline_module.Pipeline.load.__func__
-    delay = float(os.environ.get("KOSMOS2_TEST_DELAY_S", "0.05"))
 
     def load(cls: Any, config: Any, **options: Any) -> Any:
         pipe = original(cls, config, **options)
-        pipe.backend = SlowBackend(pipe.backend, pipe.vocab.eos, delay)
+        pipe.backend = wrap(pipe.backend, pipe)
         return pipe
 
     pipeline_module.Pipeline.load = classmethod(load)
     node.main()
+
+
+def slow_node_main() -> None:
+    """The real node behind SlowBackend (env KOSMOS2_TEST_DELAY_S)."""
+    delay = float(os.environ.get("KOSMOS2_TEST_DELAY_S", "0.05"))
+    run_node_with_backend(lambda backend, pipe: SlowBackend(backend, pipe.vocab.eos, delay))
 
 
 # -- a fault-injecting real backend, for reliability tests --------------------------------------
@@ -393,20 +398,9 @@ class FaultyBackend:
 
 
 def fault_node_main() -> None:
-    """The real node, with the real checkpoint, behind FaultyBackend (control folder: env)."""
-    from kosmos2_ros.core import pipeline as pipeline_module
-    from kosmos2_ros.ros import node
-
-    original = pipeline_module.Pipeline.load.__func__
+    """The real node behind FaultyBackend (control folder: env KOSMOS2_TEST_FAULT_DIR)."""
     control = Path(os.environ[FAULT_DIR_ENV])
-
-    def load(cls: Any, config: Any, **options: Any) -> Any:
-        pipe = original(cls, config, **options)
-        pipe.backend = FaultyBackend(pipe.backend, pipe.vocab.eos, control)
-        return pipe
-
-    pipeline_module.Pipeline.load = classmethod(load)
-    node.main()
+    run_node_with_backend(lambda backend, pipe: FaultyBackend(backend, pipe.vocab.eos, control))
 
 
 def rss_mb(pid: int) -> float:

@@ -60,9 +60,9 @@ def _hf_generate(model, processor, prompt, image, max_new):
     return reference_generate(model, processor, prompt, image, max_new).new_ids
 
 
-def test_pipeline_equals_transformers_generate(backends, tiny_model_dir):
-    """Through Pipeline.load (prefix cache, batched suffixes): each prompt equals unbatched generate."""
-    from PIL import Image
+@pytest.fixture(scope="module")
+def ort_pipeline(backends, tiny_model_dir):
+    """(Pipeline on onnxruntime, a check that a result equals transformers' unbatched generate)."""
     from transformers import Kosmos2ForConditionalGeneration
 
     _, _, _, art = backends
@@ -70,16 +70,25 @@ def test_pipeline_equals_transformers_generate(backends, tiny_model_dir):
     model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
     pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="onnxruntime", device="cpu",
                                        artifacts_dir=str(art), decoding="free", max_new_tokens=12))
+
+    def assert_equals_generate(res, rgb) -> None:
+        assert res.status == 0, res.error
+        prompt = processor.tokenizer.decode(res.prompt_ids, skip_special_tokens=False)
+        prompt = prompt[prompt.index("</image>") + len("</image>"):]
+        assert res.token_ids == _hf_generate(model, processor, prompt, rgb, 12), res.id
+
+    return pipe, assert_equals_generate
+
+
+def test_pipeline_equals_transformers_generate(ort_pipeline):
+    """Through Pipeline.load (prefix cache, batched suffixes): each prompt equals unbatched generate."""
+    pipe, assert_equals_generate = ort_pipeline
     rgb = np.random.RandomState(3).randint(0, 255, (120, 160, 3)).astype(np.uint8)
     frame = Frame(rgb=rgb, stamp_ns=1, frame_id="cam")
     cmds = [Command(id="a", task="refer", text="the red mug"), Command(id="b", task="caption"),
             Command(id="c", task="refer", text="the laptop on the left"), Command(id="d", task="vqa", text="What is it?")]
-    results = pipe.run_batch(cmds, frame)
-    for cmd, res in zip(cmds, results):
-        assert res.status == 0, res.error
-        prompt = processor.tokenizer.decode(res.prompt_ids, skip_special_tokens=False)
-        prompt = prompt[prompt.index("</image>") + len("</image>"):]
-        assert res.token_ids == _hf_generate(model, processor, prompt, Image.fromarray(rgb), 12), cmd
+    for res in pipe.run_batch(cmds, frame):
+        assert_equals_generate(res, rgb)
 
 
 def test_decode_batch_equals_unbatched(backends):
@@ -134,24 +143,13 @@ def test_fp16_refused_with_reason(tiny_model_dir, tmp_path):
         OnnxBackend(str(tiny_model_dir), device="cpu", precision="fp16", artifacts_dir=str(tmp_path))
 
 
-def test_lone_commands_equal_transformers_generate(backends, tiny_model_dir):
+def test_lone_commands_equal_transformers_generate(ort_pipeline):
     """One command at a time on a frame (the first prefills whole and keeps the prefix, the next
     reuse it): each equals unbatched generate."""
-    from PIL import Image
-    from transformers import Kosmos2ForConditionalGeneration
-
-    _, _, _, art = backends
-    processor = load_processor(str(tiny_model_dir))
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
-    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="onnxruntime", device="cpu",
-                                       artifacts_dir=str(art), decoding="free", max_new_tokens=12))
+    pipe, assert_equals_generate = ort_pipeline
     rgb = np.random.RandomState(5).randint(0, 255, (97, 131, 3)).astype(np.uint8)
     frame = Frame(rgb=rgb, stamp_ns=2, frame_id="cam")
     for cmd in (Command(id="a", task="refer", text="a red square"), Command(id="b", task="refer", text="a blue square"),
                 Command(id="c", task="caption")):
-        res = pipe.run(cmd, frame)
-        assert res.status == 0, res.error
-        prompt = processor.tokenizer.decode(res.prompt_ids, skip_special_tokens=False)
-        prompt = prompt[prompt.index("</image>") + len("</image>"):]
-        assert res.token_ids == _hf_generate(model, processor, prompt, Image.fromarray(rgb), 12), cmd
+        assert_equals_generate(pipe.run(cmd, frame), rgb)
     assert len(frame.encoding.prefix_caches) == 1   # the shared head was kept once and reused

@@ -8,7 +8,7 @@ max_new_tokens.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -184,44 +184,44 @@ class CountingBackend:
         return getattr(self.inner, name)
 
 
-def test_image_encoded_once_per_frame(loaded: Loaded) -> None:
-    pipe = loaded.pipeline
-    inner = pipe.backend
-    counting = CountingBackend(inner)
-    pipe.backend = counting
+@pytest.fixture
+def counting(loaded: Loaded) -> Iterator[CountingBackend]:
+    """The loaded pipeline's backend, wrapped to count calls for the duration of a test."""
+    inner = loaded.pipeline.backend
+    loaded.pipeline.backend = CountingBackend(inner)
     try:
-        frame = loaded.frame()
-        first = pipe.run(Command(task="refer", text="a red square", max_new_tokens=8, decoding="free"), frame)
-        second = pipe.run(Command(task="caption", max_new_tokens=8, decoding="free"), frame)
-        assert first.status == Status.OK and second.status == Status.OK
-        assert counting.encode_calls == 1
-        assert first.timings_ms["encode"] > 0 and second.timings_ms["encode"] == 0
-        pipe.run(Command(task="caption", max_new_tokens=4, decoding="free"), loaded.frame())
-        assert counting.encode_calls == 2   # a new frame is encoded again
+        yield loaded.pipeline.backend
     finally:
-        pipe.backend = inner
+        loaded.pipeline.backend = inner
 
 
-def test_lone_command_prefills_once_and_leaves_the_prefix_for_the_next(loaded: Loaded) -> None:
+def test_image_encoded_once_per_frame(loaded: Loaded, counting: CountingBackend) -> None:
+    pipe = loaded.pipeline
+    frame = loaded.frame()
+    first = pipe.run(Command(task="refer", text="a red square", max_new_tokens=8, decoding="free"), frame)
+    second = pipe.run(Command(task="caption", max_new_tokens=8, decoding="free"), frame)
+    assert first.status == Status.OK and second.status == Status.OK
+    assert counting.encode_calls == 1
+    assert first.timings_ms["encode"] > 0 and second.timings_ms["encode"] == 0
+    pipe.run(Command(task="caption", max_new_tokens=4, decoding="free"), loaded.frame())
+    assert counting.encode_calls == 2   # a new frame is encoded again
+
+
+def test_lone_command_prefills_once_and_leaves_the_prefix_for_the_next(loaded: Loaded,
+                                                                        counting: CountingBackend) -> None:
     """A single command on a new frame costs one prefill of its whole prompt; the next command
     about the frame prefills only its own suffix on the kept prefix, with the same tokens as alone."""
     pipe = loaded.pipeline
-    inner = pipe.backend
-    counting = CountingBackend(inner)
-    pipe.backend = counting
-    try:
-        frame = loaded.frame()
-        first = pipe.run(Command(task="refer", text="a red square", max_new_tokens=8, decoding="free"), frame)
-        assert first.status == Status.OK
-        assert counting.prefill_tokens == [len(first.prompt_ids)]
-        counting.prefill_tokens.clear()
-        second = pipe.run(Command(task="refer", text="a blue square", max_new_tokens=8, decoding="free"), frame)
-        prefix_len = second.prompt_ids.index(pipe.vocab.grounding) + 1
-        assert counting.prefill_tokens in ([], [len(second.prompt_ids) - prefix_len])  # prefill_batch may batch it
-        alone = pipe.run(Command(task="refer", text="a blue square", max_new_tokens=8, decoding="free"), loaded.frame())
-        assert second.token_ids == alone.token_ids
-    finally:
-        pipe.backend = inner
+    frame = loaded.frame()
+    first = pipe.run(Command(task="refer", text="a red square", max_new_tokens=8, decoding="free"), frame)
+    assert first.status == Status.OK
+    assert counting.prefill_tokens == [len(first.prompt_ids)]
+    counting.prefill_tokens.clear()
+    second = pipe.run(Command(task="refer", text="a blue square", max_new_tokens=8, decoding="free"), frame)
+    prefix_len = second.prompt_ids.index(pipe.vocab.grounding) + 1
+    assert counting.prefill_tokens in ([], [len(second.prompt_ids) - prefix_len])  # prefill_batch may batch it
+    alone = pipe.run(Command(task="refer", text="a blue square", max_new_tokens=8, decoding="free"), loaded.frame())
+    assert second.token_ids == alone.token_ids
 
 
 def test_run_batch_equals_individual_runs(loaded: Loaded) -> None:
