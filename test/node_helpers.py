@@ -147,6 +147,7 @@ class Tester:
         self.ground_client = n.create_client(Ground, f"{node_ns}/ground")
         self.action_client = ActionClient(n, GroundTask, f"{node_ns}/ground_task")
         self._probes = 0
+        self._sent_frames: Dict[int, Any] = {}
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._running = True
         self._thread.start()
@@ -244,14 +245,21 @@ class Tester:
             self._probes += 1
             probe = self.command(f"probe-{self._probes}", task="caption", stamp_ns=stamp_ns, max_new_tokens=1)
             res = self.run(probe, max(1.0, deadline - time.monotonic()))
-            if not (res.status == 2 and "no cached frame" in res.error):
+            resend = self._sent_frames.get(stamp_ns)
+            if res.status == 2 and "no image received yet" in res.error and resend is not None:
+                # Sent before the node's subscription had matched ours (discovery is not symmetric):
+                # that copy is gone, so send it again. Same stamp, so the node keeps one frame.
+                self.image_pub.publish(resend)
+            elif not (res.status == 2 and "no cached frame" in res.error):
                 return res
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the node never received the image stamped {stamp_ns}")
             time.sleep(0.05)
 
     def publish_frame(self, rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera_optical") -> None:
-        self.image_pub.publish(rgb_image_msg(rgb, stamp_ns, frame_id))
+        msg = rgb_image_msg(rgb, stamp_ns, frame_id)
+        self._sent_frames = {stamp_ns: msg}   # the latest only: wait_frame may need to resend it
+        self.image_pub.publish(msg)
 
     def set_parameters(self, values: Dict[str, Any]) -> List[Any]:
         from rcl_interfaces.srv import SetParameters
