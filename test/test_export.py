@@ -78,7 +78,7 @@ def test_decoder_module_matches_transformers_on_all_paths(tiny_model_dir):
             out = dec(torch.tensor([chunk]), image, torch.tensor([mask]),
                       torch.from_numpy(position_ids(chunk, past_len, pad))[None],
                       torch.ones(1, past_len + len(chunk), dtype=torch.long), *kv)
-            return out[0][0], list(out[1:])
+            return out[0][0], [torch.cat([a, b], dim=2) for a, b in zip(kv, out[1:])]
 
         got, kv = run(ids, p.image_mask[:split], kv, 0, embeds)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)

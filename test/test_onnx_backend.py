@@ -113,8 +113,8 @@ def test_decode_batch_equals_unbatched(backends):
         single, sc = ob.decode(c, t)
         np.testing.assert_allclose(row_logits, single, atol=1e-5, rtol=0)
         assert nc.length == sc.length == c.length + 1
-        for a, b in zip(nc.kv, sc.kv):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        for j in range(nc.n_arrays()):
+            np.testing.assert_allclose(nc.layer(j), sc.layer(j), atol=1e-5, rtol=0)
 
 
 def test_prefill_batch_equals_prefill(backends):
@@ -153,3 +153,21 @@ def test_lone_commands_equal_transformers_generate(ort_pipeline):
                 Command(id="c", task="caption")):
         assert_equals_generate(pipe.run(cmd, frame), rgb)
     assert len(frame.encoding.prefix_caches) == 1   # the shared head was kept once and reused
+
+
+def test_decoding_past_the_arena_capacity_stays_equal(backends):
+    """Greedy steps beyond the first arena's capacity (rows move to a larger arena mid-decode):
+    tokens and logits still equal torch's at every step."""
+    from kosmos2_ros.core.backends.kv_cache import capacity_for
+
+    tb, ob, codec, _ = backends
+    pv = _pixels(11)
+    p = codec.encode("<grounding>An image of")
+    first = capacity_for(len(p.input_ids), 4096)
+    n = first - len(p.input_ids) + 6
+    ref = _steps(tb, tb.encode_image(pv), p.input_ids, p.image_mask, n)
+    got = _steps(ob, ob.encode_image(pv), p.input_ids, p.image_mask, n)
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    for (_, a), (_, b) in zip(got, ref):
+        np.testing.assert_allclose(a, b, atol=LOGITS_ATOL, rtol=0)
+    assert len(p.input_ids) + n > first

@@ -74,3 +74,51 @@ def test_cli_exports_onnx_and_names_missing_tensorrt(tiny_model_dir, tmp_path, m
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert build_engines_main(["--model", str(tiny_model_dir), "--artifacts-dir", str(tmp_path)]) == 2
     assert "tensorrt Python package not importable" in capsys.readouterr().err
+
+
+def test_step_shapes_fit_the_step_profile_for_every_arena(tiny_model_dir, tmp_path):
+    """Every arena the backend can make (rows 1..max_batch, every capacity up to the limit) binds
+    within the step profile the engine is built with."""
+    from kosmos2_ros.core.backends.kv_cache import CAPACITY_STEP, capacity_for
+
+    _, manifest = export.ensure_exported(str(tiny_model_dir), str(tmp_path))
+    limits = engines.EngineLimits()
+    step = engines.profiles(manifest, limits)["decoder"][1]
+    limit = engines.arena_limit(manifest, limits)
+    caps = sorted({capacity_for(n, limit) for n in range(0, limit, CAPACITY_STEP // 2)} | {capacity_for(limit - 1, limit)})
+    for rows in (1, limits.max_batch):
+        for cap in caps:
+            shapes = {"input_ids": (rows, 1), "attention_mask": (rows, cap + 2),
+                      "past_key_0": (rows, manifest["heads"], cap + 1, manifest["head_dim"])}
+            for name, shape in shapes.items():
+                lo, _, hi = step[name]
+                assert all(a <= s <= b for a, s, b in zip(lo, shape, hi)), (name, shape, lo, hi)
+
+
+def test_step_scatter_writes_what_the_host_path_writes():
+    """The device-side scatter of the CUDA-graph step (here on CPU torch) matches `write_host`."""
+    import numpy as np
+    import torch
+
+    from kosmos2_ros.core.backends.kv_cache import NUMPY, ArenaPool, ArrayOps, KVCache
+    from kosmos2_ros.core.backends.tensorrt_backend import _StepBuffers
+
+    ops = ArrayOps(zeros=lambda shape: torch.zeros(shape), cat=lambda parts, axis: torch.cat(parts, dim=axis))
+    rng = np.random.RandomState(0)
+    lengths = [5, 9, 7]
+    host_caches = [KVCache(n, [rng.randn(1, 2, n, 3).astype(np.float32) for _ in range(4)]) for n in lengths]
+    dev_caches = [KVCache(c.length, [torch.from_numpy(a.copy()) for a in c.kv]) for c in host_caches]
+    host_arena, host_rows = ArenaPool(NUMPY, 4, 2, 3, 4096).arena_for(host_caches)
+    dev_arena, dev_rows = ArenaPool(ops, 4, 2, 3, 4096).arena_for(dev_caches)
+    active = [0, 2]                                        # row 1 has finished: it idles
+    feeds = dev_arena.step_feeds([dev_rows[i] for i in active], [11, 12], pad_id=1)
+    step = _StepBuffers(torch, dev_arena, vocab_size=10, device="cpu")
+    step.load(torch, feeds)
+    assert step.inputs["attention_mask"].numpy().tolist() == feeds.attention_mask.tolist()
+    new = rng.randn(4, 3, 2, 1, 3).astype(np.float32)
+    step.new.copy_(torch.from_numpy(new))
+    step.scatter()
+    host_arena.write_host(host_arena.step_feeds([host_rows[i] for i in active], [11, 12], pad_id=1), list(new))
+    got, want = dev_arena.kv.numpy(), host_arena.kv
+    np.testing.assert_array_equal(got[:, :, :, :dev_arena.capacity], want[:, :, :, :host_arena.capacity])
+    np.testing.assert_array_equal(got[:, 1, :, dev_arena.capacity], new[:, 1, :, 0])   # idle row: scratch only

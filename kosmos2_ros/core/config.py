@@ -34,6 +34,7 @@ class Kosmos2Config:
     allow_pickle_weights: bool = False               # refuse *.bin/*.pt weights unless true
     artifacts_dir: str = "~/.cache/kosmos2_ros"      # ONNX graphs and TensorRT engines
     build_engines: bool = False                      # the node may build missing engines itself
+    cuda_graph: bool = True                          # tensorrt: replay the decode step as a CUDA graph
     # Generation
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused

@@ -74,6 +74,12 @@ def engine_dir(artifacts_dir: str, model_dir: str, precision: str, trt_version: 
     return root / "engines" / key
 
 
+def arena_limit(manifest: dict, limits: EngineLimits) -> int:
+    """Longest row a decode-step arena may hold: its capacity + 1 columns plus the new token stay
+    within the step profile (`max_context` - 1 past), and positions within the exported table."""
+    return min(limits.max_context - 2, int(manifest["max_positions"]) - int(manifest["pad_token_id"]) - 2)
+
+
 def profiles(manifest: dict, limits: EngineLimits) -> Dict[str, list]:
     """Optimisation profiles (min, opt, max) per graph input.
 
@@ -98,7 +104,8 @@ def profiles(manifest: dict, limits: EngineLimits) -> Dict[str, list]:
         return shapes
 
     prefill = dec((1, n_img + 16, mp), (0, 0, mc - 1), (1, 1, mb))
-    step = dec((1, 1, 1), (1, n_img + 24, mc - 1), (1, min(4, mb), mb))
+    # The step reads a whole arena: capacity + 1 columns (kv_cache.capacity_for: multiples of 64).
+    step = dec((1, 1, 1), (1, 129, mc - 1), (1, min(4, mb), mb))
     return {"vision": vision, "decoder": [prefill, step]}
 
 

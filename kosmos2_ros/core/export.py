@@ -24,8 +24,10 @@ Two graphs, with fixed names (``GRAPH_IO`` documents them; other code relies on 
     ``past_value_{i}``        float [batch, H, past, hd]
     ========================  ===========================  ===========================================
 
-    outputs: ``logits`` float32 [batch, vocab] (last position only) and ``present_key_{i}`` /
-    ``present_value_{i}`` [batch, H, past + seq, hd] (past followed by the new tokens).
+    outputs: ``logits`` float32 [batch, vocab] (last position only) and ``new_key_{i}`` /
+    ``new_value_{i}`` [batch, H, seq, hd]: the appended tokens' keys and values only. The
+    caller owns the cache memory (`backends.kv_cache`): a decode step reads a fixed-size
+    arena and writes one column into it, so nothing of the past is copied per step.
 
 Why one hand-written decoder module rather than tracing `Kosmos2TextModel`: tracing freezes the
 Python branches in transformers' code (``cache_length > 0`` drops the image, ``seq_len > 1``
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"
 OPSET = 17
 VISION_FILE = "vision/vision.onnx"
 DECODER_FILE = "decoder/decoder.onnx"
@@ -62,7 +64,7 @@ GRAPH_IO = {
     "decoder": {
         "inputs": ["input_ids", "image_embeds", "image_mask", "position_ids", "attention_mask",
                    "past_key_{i}", "past_value_{i}"],
-        "outputs": ["logits", "present_key_{i}", "present_value_{i}"],
+        "outputs": ["logits", "new_key_{i}", "new_value_{i}"],
     },
 }
 
@@ -198,9 +200,9 @@ def _modules():
                 q = attn.q_proj(h).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
                 k = attn.k_proj(h).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
                 v = attn.v_proj(h).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+                presents += [k, v]
                 k = torch.cat([past[2 * i], k], dim=2)
                 v = torch.cat([past[2 * i + 1], v], dim=2)
-                presents += [k, v]
                 w = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + bias
                 w = torch.softmax(w, dim=-1)
                 a = torch.matmul(w, v).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
@@ -236,7 +238,7 @@ def decoder_names(num_layers: int) -> Tuple[List[str], List[str]]:
     outs = ["logits"]
     for i in range(num_layers):
         ins += [f"past_key_{i}", f"past_value_{i}"]
-        outs += [f"present_key_{i}", f"present_value_{i}"]
+        outs += [f"new_key_{i}", f"new_value_{i}"]
     return ins, outs
 
 
@@ -317,7 +319,7 @@ def _export_all(model: Any, model_dir: str, out_dir: Path, tmp: Path, log: Any, 
     for name in ins[5:]:
         axes[name] = {0: "batch", 2: "past"}
     for name in outs[1:]:
-        axes[name] = {0: "batch", 2: "total"}
+        axes[name] = {0: "batch", 2: "seq"}
     t1 = time.perf_counter()
     _export(decoder_graph(model).eval(), (ids, torch.zeros(1, n_img, dim), img_mask, pos, att, *kv),
             tmp / DECODER_FILE, ins, outs, axes)

@@ -132,7 +132,7 @@ class Pipeline:
         processor = load_processor(model_dir)
         options = dict(device=config.device, precision=config.precision,
                        allow_pickle=config.allow_pickle_weights, artifacts_dir=config.artifacts_dir,
-                       build_engines=config.build_engines)
+                       build_engines=config.build_engines, cuda_graph=config.cuda_graph)
         options.update(backend_options)
         backend = create_backend(config.backend, model_dir, **options)
         return cls(config, backend, processor)

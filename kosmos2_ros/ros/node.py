@@ -72,6 +72,7 @@ PARAMETER_DOCS: Dict[str, str] = {
     "allow_pickle_weights": "accept *.bin / *.pt weights (pickle); refused by default",
     "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
     "build_engines": "the node may build missing ONNX/TensorRT artifacts itself on configure",
+    "cuda_graph": "tensorrt: replay each decode step as one CUDA graph launch",
     "max_new_tokens": "default generation limit for a command (commands may ask for another)",
     "max_new_tokens_limit": "commands asking for more tokens are refused (STATUS_INVALID)",
     "decoding": "default decoding for refer/phrase grounding: constrained (always a box) | free",
@@ -92,7 +93,7 @@ PARAMETER_DOCS: Dict[str, str] = {
 # Changing these at runtime is accepted and validated, but takes effect on the next configure
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
-                                 "allow_pickle_weights", "artifacts_dir", "build_engines",
+                                 "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph",
                                  "image_qos", "use_compressed"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 

@@ -4,25 +4,23 @@ CPU here; CUDA when onnxruntime-gpu is installed. The graphs are exported into
 `artifacts_dir` on first use (keyed by the model's hash and the export version). fp32 only:
 the graphs are the fp32 reference TensorRT builds its fp16/bf16 engines from.
 
-Rows are run together for real: several caches of different lengths are packed into one
+Prefill runs rows together for real: several caches of different lengths are packed into one
 batch, with holes in the key/value tensors masked out by `attention_mask` and positions
 passed explicitly, so each row computes what it would alone (masked keys get exactly zero
-attention weight).
+attention weight). Decode steps run on a static arena (`kv_cache`): the past is fed as is and
+only the new column is written, the same scheme the TensorRT backend replays as a CUDA graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .base import Backend, BackendError, BackendUnavailable, pack_rows
+from .kv_cache import NUMPY, ArenaPool, KVCache, appended, packed_past, standalone, truncated
 
-
-@dataclass
-class OrtCache:
-    kv: List[np.ndarray]   # past_key_0, past_value_0, ...: each [1, H, length, head_dim]
-    length: int
+#: The cache type of this backend (kept for callers that name it).
+OrtCache = KVCache
 
 
 def providers_for(device: str, available: Sequence[str]) -> List[str]:
@@ -72,6 +70,8 @@ class OnnxBackend(Backend):
         self._decoder = ort.InferenceSession(str(self.graph_dir / m["files"]["decoder"]), opts, providers=self.providers)
         self._kv_names = list(m["inputs"]["decoder"][5:])
         self._no_image = np.zeros((1, 1, self.embed_dim), dtype=np.float32)
+        self._limit = self.max_positions - self.pad_token_id - 2
+        self._arenas = ArenaPool(NUMPY, len(self._kv_names), self.heads, self.head_dim, self._limit)
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -79,84 +79,93 @@ class OnnxBackend(Backend):
         return self._vision.run(["image_embeds"], {"pixel_values": pv})[0]
 
     def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
-                cache: Optional[OrtCache] = None) -> Tuple[np.ndarray, OrtCache]:
+                cache: Optional[KVCache] = None) -> Tuple[np.ndarray, KVCache]:
         if cache is not None or image_embeds is None:
             image_embeds, image_mask = None, [0] * len(input_ids)   # as transformers: no image after a past
-        logits, caches = self._run([cache], [list(input_ids)], image_embeds, [list(image_mask)])
+        logits, caches = self._append([cache], [list(input_ids)], image_embeds, [list(image_mask)])
         return logits[0], caches[0]
 
-    def prefill_batch(self, caches: List[Optional[OrtCache]], chunks: List[List[int]]) -> Tuple[np.ndarray, List[OrtCache]]:
+    def prefill_batch(self, caches: List[Optional[KVCache]], chunks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:
         """Text chunks (no image) appended to several caches in one call."""
-        return self._run(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
+        return self._append(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
 
-    def decode(self, cache: OrtCache, token_id: int) -> Tuple[np.ndarray, OrtCache]:
-        logits, caches = self._run([cache], [[int(token_id)]], None, [[0]])
+    def decode(self, cache: KVCache, token_id: int) -> Tuple[np.ndarray, KVCache]:
+        logits, caches = self.decode_batch([cache], [int(token_id)])
         return logits[0], caches[0]
 
     def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
-        return self._run(list(caches), [[int(t)] for t in token_ids], None, [[0] for _ in token_ids])
+        """One step for every row on its arena: the past is fed as is, one column written per row."""
+        if self._decoder is None:
+            raise BackendError("backend is closed")
+        arena, rows = self._arenas.arena_for(caches)
+        feeds = arena.step_feeds(rows, [int(t) for t in token_ids], self.pad_token_id)
+        inputs = {"input_ids": feeds.input_ids, "image_mask": np.zeros_like(feeds.input_ids),
+                  "position_ids": feeds.position_ids, "attention_mask": feeds.attention_mask,
+                  "image_embeds": self._no_image}
+        for j, name in enumerate(self._kv_names):
+            inputs[name] = arena.kv[j]
+        out = self._call(inputs)
+        logits = out[0][feeds.active]
+        self._check(logits)
+        arena.write_host(feeds, out[1:])
+        return logits, arena.advance(feeds)
 
     can_truncate = True
 
-    def truncate(self, cache: OrtCache, length: int) -> OrtCache:
-        return OrtCache([np.ascontiguousarray(k[:, :, :length]) for k in cache.kv], int(length))
+    def truncate(self, cache: KVCache, length: int) -> KVCache:
+        return truncated(cache, length, NUMPY)
 
-    def fork(self, cache: OrtCache) -> OrtCache:
-        return OrtCache(list(cache.kv), cache.length)   # arrays are never written in place
+    def fork(self, cache: KVCache) -> KVCache:
+        return standalone(cache, NUMPY)   # standalone arrays are never written in place
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._arenas.clear()
         self._vision = self._decoder = None
 
-    # -- the one graph call ------------------------------------------------------------------
-    def _run(self, caches: List[Optional[OrtCache]], chunks: List[List[int]], image_embeds: Any,
-             masks: List[List[int]]) -> Tuple[np.ndarray, List[OrtCache]]:
-        """Append chunk b to cache b for every row at once.
+    # -- graph calls ---------------------------------------------------------------------------
+    def _call(self, inputs: dict) -> list:
+        if self._decoder is None:
+            raise BackendError("backend is closed")
+        try:
+            return self._decoder.run(None, inputs)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime decoder failed: {exc}") from exc
+
+    @staticmethod
+    def _check(logits: np.ndarray) -> None:
+        if not np.isfinite(logits).all():
+            raise BackendError("the model produced non-finite logits")
+
+    def _append(self, caches: List[Optional[KVCache]], chunks: List[List[int]], image_embeds: Any,
+                masks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:
+        """Append chunk b to cache b for every row at once; returns standalone caches.
 
         Row layout in the batch: [its past | hole up to the longest past | left padding | chunk].
         Holes and padding have attention_mask 0 and the pad position (a zero position vector).
         """
-        if self._decoder is None:
-            raise BackendError("backend is closed")
         bsz = len(chunks)
         pasts = [0 if c is None else int(c.length) for c in caches]
         if min(len(c) for c in chunks) < 1:
             raise BackendError("empty chunk")
         rows = pack_rows(pasts, chunks, masks, self.pad_token_id)
         pmax, smax, lens = rows.pmax, rows.smax, rows.lens
-        if pmax + smax > self.max_positions - self.pad_token_id - 2:
+        if pmax + smax > self._limit:
             raise BackendError(f"sequence of {pmax + smax} tokens exceeds the exported position table "
                                f"({self.max_positions} rows)")
-        ids, pos, img_mask, att = rows.input_ids, rows.position_ids, rows.image_mask, rows.attention_mask
-        feeds = {"input_ids": ids, "image_mask": img_mask, "position_ids": pos, "attention_mask": att,
+        feeds = {"input_ids": rows.input_ids, "image_mask": rows.image_mask, "position_ids": rows.position_ids,
+                 "attention_mask": rows.attention_mask,
                  "image_embeds": self._no_image if image_embeds is None
                  else np.ascontiguousarray(image_embeds, dtype=np.float32)}
-        packed = bsz == 1 or all(p == pmax for p in pasts)
         for j, name in enumerate(self._kv_names):
             if bsz == 1 and caches[0] is not None:
-                feeds[name] = caches[0].kv[j]
-            elif packed and pmax > 0:
-                feeds[name] = np.concatenate([c.kv[j] for c in caches], axis=0)  # type: ignore[union-attr]
+                feeds[name] = np.ascontiguousarray(caches[0].layer(j))
             else:
-                buf = np.zeros((bsz, self.heads, pmax, self.head_dim), dtype=np.float32)
-                for b, c in enumerate(caches):
-                    if c is not None and c.length:
-                        buf[b, :, :c.length] = c.kv[j][0]
-                feeds[name] = buf
-        try:
-            out = self._decoder.run(None, feeds)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BackendError(f"onnxruntime decoder failed: {exc}") from exc
-        logits, presents = out[0], out[1:]
-        if not np.isfinite(logits).all():
-            raise BackendError("the model produced non-finite logits")
-        new = []
-        for b, (past, n) in enumerate(zip(pasts, lens)):
-            if bsz == 1 and n == smax:
-                kv = presents
-            else:
-                kv = [np.concatenate([p[b:b + 1, :, :past], p[b:b + 1, :, pmax + smax - n:]], axis=2) for p in presents]
-            new.append(OrtCache(kv, past + n))
-        return logits, new
+                feeds[name] = packed_past(caches, j, pmax, self.heads, self.head_dim, NUMPY)
+        out = self._call(feeds)
+        logits, new = out[0], out[1:]
+        self._check(logits)
+        return logits, appended(caches, lens, smax, new, NUMPY)
 
 
 def available() -> bool:

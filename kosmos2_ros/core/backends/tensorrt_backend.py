@@ -5,32 +5,63 @@ raises `BackendUnavailable` naming it. Engines come from `core.engines` (cache k
 TensorRT version, GPU compute capability and precision) and are built only when
 `build_engines` allows it (else: run `kosmos2-build-engines`).
 
-Rows share the onnxruntime backend's packing (holes masked by `attention_mask`, explicit
-positions), so results match it row for row. Output buffers are allocated per call from
-torch's caching allocator (no cudaMalloc after warm-up). Not done yet: a fixed-shape decode
-step over a static KV pool replayed as a CUDA graph (see the report in docs/notes).
+Prefill packs rows as the onnxruntime backend does (holes masked by `attention_mask`, explicit
+positions), so results match it row for row. Decode steps run on a static arena
+(`kv_cache.KVArena`, allocated once per batch shape): the step engine reads the arena as is and
+its new keys/values are scattered into the rows' next columns on the device. Inputs, outputs
+and arena keep their addresses, so after one plain run the step (engine + scatter) is captured
+as a CUDA graph and replayed: one launch per token. A TensorRT profile serves one execution
+context, so one step graph is live at a time; switching arenas recaptures.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .base import Backend, BackendError, BackendUnavailable, pack_rows
+from .kv_cache import ArenaPool, ArrayOps, KVArena, KVCache, StepFeeds, appended, packed_past, standalone, truncated
+
+#: The cache type of this backend (kept for callers that name it).
+TrtCache = KVCache
 
 
-@dataclass
-class TrtCache:
-    kv: List[Any]    # torch CUDA tensors [1, H, length, head_dim] per past_key_i / past_value_i
-    length: int
+class _StepBuffers:
+    """Fixed inputs and outputs of the decode step over one arena, and its CUDA graph once captured."""
+
+    def __init__(self, torch: Any, arena: KVArena, vocab_size: int, device: str) -> None:
+        rows, cap = arena.rows, arena.capacity
+        n, _, heads, _, hd = arena.kv.shape
+        i64 = dict(dtype=torch.int64, device=device)
+        self.arena = arena
+        self.inputs = {"input_ids": torch.zeros((rows, 1), **i64), "image_mask": torch.zeros((rows, 1), **i64),
+                       "position_ids": torch.zeros((rows, 1), **i64),
+                       "attention_mask": torch.zeros((rows, cap + 2), **i64)}
+        self.columns = torch.full((rows,), cap, **i64)
+        self.logits = torch.empty((rows, vocab_size), dtype=torch.float32, device=device)
+        self.new = torch.zeros((n, rows, heads, 1, hd), dtype=torch.float32, device=device)
+        self.index = self.columns.view(1, rows, 1, 1, 1).expand(n, rows, heads, 1, hd)
+        self.graph: Any = None
+        self.runs = 0
+
+    def load(self, torch: Any, feeds: StepFeeds) -> None:
+        for name, arr in (("input_ids", feeds.input_ids), ("position_ids", feeds.position_ids),
+                          ("attention_mask", feeds.attention_mask)):
+            self.inputs[name].copy_(torch.from_numpy(arr))
+        self.columns.copy_(torch.from_numpy(feeds.columns))
+
+    def scatter(self) -> None:
+        """Write the step's new keys/values into the arena at each row's column (idle rows: scratch)."""
+        self.arena.kv.scatter_(3, self.index, self.new)
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    can_truncate = True
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp16",
-                 artifacts_dir: str = "~/.cache/kosmos2_ros", build_engines: bool = False, **_: Any) -> None:
+                 artifacts_dir: str = "~/.cache/kosmos2_ros", build_engines: bool = False,
+                 cuda_graph: bool = True, **_: Any) -> None:
         from .. import engines
 
         trt = engines.require_tensorrt()
@@ -39,6 +70,7 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(f"the tensorrt backend runs on CUDA devices, got device {device!r}")
         self._torch, self._trt = torch, trt
         self.device = "cuda" if device in ("auto", "cuda") else device
+        self.cuda_graph = bool(cuda_graph)
         index = torch.device(self.device).index or 0
         self.engine_dir, meta = engines.ensure_engines(model_dir, artifacts_dir, precision, allow_build=build_engines,
                                                        device_index=index)
@@ -46,7 +78,7 @@ class TensorRTBackend(Backend):
         self.vocab_size, self.pad_token_id = int(m["vocab_size"]), int(m["pad_token_id"])
         self.heads, self.head_dim, self.embed_dim = int(m["heads"]), int(m["head_dim"]), int(m["embed_dim"])
         self._kv_names = list(m["inputs"]["decoder"][5:])
-        self._out_names = list(m["outputs"]["decoder"])
+        self._new_names = list(m["outputs"]["decoder"][1:])
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {k: runtime.deserialize_cuda_engine((self.engine_dir / f).read_bytes())
                          for k, f in meta["files"].items()}
@@ -58,6 +90,12 @@ class TensorRTBackend(Backend):
         self._step_ctx = self._engines["decoder"].create_execution_context()
         self._step_ctx.set_optimization_profile_async(1, self._stream.cuda_stream)
         self._no_image = torch.zeros((1, 1, self.embed_dim), dtype=torch.float32, device=self.device)
+        ops = ArrayOps(zeros=lambda shape: torch.zeros(shape, dtype=torch.float32, device=self.device),
+                       cat=lambda parts, axis: torch.cat(parts, dim=axis))
+        self._ops = ops
+        limit = engines.arena_limit(m, engines.EngineLimits(**meta["limits"]))
+        self._arenas = ArenaPool(ops, len(self._kv_names), self.heads, self.head_dim, limit)
+        self._step: Optional[_StepBuffers] = None   # the arena bound to the step context
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> Any:
@@ -69,31 +107,92 @@ class TensorRTBackend(Backend):
         return out
 
     def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
-                cache: Optional[TrtCache] = None) -> Tuple[np.ndarray, TrtCache]:
+                cache: Optional[KVCache] = None) -> Tuple[np.ndarray, KVCache]:
         if cache is not None or image_embeds is None:
             image_embeds, image_mask = None, [0] * len(input_ids)
-        logits, caches = self._run([cache], [list(input_ids)], image_embeds, [list(image_mask)])
+        logits, caches = self._append([cache], [list(input_ids)], image_embeds, [list(image_mask)])
         return logits[0], caches[0]
 
     def prefill_batch(self, caches: List[Any], chunks: List[List[int]]) -> Tuple[np.ndarray, List[Any]]:
-        return self._run(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
+        return self._append(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
 
-    def decode(self, cache: TrtCache, token_id: int) -> Tuple[np.ndarray, TrtCache]:
-        logits, caches = self._run([cache], [[int(token_id)]], None, [[0]])
+    def decode(self, cache: KVCache, token_id: int) -> Tuple[np.ndarray, KVCache]:
+        logits, caches = self.decode_batch([cache], [int(token_id)])
         return logits[0], caches[0]
 
     def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
-        return self._run(list(caches), [[int(t)] for t in token_ids], None, [[0] for _ in token_ids])
+        torch = self._torch
+        arena, rows = self._arenas.arena_for(caches)
+        feeds = arena.step_feeds(rows, [int(t) for t in token_ids], self.pad_token_id)
+        step = self._step_for(arena)
+        with torch.cuda.stream(self._stream):
+            step.load(torch, feeds)
+            if step.graph is not None:
+                step.graph.replay()
+            else:
+                self._launch_step(step)
+                step.runs += 1
+                if self.cuda_graph and step.runs >= 2:   # TensorRT wants a plain run before capture
+                    self._capture(step)
+            logits = step.logits[feeds.active].cpu().numpy()
+        self._check(logits)
+        return logits, arena.advance(feeds)
 
-    def fork(self, cache: TrtCache) -> TrtCache:
-        return TrtCache(list(cache.kv), cache.length)   # tensors are never written in place
+    def truncate(self, cache: KVCache, length: int) -> KVCache:
+        return truncated(cache, length, self._ops)
+
+    def fork(self, cache: KVCache) -> KVCache:
+        return standalone(cache, self._ops)   # standalone tensors are never written in place
 
     def close(self) -> None:
+        self._step = None
+        self._arenas.clear()
         self._vision_ctx = self._prefill_ctx = self._step_ctx = None
         self._engines = {}
         self._torch.cuda.empty_cache()
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- the decode step -------------------------------------------------------------------------
+    def _step_for(self, arena: KVArena) -> _StepBuffers:
+        if self._step is None or self._step.arena is not arena:
+            self._step = _StepBuffers(self._torch, arena, self.vocab_size, self.device)
+            self._bind_step(self._step)
+        return self._step
+
+    def _bind_step(self, step: _StepBuffers) -> None:
+        """Shapes and addresses of the step context: the arena's arrays and the fixed buffers."""
+        ctx = self._step_ctx
+        tensors: Dict[str, Any] = dict(step.inputs, image_embeds=self._no_image)
+        for j, name in enumerate(self._kv_names):
+            tensors[name] = step.arena.kv[j]
+        for name, t in tensors.items():
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise BackendError(f"decode step input {name} shape {tuple(t.shape)} is outside the engine's profile")
+            ctx.set_tensor_address(name, t.data_ptr())
+        ctx.set_tensor_address("logits", step.logits.data_ptr())
+        for j, name in enumerate(self._new_names):
+            ctx.set_tensor_address(name, step.new[j].data_ptr())
+
+    def _launch_step(self, step: _StepBuffers) -> None:
+        """Enqueue the engine and the scatter of its new keys/values on the backend's stream."""
+        if not self._step_ctx.execute_async_v3(self._stream.cuda_stream):
+            raise BackendError("TensorRT execution of the decode step failed")
+        step.scatter()
+
+    def _capture(self, step: _StepBuffers) -> None:
+        torch = self._torch
+        graph = torch.cuda.CUDAGraph()
+        self._stream.synchronize()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self._launch_step(step)
+        except Exception as exc:  # noqa: BLE001 - capture support varies by driver/TensorRT; plain runs still work
+            self.cuda_graph = False
+            self._stream.synchronize()
+            raise BackendError(f"CUDA graph capture of the decode step failed ({exc}); "
+                               "set cuda_graph: false to decode without graphs") from exc
+        step.graph = graph
+
+    # -- prefill ---------------------------------------------------------------------------------
     def _execute(self, ctx: Any, inputs: dict, outputs: dict) -> None:
         for name, t in inputs.items():
             if not ctx.set_input_shape(name, tuple(t.shape)):
@@ -107,33 +206,30 @@ class TensorRTBackend(Backend):
             raise BackendError("TensorRT execution failed")
         self._stream.synchronize()
 
-    def _run(self, caches: List[Optional[TrtCache]], chunks: List[List[int]], image_embeds: Any,
-             masks: List[List[int]]) -> Tuple[np.ndarray, List[TrtCache]]:
+    @staticmethod
+    def _check(logits: np.ndarray) -> None:
+        if not np.isfinite(logits).all():
+            raise BackendError("the engine produced non-finite logits (fp16 overflow? try precision: bf16 or fp32)")
+
+    def _append(self, caches: List[Optional[KVCache]], chunks: List[List[int]], image_embeds: Any,
+                masks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:
         torch = self._torch
         bsz = len(chunks)
         pasts = [0 if c is None else int(c.length) for c in caches]
         rows = pack_rows(pasts, chunks, masks, self.pad_token_id)
         pmax, smax, lens = rows.pmax, rows.smax, rows.lens
-        ids, pos, img, att = rows.input_ids, rows.position_ids, rows.image_mask, rows.attention_mask
         dev = self.device
-        inputs = {"input_ids": torch.from_numpy(ids).to(dev), "image_mask": torch.from_numpy(img).to(dev),
-                  "position_ids": torch.from_numpy(pos).to(dev), "attention_mask": torch.from_numpy(att).to(dev),
+        inputs = {"input_ids": torch.from_numpy(rows.input_ids).to(dev),
+                  "image_mask": torch.from_numpy(rows.image_mask).to(dev),
+                  "position_ids": torch.from_numpy(rows.position_ids).to(dev),
+                  "attention_mask": torch.from_numpy(rows.attention_mask).to(dev),
                   "image_embeds": self._no_image if image_embeds is None else image_embeds.float().contiguous()}
         for j, name in enumerate(self._kv_names):
-            buf = torch.zeros((bsz, self.heads, pmax, self.head_dim), dtype=torch.float32, device=dev)
-            for b, c in enumerate(caches):
-                if c is not None and c.length:
-                    buf[b, :, :c.length] = c.kv[j][0]
-            inputs[name] = buf
+            inputs[name] = packed_past(caches, j, pmax, self.heads, self.head_dim, self._ops)
         outputs = {"logits": torch.empty((bsz, self.vocab_size), dtype=torch.float32, device=dev)}
-        for name in self._out_names[1:]:
-            outputs[name] = torch.empty((bsz, self.heads, pmax + smax, self.head_dim), dtype=torch.float32, device=dev)
-        step = smax == 1 and pmax > 0 and image_embeds is None
-        self._execute(self._step_ctx if step else self._prefill_ctx, inputs, outputs)
+        for name in self._new_names:
+            outputs[name] = torch.empty((bsz, self.heads, smax, self.head_dim), dtype=torch.float32, device=dev)
+        self._execute(self._prefill_ctx, inputs, outputs)
         logits = outputs["logits"].cpu().numpy()
-        if not np.isfinite(logits).all():
-            raise BackendError("the engine produced non-finite logits (fp16 overflow? try precision: bf16 or fp32)")
-        presents = [outputs[n] for n in self._out_names[1:]]
-        new = [TrtCache([torch.cat([p[b:b + 1, :, :past], p[b:b + 1, :, pmax + smax - n:]], dim=2) for p in presents],
-                        past + n) for b, (past, n) in enumerate(zip(pasts, lens))]
-        return logits, new
+        self._check(logits)
+        return logits, appended(caches, lens, smax, [outputs[n] for n in self._new_names], self._ops)
