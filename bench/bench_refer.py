@@ -2,6 +2,7 @@
 
     scripts/ros-env python bench/bench_refer.py              # small toy checkpoint (seconds)
     scripts/ros-env python bench/bench_refer.py --full-size  # real architecture, random weights
+    python bench/bench_refer.py --full-size --device cuda --backends torch,tensorrt   # on a GPU
 
 Workload: frames arrive one after another; each frame gets 1 (or 4) referring expressions
 `<grounding><phrase> {expr}</phrase>`. Every frame is new, so every path pays for vision
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="an existing checkpoint directory instead of building one")
     ap.add_argument("--frames", type=int, default=0, help="frames per workload (default 6 small, 2 full size)")
     ap.add_argument("--workdir", default="", help="where checkpoints and ONNX graphs go (default: a temp dir)")
-    ap.add_argument("--backends", default="torch,onnxruntime")
+    ap.add_argument("--backends", default="torch,onnxruntime", help="any of torch, onnxruntime, tensorrt")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (baseline on the same device)")
+    ap.add_argument("--precision", default="fp16", help="tensorrt engines' precision (the others run fp32)")
     args = ap.parse_args(argv)
 
     import torch
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}",
           flush=True)
     processor = load_processor(str(model_dir))
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     max_new = 5
     images = [toy_image(100 + i, size=224) for i in range(frames)]
@@ -102,17 +105,23 @@ def main(argv=None) -> int:
     pipes = {}
     for backend_name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         t = time.perf_counter()
+        precision = args.precision if backend_name == "tensorrt" else "fp32"
         if backend_name == "torch":
-            backend = TorchBackend(str(model_dir), device="cpu", model=model)
+            backend = TorchBackend(str(model_dir), device=args.device, model=model)
         elif backend_name == "onnxruntime":
             from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
-            backend = OnnxBackend(str(model_dir), device="cpu", artifacts_dir=str(work / "artifacts"), model=model)
+            backend = OnnxBackend(str(model_dir), device=args.device, artifacts_dir=str(work / "artifacts"),
+                                  model=model.cpu() if args.device == "cpu" else None)
+        elif backend_name == "tensorrt":
+            from kosmos2_ros.core.backends.tensorrt_backend import TensorRTBackend
+            backend = TensorRTBackend(str(model_dir), device=args.device, precision=precision,
+                                      artifacts_dir=str(work / "artifacts"), build_engines=True)
         else:
             raise SystemExit(f"unknown backend {backend_name}")
         print(f"{backend_name} backend ready in {time.perf_counter() - t:.1f} s", flush=True)
         for mode in ("free", "constrained"):
-            cfg = Kosmos2Config(model=str(model_dir), backend=backend_name, device="cpu", decoding=mode,
-                                max_new_tokens=max_new, enable_3d=False)
+            cfg = Kosmos2Config(model=str(model_dir), backend=backend_name, device=args.device, decoding=mode,
+                                precision=precision, max_new_tokens=max_new, enable_3d=False)
             pipes[(backend_name, mode)] = Pipeline(cfg, backend, processor)
 
     # Paths take turns frame by frame, so load from other processes hits them alike.
@@ -168,7 +177,8 @@ def main(argv=None) -> int:
 
     print()
     print(f"checkpoint: {'full-size architecture, random weights' if args.full_size else 'toy (tiny, trained)'}"
-          f" ({n_params / 1e9:.3f} B params), fp32, CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores;"
+          f" ({n_params / 1e9:.3f} B params), fp32 (tensorrt: {args.precision}), {args.device},"
+          f" {torch.get_num_threads()} threads, {os.cpu_count()} cores;"
           f" {frames} frames per workload, max_new_tokens {max_new}")
     head = (f"| {'path':34} | {'decoding':11} | expr/frame | cmds | p50 ms/cmd | p95 ms/cmd | cmds/s "
             "| cmds/s x base | CPU s/cmd | CPU x base | boxes == (well-formed) | tokens == |")
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
     for name, mode, k, st, ratio, same, n in rows:
         print(f"| {name:34} | {mode:11} | {k:10d} | {n:4d} | {st['p50']:10.1f} | {st['p95']:10.1f} | {st['cps']:6.2f} |"
               f" {ratio[0]:12.2f}x | {st['cpu']:9.3f} | {ratio[1]:9.2f}x | {same[0]:22} | {same[1]:9} |")
-    if args.full_size:   # on the tiny checkpoints per-call overhead, not compute, sets the time
+    if args.full_size and args.device == "cpu":   # tiny checkpoints: per-call overhead, not compute, sets the time
         print_floor(model, processor, torch, [r for r in rows if r[0].startswith("transformers")], max_new)
     return 0
 

@@ -84,6 +84,8 @@ def check(name, model_dir, precision, art, torch, rows, max_new=8):
         for _ in range(n):
             _, cache = trt_b.decode(cache, 5)
         timing[graph] = (time.perf_counter() - t) / n * 1e3
+    if trt_b.graph_error:
+        print(f"{name}/{precision}: {trt_b.graph_error}")
     text_bytes = sum(x.numel() for x in ref_b.model.text_model.parameters()) * (2 if precision != "fp32" else 4)
     floor_ms = text_bytes / (bandwidth_gbs(torch) * 1e9) * 1e3
     rows.append((name, precision, build_s, same, max(diffs), timing[False], timing[True], floor_ms))

@@ -140,3 +140,19 @@ def test_torch_decode_batch_equals_decode(toy):
         assert nc.length == sc.length == c.length + 1
         for a, b in zip(nc.kv.layers, sc.kv.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+
+
+def test_token_prob_matches_a_float64_softmax():
+    from kosmos2_ros.core.decoding import token_prob
+
+    rng = np.random.RandomState(0)
+    for scale in (0.1, 5.0, 60.0):
+        z = (rng.randn(65037) * scale).astype(np.float32)
+        ref = np.exp(z.astype(np.float64) - z.max())
+        ref /= ref.sum()
+        for tok in (int(np.argmax(z)), int(np.argmin(z)), 123):
+            got = token_prob(z, tok)
+            assert abs(got - ref[tok]) <= 1e-7
+            if ref[tok] > 1e-30:   # below float32's range the probability underflows to 0
+                assert abs(got - ref[tok]) <= 1e-5 * ref[tok]
+    assert token_prob(np.array([0.0, 0.0], dtype=np.float32), 1) == 0.5

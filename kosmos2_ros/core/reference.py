@@ -26,8 +26,10 @@ def reference_generate(model: Any, processor: Any, prompt: str, image: Any, max_
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     inputs = processor(text=prompt, images=image, bboxes=bboxes, return_tensors="pt")
+    weight = next(model.parameters())
+    inputs = {k: v.to(weight.device) for k, v in inputs.items()}
     with torch.inference_mode():
-        out = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+        out = model.generate(pixel_values=inputs["pixel_values"].to(weight.dtype), input_ids=inputs["input_ids"],
                              attention_mask=inputs["attention_mask"],
                              image_embeds_position_mask=inputs["image_embeds_position_mask"],
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)

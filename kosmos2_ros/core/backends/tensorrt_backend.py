@@ -15,6 +15,7 @@ context, so one step graph is live at a time; switching arenas recaptures.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -71,6 +72,7 @@ class TensorRTBackend(Backend):
         self._torch, self._trt = torch, trt
         self.device = "cuda" if device in ("auto", "cuda") else device
         self.cuda_graph = bool(cuda_graph)
+        self.graph_error = ""    # why capture was given up, if it was
         index = torch.device(self.device).index or 0
         self.engine_dir, meta = engines.ensure_engines(model_dir, artifacts_dir, precision, allow_build=build_engines,
                                                        device_index=index)
@@ -179,17 +181,22 @@ class TensorRTBackend(Backend):
         step.scatter()
 
     def _capture(self, step: _StepBuffers) -> None:
+        """Capture the step; if this driver/TensorRT cannot, keep decoding plainly and say why once.
+
+        The step that was just run plainly already holds its result, so a failed capture loses nothing.
+        """
         torch = self._torch
         graph = torch.cuda.CUDAGraph()
         self._stream.synchronize()
         try:
             with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 self._launch_step(step)
-        except Exception as exc:  # noqa: BLE001 - capture support varies by driver/TensorRT; plain runs still work
+        except Exception as exc:  # noqa: BLE001 - capture support varies by driver/TensorRT version
             self.cuda_graph = False
+            self.graph_error = f"CUDA graph capture of the decode step failed, decoding without graphs: {exc}"
+            warnings.warn(self.graph_error, RuntimeWarning, stacklevel=2)
             self._stream.synchronize()
-            raise BackendError(f"CUDA graph capture of the decode step failed ({exc}); "
-                               "set cuda_graph: false to decode without graphs") from exc
+            return
         step.graph = graph
 
     # -- prefill ---------------------------------------------------------------------------------
