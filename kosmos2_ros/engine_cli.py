@@ -24,6 +24,8 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--allow-download", action="store_true")
+    ap.add_argument("--skip-fp16-check", action="store_true",
+                    help="do not measure fp16 headroom of the model's activations before an fp16 build")
     args = ap.parse_args(argv)
     try:
         model_dir = resolve_model(args.model, allow_download=args.allow_download)
@@ -33,6 +35,10 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
             return 0
         from .core import engines
 
+        if args.precision == "fp16" and not args.skip_fp16_check and not fp16_check(model_dir):
+            print("kosmos2-build-engines: activations come too close to fp16's range; build with --precision bf16 "
+                  "(or pass --skip-fp16-check to build fp16 anyway)", file=sys.stderr)
+            return 5
         limits = engines.EngineLimits(args.max_batch, args.max_prompt, args.max_context)
         out, _ = engines.ensure_engines(model_dir, args.artifacts_dir, args.precision, allow_build=True,
                                         limits=limits, log=print)
@@ -41,6 +47,37 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
     except (BackendUnavailable, ModelNotFound, export.ExportError) as exc:
         print(f"kosmos2-build-engines: {exc}", file=sys.stderr)
         return 2
+
+
+#: fp16's largest value over the largest activation seen must stay above this: real images and
+#: prompts vary, and an engine's fused kernels may round intermediates differently.
+FP16_MIN_HEADROOM = 4.0
+
+
+def fp16_check(model_dir: str) -> bool:
+    """Largest activation of an fp32 forward (a synthetic scene, a caption and a grounding prompt)
+    against fp16's range, printed; False when the headroom is under FP16_MIN_HEADROOM."""
+    import torch
+
+    from .core import export
+    from .core.loading import TextCodec, load_processor
+    from .core.scenes import draw_scene
+
+    model = export.load_for_export(model_dir)
+    processor = load_processor(model_dir)
+    codec = TextCodec(processor)
+    rgb, _ = draw_scene(640, 480)
+    pixels = processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
+    worst = None
+    for prompt in ("<grounding>An image of", "<grounding><phrase> the red square on the left</phrase>"):
+        p = codec.encode(prompt)
+        report = export.fp16_headroom(model, pixels, torch.tensor([p.input_ids]), torch.tensor([p.image_mask]))
+        if worst is None or report["headroom"] < worst["headroom"]:
+            worst = report
+    assert worst is not None
+    print(f"fp16 check: largest activation {worst['max_abs']:.1f} at {worst['worst_at']} (scaled image embeddings "
+          f"{worst['image_embeds_scaled']:.1f}); fp16 headroom {worst['headroom']:.1f}x")
+    return worst["headroom"] >= FP16_MIN_HEADROOM
 
 
 if __name__ == "__main__":

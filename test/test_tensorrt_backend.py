@@ -122,3 +122,34 @@ def test_step_scatter_writes_what_the_host_path_writes():
     got, want = dev_arena.kv.numpy(), host_arena.kv
     np.testing.assert_array_equal(got[:, :, :, :dev_arena.capacity], want[:, :, :, :host_arena.capacity])
     np.testing.assert_array_equal(got[:, 1, :, dev_arena.capacity], new[:, 1, :, 0])   # idle row: scratch only
+
+
+def test_engines_with_other_limits_are_found(tmp_path):
+    """Engines built with `--max-context 2048` are used by a node asking for the default limits."""
+    import json
+
+    wanted = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "fp16", "3")
+    assert engines.read_engines(wanted) is None and engines.other_limits(wanted) is None
+    built = {}
+    for lim in (engines.EngineLimits(max_context=2048), engines.EngineLimits(max_batch=2)):
+        d = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "fp16", "3", lim)
+        d.mkdir(parents=True)
+        (d / "decoder.plan").write_bytes(b"x")
+        (d / "engines.json").write_text(json.dumps({"files": {"decoder": "decoder.plan"}, "limits": lim.__dict__}))
+        built[lim.max_context] = d
+    other = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "bf16", "3", engines.EngineLimits(max_context=4096))
+    other.mkdir()   # another precision (and incomplete): never chosen
+    found = engines.other_limits(wanted)
+    assert found is not None and found[0] == built[2048]
+    (built[2048] / "decoder.plan").unlink()            # incomplete sets are skipped
+    assert engines.other_limits(wanted)[0] == built[1024]
+
+
+def test_fp16_check_measures_headroom_and_can_refuse(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from kosmos2_ros import engine_cli
+
+    assert engine_cli.fp16_check(str(tiny_model_dir))
+    assert "fp16 headroom" in capsys.readouterr().out
+    monkeypatch.setattr(engine_cli, "FP16_MIN_HEADROOM", 1e30)
+    assert build_engines_main(["--model", str(tiny_model_dir), "--artifacts-dir", str(tmp_path)]) == 5
+    assert "--precision bf16" in capsys.readouterr().err

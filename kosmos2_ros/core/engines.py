@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .backends.base import BackendUnavailable
 
@@ -143,6 +143,28 @@ def build_engine(onnx_path: Path, out_path: Path, precision: str, shape_profiles
     return out_path
 
 
+def read_engines(out: Path) -> Optional[Tuple[Path, dict]]:
+    """(directory, metadata) of a complete set of engines in `out`, or None."""
+    try:
+        meta = json.loads((out / "engines.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not all((out / f).is_file() for f in meta.get("files", {}).values()) or not meta.get("files"):
+        return None
+    return out, meta
+
+
+def other_limits(out: Path) -> Optional[Tuple[Path, dict]]:
+    """Engines for the same model, TensorRT, GPU and precision built with other shape limits
+    (`kosmos2-build-engines --max-context ...`): the largest, so the node can use them."""
+    prefix = out.name.rsplit("-", 1)[0] + "-"
+    sets = [s for s in (read_engines(d) for d in sorted(out.parent.glob(prefix + "*"))) if s is not None]
+    if not sets:
+        return None
+    return max(sets, key=lambda s: (s[1]["limits"]["max_context"], s[1]["limits"]["max_batch"],
+                                    s[1]["limits"]["max_prompt"]))
+
+
 def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", allow_build: bool = False,
                    limits: EngineLimits = EngineLimits(), device_index: int = 0,
                    log: Any = print) -> Tuple[Path, dict]:
@@ -153,11 +175,9 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
 
     cc = torch.cuda.get_device_capability(device_index)
     out = engine_dir(artifacts_dir, model_dir, precision, trt.__version__, cc, limits)
-    meta_path = out / "engines.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if all((out / f).is_file() for f in meta["files"].values()):
-            return out, meta
+    found = read_engines(out) or (None if allow_build else other_limits(out))
+    if found is not None:
+        return found
     if not allow_build:
         raise BackendUnavailable(f"no TensorRT engines in {out} for this model, TensorRT {trt.__version__}, "
                                  f"sm{cc[0]}{cc[1]} and {precision}; run `kosmos2-build-engines --model {model_dir}` "
@@ -169,6 +189,6 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
         build_engine(graphs / manifest["files"][name], out / files[name], precision, shapes[name], log=log)
     meta = {"files": files, "precision": precision, "tensorrt": trt.__version__, "compute_capability": list(cc),
             "limits": limits.__dict__, "manifest": manifest}
-    meta_path.write_text(json.dumps(meta, indent=1))
+    (out / "engines.json").write_text(json.dumps(meta, indent=1))
     return out, meta
 
