@@ -127,6 +127,8 @@ class TensorRTBackend(Backend):
         arena, rows = self._arenas.arena_for(caches)
         feeds = arena.step_feeds(rows, [int(t) for t in token_ids], self.pad_token_id)
         step = self._step_for(arena)
+        # Loading the arena and allocating the step's buffers ran on torch's current stream.
+        self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             step.load(torch, feeds)
             if step.graph is not None:
