@@ -137,7 +137,8 @@ def test_engines_with_other_limits_are_found(tmp_path):
         (d / "decoder.plan").write_bytes(b"x")
         (d / "engines.json").write_text(json.dumps({"files": {"decoder": "decoder.plan"}, "limits": lim.__dict__}))
         built[lim.max_context] = d
-    other = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "bf16", "3", engines.EngineLimits(max_context=4096))
+    big = engines.EngineLimits(max_context=4096)
+    other = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "bf16", "3", big)
     other.mkdir()   # another precision (and incomplete): never chosen
     found = engines.other_limits(wanted)
     assert found is not None and found[0] == built[2048]
