@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         elif backend_name == "onnxruntime":
             from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
             backend = OnnxBackend(str(model_dir), device=args.device, artifacts_dir=str(work / "artifacts"),
-                                  model=model.cpu() if args.device == "cpu" else None)
+                                  model=model if args.device == "cpu" else None)
         elif backend_name == "tensorrt":
             from kosmos2_ros.core.backends.tensorrt_backend import TensorRTBackend
             backend = TensorRTBackend(str(model_dir), device=args.device, precision=precision,

@@ -44,10 +44,12 @@ def bandwidth_gbs(torch) -> float:
 
 
 def forced_margins(ref_b, trt_b, e_ref, e_trt, p, tokens):
-    """Teacher-forced on torch's tokens: at each step where the engine's argmax differs from
-    torch's, torch's logit margin between the two (a near-tie when it is within rounding)."""
+    """Teacher-forced on torch's tokens: (the prompt's max |dlogits|, and at each step where the
+    engine's argmax differs from torch's, torch's logit margin between the two: a near-tie when
+    it is within rounding)."""
     la, ca = ref_b.prefill(e_ref, p.input_ids, p.image_mask)
     lb, cb = trt_b.prefill(e_trt, p.input_ids, p.image_mask)
+    diff = float(np.abs(la - lb).max())
     margins = []
     for tok in tokens:
         a, b = int(np.argmax(la)), int(np.argmax(lb))
@@ -55,7 +57,7 @@ def forced_margins(ref_b, trt_b, e_ref, e_trt, p, tokens):
             margins.append(float(la[a] - la[b]))
         la, ca = ref_b.decode(ca, tok)
         lb, cb = trt_b.decode(cb, tok)
-    return margins
+    return diff, margins
 
 
 def verdict(same: bool, margins, diff: float, precision: str):
@@ -88,10 +90,9 @@ def check(name, model_dir, precision, art, torch, rows, max_new=8):
         a = generate(ref_b, e_ref, [Row(p.input_ids, p.image_mask, max_new)], codec.vocab)[0].token_ids
         b = generate(trt_b, e_trt, [Row(p.input_ids, p.image_mask, max_new)], codec.vocab)[0].token_ids
         same &= a == b
-        margins += forced_margins(ref_b, trt_b, e_ref, e_trt, p, a)
-        la, _ = ref_b.prefill(e_ref, p.input_ids, p.image_mask)
-        lb, _ = trt_b.prefill(e_trt, p.input_ids, p.image_mask)
-        diffs.append(float(np.abs(la - lb).max()))
+        diff, more = forced_margins(ref_b, trt_b, e_ref, e_trt, p, a)
+        diffs.append(diff)
+        margins += more
     lengths = [max_new, max_new // 2, 3]   # rows finishing at different steps
     alone = [generate(ref_b, e_ref, [Row(p.input_ids, p.image_mask, n)], codec.vocab)[0].token_ids
              for p, n in zip(encoded, lengths)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 def build_engines_main(argv: Optional[List[str]] = None) -> int:
@@ -29,13 +29,16 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         model_dir = resolve_model(args.model, allow_download=args.allow_download)
-        out, _ = export.ensure_exported(model_dir, args.artifacts_dir, allow_export=True, log=print)
+        check_fp16 = args.precision == "fp16" and not args.skip_fp16_check and not args.onnx_only
+        # Loaded once for both the export (if the graphs are missing) and the fp16 check.
+        model = export.load_for_export(model_dir) if check_fp16 else None
+        out, _ = export.ensure_exported(model_dir, args.artifacts_dir, allow_export=True, model=model, log=print)
         print(f"ONNX graphs: {out}")
         if args.onnx_only:
             return 0
         from .core import engines
 
-        if args.precision == "fp16" and not args.skip_fp16_check and not fp16_check(model_dir):
+        if check_fp16 and not fp16_check(model_dir, model):
             print("kosmos2-build-engines: activations come too close to fp16's range; build with --precision bf16 "
                   "(or pass --skip-fp16-check to build fp16 anyway)", file=sys.stderr)
             return 5
@@ -54,7 +57,7 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
 FP16_MIN_HEADROOM = 4.0
 
 
-def fp16_check(model_dir: str) -> bool:
+def fp16_check(model_dir: str, model: Any = None) -> bool:
     """Largest activation of an fp32 forward (a synthetic scene, a caption and a grounding prompt)
     against fp16's range, printed; False when the headroom is under FP16_MIN_HEADROOM."""
     import torch
@@ -63,7 +66,7 @@ def fp16_check(model_dir: str) -> bool:
     from .core.loading import TextCodec, load_processor
     from .core.scenes import draw_scene
 
-    model = export.load_for_export(model_dir)
+    model = model if model is not None else export.load_for_export(model_dir)
     processor = load_processor(model_dir)
     codec = TextCodec(processor)
     rgb, _ = draw_scene(640, 480)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import BackendError, position_ids
+from .base import BackendError, PackedRows, pack_rows, position_ids
 
 #: Arena capacities are multiples of this, so a handful of shapes (and CUDA graphs) serve all lengths.
 CAPACITY_STEP = 64
@@ -84,6 +84,17 @@ def truncated(cache: KVCache, length: int, ops: ArrayOps) -> KVCache:
     return KVCache(int(length), [ops.cat([cache.layer(j)[:, :, :length]], 2) for j in range(cache.n_arrays())])
 
 
+def pack_appends(caches: Sequence[Optional[KVCache]], chunks: Sequence[Sequence[int]],
+                 masks: Sequence[Sequence[int]], pad_id: int, limit: int) -> PackedRows:
+    """`pack_rows` for chunks appended to caches (None: from scratch), refusing what the graph cannot hold."""
+    if min(len(c) for c in chunks) < 1:
+        raise BackendError("empty chunk")
+    rows = pack_rows([0 if c is None else int(c.length) for c in caches], chunks, masks, pad_id)
+    if rows.pmax + rows.smax > limit:
+        raise BackendError(f"sequence of {rows.pmax + rows.smax} tokens exceeds the decoder's limit of {limit}")
+    return rows
+
+
 def packed_past(caches: Sequence[Optional[KVCache]], j: int, pmax: int, heads: int, head_dim: int,
                 ops: ArrayOps) -> Any:
     """Array j of several caches as one [rows, H, pmax, hd] input, each row's past at its start."""
@@ -133,9 +144,6 @@ class KVArena:
     @property
     def key(self) -> Tuple[int, int]:
         return self.rows, self.capacity
-
-    def nbytes(self) -> int:
-        return int(np.prod(self.kv.shape)) * 4
 
     def release_views(self) -> None:
         """Give every still-referenced view of this arena its own copy."""

@@ -16,8 +16,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable, pack_rows
-from .kv_cache import NUMPY, ArenaPool, KVCache, appended, packed_past, standalone, truncated
+from .base import Backend, BackendError, BackendUnavailable
+from .kv_cache import NUMPY, ArenaPool, KVCache, appended, pack_appends, packed_past, standalone, truncated
 
 #: The cache type of this backend (kept for callers that name it).
 OrtCache = KVCache
@@ -145,14 +145,8 @@ class OnnxBackend(Backend):
         Holes and padding have attention_mask 0 and the pad position (a zero position vector).
         """
         bsz = len(chunks)
-        pasts = [0 if c is None else int(c.length) for c in caches]
-        if min(len(c) for c in chunks) < 1:
-            raise BackendError("empty chunk")
-        rows = pack_rows(pasts, chunks, masks, self.pad_token_id)
+        rows = pack_appends(caches, chunks, masks, self.pad_token_id, self._limit)
         pmax, smax, lens = rows.pmax, rows.smax, rows.lens
-        if pmax + smax > self._limit:
-            raise BackendError(f"sequence of {pmax + smax} tokens exceeds the exported position table "
-                               f"({self.max_positions} rows)")
         feeds = {"input_ids": rows.input_ids, "image_mask": rows.image_mask, "position_ids": rows.position_ids,
                  "attention_mask": rows.attention_mask,
                  "image_embeds": self._no_image if image_embeds is None

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable, pack_rows
-from .kv_cache import ArenaPool, ArrayOps, KVArena, KVCache, StepFeeds, appended, packed_past, standalone, truncated
+from .base import Backend, BackendError, BackendUnavailable
+from .kv_cache import ArenaPool, ArrayOps, KVArena, KVCache, StepFeeds, appended, pack_appends, packed_past, standalone, truncated
 
 #: The cache type of this backend (kept for callers that name it).
 TrtCache = KVCache
@@ -96,6 +96,7 @@ class TensorRTBackend(Backend):
                        cat=lambda parts, axis: torch.cat(parts, dim=axis))
         self._ops = ops
         limit = engines.arena_limit(m, engines.EngineLimits(**meta["limits"]))
+        self._limit = limit
         self._arenas = ArenaPool(ops, len(self._kv_names), self.heads, self.head_dim, limit)
         self._step: Optional[_StepBuffers] = None   # the arena bound to the step context
 
@@ -164,17 +165,11 @@ class TensorRTBackend(Backend):
 
     def _bind_step(self, step: _StepBuffers) -> None:
         """Shapes and addresses of the step context: the arena's arrays and the fixed buffers."""
-        ctx = self._step_ctx
-        tensors: Dict[str, Any] = dict(step.inputs, image_embeds=self._no_image)
+        inputs: Dict[str, Any] = dict(step.inputs, image_embeds=self._no_image)
         for j, name in enumerate(self._kv_names):
-            tensors[name] = step.arena.kv[j]
-        for name, t in tensors.items():
-            if not ctx.set_input_shape(name, tuple(t.shape)):
-                raise BackendError(f"decode step input {name} shape {tuple(t.shape)} is outside the engine's profile")
-            ctx.set_tensor_address(name, t.data_ptr())
-        ctx.set_tensor_address("logits", step.logits.data_ptr())
-        for j, name in enumerate(self._new_names):
-            ctx.set_tensor_address(name, step.new[j].data_ptr())
+            inputs[name] = step.arena.kv[j]
+        outputs = {"logits": step.logits, **{name: step.new[j] for j, name in enumerate(self._new_names)}}
+        self._bind(self._step_ctx, inputs, outputs)
 
     def _launch_step(self, step: _StepBuffers) -> None:
         """Enqueue the engine and the scatter of its new keys/values on the backend's stream."""
@@ -202,7 +197,9 @@ class TensorRTBackend(Backend):
         step.graph = graph
 
     # -- prefill ---------------------------------------------------------------------------------
-    def _execute(self, ctx: Any, inputs: dict, outputs: dict) -> None:
+    @staticmethod
+    def _bind(ctx: Any, inputs: dict, outputs: dict) -> None:
+        """Set a context's input shapes and every tensor's address."""
         for name, t in inputs.items():
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise BackendError(f"input {name} shape {tuple(t.shape)} is outside the engine's profile "
@@ -210,6 +207,9 @@ class TensorRTBackend(Backend):
             ctx.set_tensor_address(name, t.data_ptr())
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
+
+    def _execute(self, ctx: Any, inputs: dict, outputs: dict) -> None:
+        self._bind(ctx, inputs, outputs)
         self._stream.wait_stream(self._torch.cuda.current_stream())
         if not ctx.execute_async_v3(self._stream.cuda_stream):
             raise BackendError("TensorRT execution failed")
@@ -224,8 +224,7 @@ class TensorRTBackend(Backend):
                 masks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:
         torch = self._torch
         bsz = len(chunks)
-        pasts = [0 if c is None else int(c.length) for c in caches]
-        rows = pack_rows(pasts, chunks, masks, self.pad_token_id)
+        rows = pack_appends(caches, chunks, masks, self.pad_token_id, self._limit)
         pmax, smax, lens = rows.pmax, rows.smax, rows.lens
         dev = self.device
         inputs = {"input_ids": torch.from_numpy(rows.input_ids).to(dev),
