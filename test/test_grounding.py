@@ -18,7 +18,14 @@ from transformers.models.kosmos2.processing_kosmos2 import (
     patch_index_to_coordinate,
 )
 
-from kosmos2_ros.core.grounding import ParsedText, attach_scores, box_to_patch_index, parse_generation, patch_index_to_box
+from kosmos2_ros.core.grounding import (
+    ParsedText,
+    attach_scores,
+    box_to_patch_index,
+    parse_generation,
+    patch_index_to_box,
+    prompt_phrase_entity,
+)
 from kosmos2_ros.core.vocab import PATCH_TOKEN_RE
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -304,3 +311,39 @@ def test_box_to_cells_and_back_covers_the_box_centre(x0: float, y0: float, x1: f
     for got, want in zip(back, (x0, y0, x1, y1)):
         assert abs(got - want) <= 1 / 32 + 1e-12
     assert back[0] - 1 / 32 <= cx <= back[2] + 1 / 32 and back[1] - 1 / 32 <= cy <= back[3] + 1 / 32
+
+
+# A free-decoding generation seen on a tiny checkpoint: after the asked phrase's box the model
+# rambles on through two more boxes of other "phrases".
+RAMBLING_PROMPT = "<grounding>An image of a red square next to<phrase> a blue square</phrase>"
+RAMBLING = (RAMBLING_PROMPT + "<object><patch_index_0309><patch_index_0510></object> is red square</phrase>"
+            "<object><patch_index_0012><patch_index_0175></object> red square</phrase>"
+            "<object><patch_index_0064><patch_index_0327></object>")
+
+
+def test_prompt_phrase_entity_is_the_box_after_the_phrase_not_the_last() -> None:
+    text = "</image>" + RAMBLING
+    parsed = parse_generation(text)
+    ent = prompt_phrase_entity(parsed, RAMBLING_PROMPT)
+    assert ent is not None
+    # transformers attaches 309/510 to the phrase; the generation's last box is 64/327.
+    ref_text, ref_entities = reference(text)
+    caption = "An image of a red square next to a blue square"
+    asked = [e for e in ref_entities if e[1][1] == len(caption)]
+    assert len(asked) == 1 and asked[0][0] == "a blue square"
+    assert (ent.phrase, ent.span, ent.boxes_norm) == asked[0]
+    assert ent.boxes_norm == [patch_index_to_box(309, 510)]
+    assert parsed.entities[-1].boxes_norm != ent.boxes_norm
+
+
+@pytest.mark.parametrize("generated", [
+    "",                                                     # stopped at the phrase
+    " and then<object><patch_index_0001><patch_index_0002></object>",   # a box, but not right after it
+    "<phrase> other</phrase><object><patch_index_0001><patch_index_0002></object>",
+])
+def test_prompt_phrase_entity_none_when_the_phrase_got_no_box(generated: str) -> None:
+    text = "</image>" + RAMBLING_PROMPT + generated
+    ent = prompt_phrase_entity(parse_generation(text), RAMBLING_PROMPT)
+    assert ent is None
+    ref_entities = reference(text)[1]
+    assert not [e for e in ref_entities if e[0] == "a blue square"]

@@ -120,6 +120,18 @@ def parse_generation(text: str, per_side: int = 32) -> ParsedText:
     return ParsedText(text=clean.strip(), entities=entities)
 
 
+def prompt_phrase_entity(parsed: ParsedText, prompt_text: str) -> Optional[Entity]:
+    """The entity of the phrase a prompt ends with (`...<phrase> x</phrase>`), or None.
+
+    That is the entity `post_process_generation` attaches to the phrase: the boxes generated
+    right after it, not the last ones of a generation that rambles on to other phrases. It is
+    found by where the phrase ends in the clean text, which generation cannot move.
+    """
+    clean = _TAG_RE.sub("", prompt_text.split(EOI)[-1])
+    end = len(clean.rstrip()) - (len(clean) - len(clean.lstrip()))
+    return next((e for e in parsed.entities if e.span[1] == end and e.span[0] < end), None)
+
+
 def attach_scores(parsed: ParsedText, patch_probs: Sequence[Optional[float]]) -> None:
     """Score each box with p(upper-left token) * p(lower-right token).
 

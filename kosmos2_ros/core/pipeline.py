@@ -296,7 +296,7 @@ class Pipeline:
             raw = self.codec.decode(full)
             parsed = grounding.parse_generation(raw, self.vocab.patches_per_side)
             grounding.attach_scores(parsed, self._patch_probs(pids.input_ids, gen, raw))
-            parsed_all.append((raw, parsed, gen))
+            parsed_all.append((raw, parsed, self.codec.decode(pids.input_ids)))
             res.token_ids.extend(gen.token_ids)
             res.prompt_ids.extend(pids.input_ids)
             res.model_calls += gen.model_calls
@@ -319,15 +319,14 @@ class Pipeline:
         return probs if in_text == len(probs) else []
 
     @staticmethod
-    @staticmethod
     def _merge_phrases(caption: str, phrases: List[str], parsed_all: list) -> Tuple[str, List[grounding.Entity]]:
         """One entity per asked phrase, named and placed as the user wrote it in the caption."""
         entities: List[grounding.Entity] = []
         cursor = 0
-        for phrase, (_, parsed, _) in zip(phrases, parsed_all):
-            if not parsed.entities:
+        for phrase, (_, parsed, prompt_raw) in zip(phrases, parsed_all):
+            ent = grounding.prompt_phrase_entity(parsed, prompt_raw)
+            if ent is None:
                 continue
-            ent = parsed.entities[-1]   # the phrase this prompt asked about
             ent.phrase = phrase
             start = caption.find(phrase, cursor)
             if start >= 0:
