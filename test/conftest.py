@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 
 import pytest
+from node_helpers import free_domain
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+# In-process rclpy (the convert and QoS tests) joins a domain this run holds alone.
+os.environ["ROS_DOMAIN_ID"] = str(free_domain())
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

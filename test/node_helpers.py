@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -14,6 +15,38 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# DDS domain ids a test run may take: 0-101 and 215-232 are valid for Fast DDS's default ports.
+# KOSMOS2_TEST_DOMAINS="A-B" narrows them (e.g. to keep clear of nodes you run by hand).
+DOMAIN_LOCK_DIR = Path(os.environ.get("KOSMOS2_TEST_DOMAIN_LOCKS", "/tmp/kosmos2_ros_test_domains"))
+_held_domains: List[Any] = []     # open lock files: a domain stays ours until this process exits
+
+
+def _candidate_domains() -> List[int]:
+    spec = os.environ.get("KOSMOS2_TEST_DOMAINS", "")
+    if spec:
+        low, _, high = spec.partition("-")
+        return list(range(int(low), int(high or low) + 1))
+    return [d for d in list(range(1, 102)) + list(range(215, 233)) if str(d) != os.environ.get("ROS_DOMAIN_ID")]
+
+
+def free_domain() -> int:
+    """A DDS domain id no other test run on this machine holds, held until this process exits.
+
+    Fixed ids let two runs (two CI jobs, or a run beside a node started by hand) talk to each
+    other's nodes; an exclusive lock file per id makes every concurrent run take its own.
+    """
+    DOMAIN_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    for domain in _candidate_domains():
+        handle = open(DOMAIN_LOCK_DIR / f"{domain}.lock", "w")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _held_domains.append(handle)
+        return domain
+    raise RuntimeError(f"every DDS domain id for tests is taken (locks in {DOMAIN_LOCK_DIR})")
 
 
 def node_env(domain_id: int) -> Dict[str, str]:

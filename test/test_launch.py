@@ -15,9 +15,9 @@ import pytest
 
 launch_ros = pytest.importorskip("launch_ros", reason="launch_ros is not installed (PyPI-wheel set-up)")
 
-from node_helpers import Tester, node_env, scene  # noqa: E402
+from node_helpers import Tester, free_domain, node_env, scene  # noqa: E402
 
-DOMAIN = 45
+DOMAIN = free_domain()
 ROOT = Path(__file__).resolve().parents[1]
 
 

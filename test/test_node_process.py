@@ -11,9 +11,9 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from node_helpers import ROOT, NodeProcess, Tester, rgb_image_msg, running_node, scene
+from node_helpers import ROOT, NodeProcess, Tester, free_domain, rgb_image_msg, running_node, scene
 
-DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = 41, 42, 43
+DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = free_domain(), free_domain(), free_domain()
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
 W, H = 64, 48
 

@@ -12,9 +12,9 @@ from typing import Any, Dict, Iterator, List
 
 import numpy as np
 import pytest
-from node_helpers import FAULT_DIR_ENV, ROOT, NodeProcess, Tester, scene
+from node_helpers import FAULT_DIR_ENV, ROOT, NodeProcess, Tester, free_domain, scene
 
-DOMAIN, LOADING_DOMAIN, SHUTDOWN_DOMAIN = 60, 61, 62
+DOMAIN, LOADING_DOMAIN, SHUTDOWN_DOMAIN = free_domain(), free_domain(), free_domain()
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
 QUEUE = 4
 HELPER = str(ROOT / "test" / "node_helpers.py")
