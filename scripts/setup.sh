@@ -35,13 +35,15 @@ WS="$VENV/ros_ws"
   export AMENT_PREFIX_PATH="$VENV" CMAKE_PREFIX_PATH="$VENV"
   export LD_LIBRARY_PATH="${ROS_LIBS}$VENV/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # CMake refuses include paths inside the source dir, and the venv (with numpy's headers)
-  # sits inside this checkout; so colcon builds a source dir of links to the package files.
+  # sits inside this checkout; so colcon builds a copy of the package files. Copies, not
+  # links: install(DIRECTORY) would install links, and ros2launch's walk of the share
+  # directory does not follow them (the launch file would not be found).
   SRC="$WS/src/kosmos2_ros"
   rm -rf "$SRC" && mkdir -p "$SRC"
-  for entry in package.xml CMakeLists.txt setup.py msg srv action bin launch config; do
-    ln -s "$ROOT/$entry" "$SRC/$entry"
+  for entry in package.xml CMakeLists.txt setup.py msg srv action bin launch config kosmos2_ros; do
+    cp -r "$ROOT/$entry" "$SRC/$entry"
   done
-  cp -r "$ROOT/kosmos2_ros" "$SRC/kosmos2_ros"   # install(DIRECTORY) cannot take a link
+  rm -rf "$WS/install/kosmos2_ros"   # installed anew: nothing stale (or linked) from an earlier set-up
   cd "$WS"
   colcon --log-base "$WS/log" build --base-paths "$WS/src" \
     --build-base "$WS/build" --install-base "$WS/install" \
