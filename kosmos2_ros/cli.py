@@ -9,10 +9,11 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
-from .core.loading import DEFAULT_MODEL, MODEL_ENV
+from .core.loading import DEFAULT_MODEL, MODEL_ENV, quiet_libraries
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_MODEL, EXIT_COMMAND = 0, 1, 2, 3, 4
 
@@ -25,18 +26,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
     warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
+    quiet_libraries()
 
 
 def _fail(prog: str, code: int, message: str) -> int:

@@ -10,7 +10,15 @@ import pytest
 
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import MODEL_ENV, ModelNotFound, TextCodec, UnsafeCheckpoint, load_processor, resolve_model
+from kosmos2_ros.core.loading import (
+    MODEL_ENV,
+    ModelNotFound,
+    TextCodec,
+    UnsafeCheckpoint,
+    load_processor,
+    looks_like_path,
+    resolve_model,
+)
 from kosmos2_ros.core.pipeline import Command, Pipeline, Status
 
 
@@ -22,11 +30,12 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
-def _message_says_what_and_how(message: str, model: str) -> None:
+def _message_says_what_and_how(message: str, model: str, hub: bool = True) -> None:
     assert repr(model) in message
     assert "Tried:" in message
     assert "local directory" in message and "does not exist" in message
-    assert "Hugging Face cache" in message
+    # A path is never looked up on the hub (no cache or download noise for a mistyped directory).
+    assert ("Hugging Face cache" in message) == hub
     # how to point the package at a local copy
     assert "save_pretrained" in message and "--model DIR" in message and MODEL_ENV in message
 
@@ -49,8 +58,30 @@ def test_missing_local_directory(tmp_path: Path, allow_download: bool) -> None:
     model = str(tmp_path / "no_such_model")
     with pytest.raises(ModelNotFound) as info:
         resolve_model(model, allow_download=allow_download)
-    _message_says_what_and_how(str(info.value), model)
+    _message_says_what_and_how(str(info.value), model, hub=False)
     assert str(tmp_path / "no_such_model") in str(info.value)
+
+
+@pytest.mark.parametrize("model", ["./no_such_model", "../no/such/model", "~/no_such_model_here", "models/a/b",
+                                   "/abs/no_such_model", "no_such_dir/"])
+def test_path_that_does_not_exist_is_reported_as_such_without_a_hub_look_up(model: str) -> None:
+    with pytest.raises(ModelNotFound) as info:
+        resolve_model(model, allow_download=True)
+    message = str(info.value)
+    _message_says_what_and_how(message, model, hub=False)
+    assert "not looked up on the hub" in message and "downloading" not in message
+
+
+def test_a_file_is_not_a_model_directory(tmp_path: Path) -> None:
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    with pytest.raises(ModelNotFound, match="is a file, not a directory"):
+        resolve_model(str(file))
+
+
+def test_hub_ids_still_look_like_hub_ids() -> None:
+    for model in ("microsoft/kosmos-2-patch14-224", "kosmos-2", "org_1/name.v2"):
+        assert not looks_like_path(model), model
 
 
 def test_pipeline_load_reports_missing_model(tmp_path: Path) -> None:

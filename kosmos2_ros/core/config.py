@@ -11,12 +11,25 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DECODING = ("free", "constrained")
 QOS = ("sensor_data", "reliable")
+
+
+# Closed ranges [low, high] of numeric parameters: validated here, and shown by
+# `ros2 param describe` (the node puts them in its parameter descriptors).
+RANGES: Dict[str, Tuple[float, float]] = {
+    "max_new_tokens": (1, 4096),           # and at most max_new_tokens_limit
+    "max_new_tokens_limit": (1, 4096),
+    "score_threshold": (0.0, 1.0),
+    "max_prompt_chars": (1, 100_000),
+    "frame_cache_size": (1, 256),
+    "queue_size": (1, 1024),
+    "depth_inner_fraction": (0.0, 1.0),    # and above 0
+}
 
 
 class ConfigError(ValueError):
@@ -122,16 +135,13 @@ class Kosmos2Config:
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.decoding in DECODING, f"decoding must be one of {DECODING}, got {self.decoding!r}")
         need(self.image_qos in QOS, f"image_qos must be one of {QOS}, got {self.image_qos!r}")
-        need(1 <= self.max_new_tokens_limit <= 4096, "max_new_tokens_limit must be in [1, 4096]")
-        need(1 <= self.max_new_tokens <= self.max_new_tokens_limit,
+        for name, (low, high) in RANGES.items():
+            need(low <= getattr(self, name) <= high, f"{name} must be in [{low:g}, {high:g}]")
+        need(self.max_new_tokens <= self.max_new_tokens_limit,
              f"max_new_tokens must be in [1, max_new_tokens_limit={self.max_new_tokens_limit}]")
-        need(0.0 <= self.score_threshold <= 1.0, "score_threshold must be in [0, 1]")
-        need(1 <= self.max_prompt_chars <= 100_000, "max_prompt_chars must be in [1, 100000]")
         need(math.isfinite(self.max_frame_age_s) and self.max_frame_age_s >= 0,
              "max_frame_age_s must be >= 0 (0 = no limit)")
-        need(1 <= self.frame_cache_size <= 256, "frame_cache_size must be in [1, 256]")
-        need(1 <= self.queue_size <= 1024, "queue_size must be in [1, 1024]")
-        need(0.0 < self.depth_inner_fraction <= 1.0, "depth_inner_fraction must be in (0, 1]")
+        need(self.depth_inner_fraction > 0.0, "depth_inner_fraction must be in (0, 1]")
         need(0.0 <= self.min_depth_m < self.max_depth_m, "need 0 <= min_depth_m < max_depth_m")
 
 

@@ -6,6 +6,7 @@ says what was tried and how to point the package at a local copy.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -14,6 +15,11 @@ from .vocab import GroundingVocab
 
 DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 MODEL_ENV = "KOSMOS2_MODEL"
+_HOW_TO_POINT = (f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "
+                 f"model.safetensors, processor files), given as --model DIR, the `model` parameter, or "
+                 f"the {MODEL_ENV} environment variable.")
+# What the hub accepts as a repo id ("name" or "org/name"); anything else can only be a path.
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ModelNotFound(RuntimeError):
@@ -31,6 +37,10 @@ def resolve_model(model: str, allow_download: bool = True, allow_pickle: bool = 
     if path.is_dir():
         _check_safe(path, allow_pickle)
         return str(path)
+    if looks_like_path(model):
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise ModelNotFound(f"cannot load model {model!r}. Tried: local directory {path.resolve()} ({what}); "
+                            f"not looked up on the hub (a path, not a hub id). {_HOW_TO_POINT}")
     tried.append(f"local directory {path} (does not exist)")
     try:
         from huggingface_hub import snapshot_download
@@ -52,10 +62,25 @@ def resolve_model(model: str, allow_download: bool = True, allow_pickle: bool = 
         tried.append(f"downloading {model!r} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
                      if allow_download else "no download (allow_download is false)")
         raise ModelNotFound(
-            f"cannot load model {model!r}. Tried: " + "; ".join(tried) + ". "
-            f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "
-            f"model.safetensors, processor files), given as --model DIR, the `model` parameter, or "
-            f"the {MODEL_ENV} environment variable.") from None
+            f"cannot load model {model!r}. Tried: " + "; ".join(tried) + ". " + _HOW_TO_POINT) from None
+
+
+def looks_like_path(model: str) -> bool:
+    """True for names only a directory can have (`/abs`, `./rel`, `~/x`, `a/b/c`): no hub look-up for them."""
+    return model.startswith((".", "/", "~")) or model.endswith("/") or _HUB_ID_RE.fullmatch(model) is None
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info chatter from transformers and the hub (they garble logs and launch output)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
 
 
 def _check_safe(path: Path, allow_pickle: bool) -> None:

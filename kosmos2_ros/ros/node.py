@@ -23,9 +23,16 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
@@ -35,8 +42,9 @@ from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
 from kosmos2_ros.action import GroundTask
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config
+from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
 from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.loading import quiet_libraries
 from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
 from kosmos2_ros.msg import GroundingCommand, GroundingResult
 from kosmos2_ros.srv import Ground
@@ -98,6 +106,27 @@ DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "all
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 
 
+def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
+    """Type, description and (where the config has one) range, as `ros2 param describe` shows them."""
+    doc = PARAMETER_DOCS.get(name, name)
+    if name in DEFERRED_PARAMETERS:
+        doc += " (a change applies on the next configure)"
+    low_high = RANGES.get(name)
+    if isinstance(default, float):
+        # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
+        descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
+        if low_high:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low_high[0]),
+                                                                  to_value=float(low_high[1]), step=0.0)]
+        return descriptor
+    kind = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+            str: ParameterType.PARAMETER_STRING}[type(default)]
+    descriptor = ParameterDescriptor(description=doc, type=kind)
+    if low_high and isinstance(default, int):
+        descriptor.integer_range = [IntegerRange(from_value=int(low_high[0]), to_value=int(low_high[1]), step=1)]
+    return descriptor
+
+
 def image_qos(name: str) -> QoSProfile:
     """sensor_data: best effort, depth 1 (newest frame only); reliable: reliable, depth 1."""
     reliability = ReliabilityPolicy.BEST_EFFORT if name == "sensor_data" else ReliabilityPolicy.RELIABLE
@@ -109,14 +138,21 @@ class GroundingNode(LifecycleNode):
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        # Start-up values rclpy itself refused (out of a descriptor's range, wrong type): the
+        # parameter holds its default, and configure fails until the user sets it.
+        self._refused_at_start: Dict[str, str] = {}
         self._declare_parameters()
         self.param_error = ""
         try:
             self.config = Kosmos2Config.from_dict(self._parameter_values())
         except ConfigError as exc:
             self.param_error = str(exc)
-            self.get_logger().error(f"bad parameter: {exc}; the node will not configure until it is fixed")
             self.config = Kosmos2Config()
+        if self._refused_at_start:
+            self.param_error = "; ".join(self._refused_at_start.values())
+        if self.param_error:
+            self.get_logger().error(f"bad parameter: {self.param_error}; the node will not configure until it is "
+                                    "fixed (ros2 param set, then configure)")
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._lock = threading.Lock()
@@ -161,17 +197,12 @@ class GroundingNode(LifecycleNode):
         defaults = Kosmos2Config()
         for name in CONFIG_FIELDS:
             default = getattr(defaults, name)
-            doc = PARAMETER_DOCS.get(name, name)
-            if name in DEFERRED_PARAMETERS:
-                doc += " (a change applies on the next configure)"
-            if isinstance(default, float):
-                # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
-                descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
-            else:
-                kind = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-                        str: ParameterType.PARAMETER_STRING}[type(default)]
-                descriptor = ParameterDescriptor(description=doc, type=kind)
-            self.declare_parameter(name, default, descriptor)
+            descriptor = parameter_descriptor(name, default)
+            try:
+                self.declare_parameter(name, default, descriptor)
+            except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
+                self._refused_at_start[name] = f"{name}: start-up value refused ({exc}); it holds its default"
+                self.declare_parameter(name, default, parameter_descriptor(name, default), ignore_override=True)
 
     def _parameter_values(self) -> Dict[str, Any]:
         return {name: self.get_parameter(name).value for name in CONFIG_FIELDS}
@@ -181,11 +212,17 @@ class GroundingNode(LifecycleNode):
         if not changes:
             return SetParametersResult(successful=True)
         try:
-            base = Kosmos2Config.from_dict(self._parameter_values()) if self.param_error else self.config
-            new = base.with_changes(changes)
+            if self.param_error:
+                # The current values are what is wrong: judge them with this change applied, so a
+                # set that makes them valid is accepted (and configure can then succeed).
+                new = Kosmos2Config.from_dict({**self._parameter_values(), **changes})
+            else:
+                new = self.config.with_changes(changes)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
-        self.param_error = ""
+        for name in changes:
+            self._refused_at_start.pop(name, None)
+        self.param_error = "; ".join(self._refused_at_start.values())
         self.config = new
         self.frames.capacity = new.frame_cache_size
         pipeline = self._pipeline
@@ -431,7 +468,8 @@ class GroundingNode(LifecycleNode):
                  ("last_model_error", self.worker.last_model_error),
                  ("results_unpublished", self.worker.finish_errors)]
         self._diag_pub.publish(visualize.diagnostics(self.stats, self.get_clock().now().to_msg(), self.state_label,
-                                                     self.config.model, extra))
+                                                     self.config.model, extra,
+                                                     name=f"{self.get_fully_qualified_name()}: grounding"))
 
     def destroy_node(self) -> None:
         self.worker.stop()
@@ -474,6 +512,7 @@ def main(args: Optional[List[str]] = None) -> None:
     results and any waiting service/action replies go out before the context shuts down.
     """
     own_signals = _init_rclpy(args if args is not None else sys.argv)
+    quiet_libraries()   # transformers' loading progress bar would print a blank line under launch
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     stop = threading.Event()
     if own_signals:
@@ -490,7 +529,8 @@ def main(args: Optional[List[str]] = None) -> None:
             node.get_logger().error("autostart: configure failed; the node stays unconfigured "
                                     "(fix the parameters and call the lifecycle change_state service)")
     try:
-        while rclpy.ok() and not stop.is_set():
+        # The lifecycle shutdown transition ends the process too, as launch and supervisors expect.
+        while rclpy.ok() and not stop.is_set() and node.state_label != "finalized":
             _spin_once(executor, 0.1)
         if rclpy.ok():
             node.get_logger().info("shutting down: answering pending commands")
