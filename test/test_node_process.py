@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from node_helpers import ROOT, NodeProcess, Tester, free_domain, rgb_image_msg, running_node, scene
 
+from kosmos2_ros.core.grounding import parse_generation
+
 DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = free_domain(), free_domain(), free_domain()
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
 W, H = 64, 48
@@ -281,6 +283,10 @@ def test_action_gives_feedback_and_result(node: tuple) -> None:
     assert result.result.result.id == "act1" and result.result.result.status == OK
     assert feedback and feedback[0].feedback.tokens_generated >= 1
     assert t.wait_result("act1").status == OK
+    # Feedback text is clean (what a UI shows); the raw text with its tags travels beside it.
+    for fb in feedback:
+        assert "<" not in fb.feedback.partial_text, fb.feedback.partial_text
+        assert fb.feedback.partial_text == parse_generation(fb.feedback.partial_raw_text).text
 
 
 def test_debug_image_and_diagnostics(node: tuple) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DECODING = ("free", "constrained")
-QOS = ("sensor_data", "reliable")
+QOS = ("auto", "sensor_data", "reliable")
 
 
 # Closed ranges [low, high] of numeric parameters: validated here, and shown by
@@ -59,7 +59,7 @@ class Kosmos2Config:
     frame_cache_size: int = 8                        # recent frames kept for commands with a stamp
     queue_size: int = 8                              # pending commands; past it -> BUSY at once
     # Topics
-    image_qos: str = "sensor_data"                   # sensor_data (best effort, depth 1) | reliable
+    image_qos: str = "auto"                          # auto (match the publishers) | sensor_data | reliable
     use_compressed: bool = False
     enable_3d: bool = True
     depth_inner_fraction: float = 0.5                # central part of a box used for its depth

@@ -34,6 +34,7 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import MultiThreadedExecutor
+from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -44,12 +45,15 @@ from visualization_msgs.msg import MarkerArray
 from kosmos2_ros.action import GroundTask
 from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
 from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.grounding import parse_generation
 from kosmos2_ros.core.loading import quiet_libraries
 from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
 from kosmos2_ros.msg import GroundingCommand, GroundingResult
 from kosmos2_ros.srv import Ground
 
 from . import convert, visualize
+from .camera_qos import MatchedSubscription, image_qos
+from .topics import camera_info_for, compressed_for
 from .worker import FrameRejected, Job, Worker
 
 try:  # Humble and later
@@ -89,7 +93,8 @@ PARAMETER_DOCS: Dict[str, str] = {
     "max_frame_age_s": "a newest frame older than this gives STATUS_STALE_FRAME; 0 = no limit",
     "frame_cache_size": "recent frames kept so a command can name its frame by stamp",
     "queue_size": "pending commands; past this a command gets STATUS_BUSY at once",
-    "image_qos": "QoS of the camera subscriptions: sensor_data (best effort, depth 1) | reliable",
+    "image_qos": "QoS of the camera subscriptions (depth 1): auto (reliable when every publisher is, else best "
+                 "effort; follows publishers as they change) | sensor_data (best effort) | reliable",
     "use_compressed": "also subscribe to image/compressed (sensor_msgs/CompressedImage)",
     "enable_3d": "compute a 3D point per box from depth/image + camera_info",
     "depth_inner_fraction": "central fraction of a box whose median depth gives its 3D point",
@@ -127,12 +132,6 @@ def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
     return descriptor
 
 
-def image_qos(name: str) -> QoSProfile:
-    """sensor_data: best effort, depth 1 (newest frame only); reliable: reliable, depth 1."""
-    reliability = ReliabilityPolicy.BEST_EFFORT if name == "sensor_data" else ReliabilityPolicy.RELIABLE
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
-
-
 class GroundingNode(LifecycleNode):
     """Kosmos-2 grounding as a managed node (see the module docstring for the threading)."""
 
@@ -165,7 +164,7 @@ class GroundingNode(LifecycleNode):
         self._intrinsics = None
         self._ids = itertools.count(1)
         self.stats = visualize.Stats()
-        self._sensor_subs: List[Any] = []
+        self._sensor_subs: List[MatchedSubscription] = []
 
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
@@ -190,7 +189,7 @@ class GroundingNode(LifecycleNode):
                                     callback_group=self._commands_group)
         self.worker = Worker(lambda: self._pipeline if self._active else None, self._resolve, self._finish,
                              capacity=lambda: self.config.queue_size)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=self._sensor_group)
+        self.create_timer(1.0, self._every_second, callback_group=self._sensor_group)
 
     # -- parameters ------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
@@ -260,6 +259,7 @@ class GroundingNode(LifecycleNode):
         self._active = True
         self.state_label = "active"
         image_topic = self._sensor_subs[0].topic_name if self._sensor_subs else "image"
+        self._rematch_sensor_qos()
         self.get_logger().info(f"active: waiting for images on {image_topic} and commands on "
                                f"{self._command_sub.topic_name}")
         return super().on_activate(state)
@@ -298,7 +298,7 @@ class GroundingNode(LifecycleNode):
         self._active = False
         self._stop_commands("node is not active")
         for sub in self._sensor_subs:
-            self.destroy_subscription(sub)
+            sub.destroy()
         self._sensor_subs = []
         with self._lock:
             pipeline, self._pipeline = self._pipeline, None
@@ -315,16 +315,39 @@ class GroundingNode(LifecycleNode):
         self._image_error = None
 
     def _make_sensor_subscriptions(self, cfg: Kosmos2Config) -> None:
-        qos = image_qos(cfg.image_qos)
-        group = self._sensor_group
-        subs = [self.create_subscription(Image, "image", self._on_image, qos, callback_group=group),
-                self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=group)]
+        """Image, camera_info, depth (and compressed), with camera_info and compressed named
+        after the image topic unless remapped themselves (image_transport's convention)."""
+        def subscribe(msg_type: Any, topic: str, callback: Any) -> MatchedSubscription:
+            return MatchedSubscription(self, msg_type, topic, callback, cfg.image_qos, self._sensor_group)
+
+        image = subscribe(Image, "image", self._on_image)
+        subs = [image, subscribe(CameraInfo, self._named_after_image("camera_info", camera_info_for(image.topic_name)),
+                                 self._on_camera_info)]
         if cfg.enable_3d:
-            subs.append(self.create_subscription(Image, "depth/image", self._on_depth, qos, callback_group=group))
+            subs.append(subscribe(Image, "depth/image", self._on_depth))
         if cfg.use_compressed:
-            subs.append(self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, qos,
-                                                 callback_group=group))
+            subs.append(subscribe(CompressedImage,
+                                  self._named_after_image("image/compressed", compressed_for(image.topic_name)),
+                                  self._on_compressed))
         self._sensor_subs = subs
+
+    def _named_after_image(self, name: str, convention: str) -> str:
+        """`name` where a remap rule names it, else the image topic's sibling or child."""
+        expanded = expand_topic_name(name, self.get_name(), self.get_namespace())
+        if hasattr(self, "resolve_topic_name"):
+            resolved = self.resolve_topic_name(name)
+        else:  # pragma: no cover - an rclpy without Node.resolve_topic_name
+            probe = self.create_subscription(String, name, lambda _msg: None, 1)
+            resolved = probe.topic_name
+            self.destroy_subscription(probe)
+        return resolved if resolved != expanded else convention
+
+    def _rematch_sensor_qos(self) -> None:
+        """image_qos auto: follow the publishers' reliability (checked on activate and every second)."""
+        for sub in list(self._sensor_subs):
+            change = sub.rematch()
+            if change:
+                self.get_logger().info(change)
 
     # -- sensors ---------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
@@ -383,8 +406,10 @@ class GroundingNode(LifecycleNode):
                 return
             last[0] = now
             pipeline = self._pipeline
-            text = pipeline.codec.decode(gen.token_ids) if pipeline is not None else ""
-            goal_handle.publish_feedback(GroundTask.Feedback(tokens_generated=len(gen.token_ids), partial_text=text))
+            raw = pipeline.codec.decode(gen.token_ids) if pipeline is not None else ""
+            goal_handle.publish_feedback(GroundTask.Feedback(tokens_generated=len(gen.token_ids),
+                                                             partial_text=parse_generation(raw).text,
+                                                             partial_raw_text=raw))
 
         job = self.submit(cmd, on_token=on_token, should_stop=lambda: goal_handle.is_cancel_requested)
         job.future.result()
@@ -460,6 +485,10 @@ class GroundingNode(LifecycleNode):
                 self._marker_pub.publish(visualize.markers(msg))
         except Exception as exc:  # noqa: BLE001 - visualisation must not lose the result
             self.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
+
+    def _every_second(self) -> None:
+        self._rematch_sensor_qos()
+        self._publish_diagnostics()
 
     def _publish_diagnostics(self) -> None:
         extra = [("queue_depth", self.worker.depth()), ("frames_replaced_unused", self.frames.replaced_unused),
