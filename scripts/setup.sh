@@ -65,6 +65,15 @@ export CMAKE_PREFIX_PATH="$VENV"
 export RMW_IMPLEMENTATION="\${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # These machines may only talk to loopback.
 export ROS_AUTOMATIC_DISCOVERY_RANGE="\${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+# Fast DDS settings that carry 640x480+ camera frames (README: "Camera frames over DDS"),
+# loopback-only while discovery is; a profile you set yourself wins.
+if [ -z "\${FASTDDS_DEFAULT_PROFILES_FILE:-}" ]; then
+  if [ "\$ROS_AUTOMATIC_DISCOVERY_RANGE" = LOCALHOST ]; then
+    export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_large_frames_localhost.xml"
+  else
+    export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_large_frames.xml"
+  fi
+fi
 ENV
 
 step "console scripts (kosmos2-ground, kosmos2-demo, kosmos2-build-engines, grounding_node)"

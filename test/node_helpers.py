@@ -294,6 +294,23 @@ class Tester:
         self._sent_frames = {stamp_ns: msg}   # the latest only: wait_frame may need to resend it
         self.image_pub.publish(msg)
 
+    def change_state(self, transition: str, timeout: float = 30.0) -> bool:
+        """A lifecycle transition by name (configure, activate, deactivate, cleanup, active_shutdown...)."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        client = self.node.create_client(ChangeState, f"{self.node_ns}/change_state")
+        assert client.wait_for_service(timeout_sec=10)
+        tid = getattr(Transition, f"TRANSITION_{transition.upper()}")
+        return self.wait_for(client.call_async(ChangeState.Request(transition=Transition(id=tid))), timeout).success
+
+    def state(self) -> str:
+        from lifecycle_msgs.srv import GetState
+
+        client = self.node.create_client(GetState, f"{self.node_ns}/get_state")
+        assert client.wait_for_service(timeout_sec=10)
+        return self.wait_for(client.call_async(GetState.Request()), 10).current_state.label
+
     def set_parameters(self, values: Dict[str, Any]) -> List[Any]:
         from rcl_interfaces.srv import SetParameters
         from rclpy.parameter import Parameter
@@ -303,6 +320,39 @@ class Tester:
         req = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
         return list(self.wait_for(client.call_async(req), 10.0).results)
 
+
+
+class CameraStream:
+    """A camera publishing frames stamped with the wall clock at a fixed rate, like a driver."""
+
+    def __init__(self, tester: Tester, width: int, height: int, hz: float, reliable: bool,
+                 topic: str = "/image", frame_id: str = "camera_optical") -> None:
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+
+        reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+        self._node = tester.node
+        self._pub = tester.node.create_publisher(
+            Image, topic, QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability))
+        self._rgb = scene(width, height)
+        self._period, self._frame_id = 1.0 / hz, frame_id
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self._pub.publish(rgb_image_msg(self._rgb, time.time_ns(), self._frame_id))
+            self.sent += 1
+            next_at += self._period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._node.destroy_publisher(self._pub)   # gone from the graph, as a camera that stops
 
 
 # -- a slowed-down real backend, for plumbing tests only (busy queue, cancel) ------------------

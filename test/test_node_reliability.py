@@ -92,24 +92,6 @@ def fresh_frame(t: Tester, frame_id: str = "camera_optical", width: int = 64, he
         assert time.monotonic() < deadline, f"frame never arrived: {res}"
 
 
-def lifecycle(t: Tester, transition: str) -> bool:
-    from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
-
-    client = t.node.create_client(ChangeState, "/kosmos2/change_state")
-    assert client.wait_for_service(timeout_sec=10)
-    tid = getattr(Transition, f"TRANSITION_{transition.upper()}")
-    return t.wait_for(client.call_async(ChangeState.Request(transition=Transition(id=tid))), 30).success
-
-
-def state(t: Tester) -> str:
-    from lifecycle_msgs.srv import GetState
-
-    client = t.node.create_client(GetState, "/kosmos2/get_state")
-    assert client.wait_for_service(timeout_sec=10)
-    return t.wait_for(client.call_async(GetState.Request()), 10).current_state.label
-
-
 def wait_results(t: Tester, ids: List[str], timeout: float = 30.0) -> Dict[str, Any]:
     got = {i: t.wait_result(i, timeout) for i in ids}
     time.sleep(0.5)   # a duplicate, if any, would arrive by now
@@ -201,15 +183,15 @@ def test_deactivate_and_cleanup_under_load_answer_everything_then_reactivate(nod
     service = t.ground_client.call_async(Ground.Request(command=t.command("svc-waiting", "caption")))
     time.sleep(0.3)
     t0 = time.monotonic()
-    assert lifecycle(t, "deactivate")
+    assert t.change_state("deactivate")
     try:
         _deactivated_under_load(proc, t, control, queued, service, t0)
     finally:
         control.reset()
-        if state(t) == "inactive":
-            lifecycle(t, "activate")
-        elif state(t) == "unconfigured":
-            lifecycle(t, "configure") and lifecycle(t, "activate")
+        if t.state() == "inactive":
+            t.change_state("activate")
+        elif t.state() == "unconfigured":
+            t.change_state("configure") and t.change_state("activate")
 
 
 def _deactivated_under_load(proc: NodeProcess, t: Tester, control: Control, queued: List[str], service: Any,
@@ -226,7 +208,7 @@ def _deactivated_under_load(proc: NodeProcess, t: Tester, control: Control, queu
     assert t.wait_for(service, 10).result.status == got["svc-waiting"].status
     assert t.run(t.command("while-inactive", "refer", "the red box")).status == NOT_ACTIVE
 
-    assert lifecycle(t, "cleanup") and state(t) == "unconfigured"
+    assert t.change_state("cleanup") and t.state() == "unconfigured"
     deadline = time.monotonic() + 5
     while "model released" not in proc.log() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -235,7 +217,7 @@ def _deactivated_under_load(proc: NodeProcess, t: Tester, control: Control, queu
     assert res.status == NOT_ACTIVE and "unconfigured" in res.error
 
     control.reset()
-    assert lifecycle(t, "configure") and lifecycle(t, "activate") and state(t) == "active"
+    assert t.change_state("configure") and t.change_state("activate") and t.state() == "active"
     fresh_frame(t, "after_reactivate")
     res = t.run(t.command("after-reactivate", "refer", "the red box"))
     assert res.status == OK and res.header.frame_id == "after_reactivate"
@@ -371,28 +353,28 @@ def test_loading_refuses_pickle_remote_code_and_broken_graphs(tiny_model_dir: Pa
     try:
         log = _log_after(proc, 0, "autostart: configure failed")
         assert "cannot load model" in log and "pickle" in log and "allow_pickle_weights" in log, log
-        assert state(t) == "unconfigured"
+        assert t.state() == "unconfigured"
         while t.command_pub.get_subscription_count() == 0:
             time.sleep(0.05)
         assert t.run(t.command("pickle-refused", "refer", "a dog"), 10).status == NOT_ACTIVE
 
         mark = len(proc.log())
         assert all(r.successful for r in t.set_parameters({"model": str(remote)}))
-        assert not lifecycle(t, "configure")
+        assert not t.change_state("configure")
         log = _log_after(proc, mark, "remote code")
         assert "cannot load model" in log and "remote code" in log and "trust_remote_code" in log, log
 
         mark = len(proc.log())
         assert all(r.successful for r in t.set_parameters(
             {"model": str(tiny_model_dir), "backend": "onnxruntime", "artifacts_dir": str(artifacts)}))
-        assert not lifecycle(t, "configure")
+        assert not t.change_state("configure")
         log = _log_after(proc, mark, "cannot load model")
         assert "cannot load model" in log and "onnxruntime" in log, log
-        assert state(t) == "unconfigured" and proc.alive()
+        assert t.state() == "unconfigured" and proc.alive()
 
         assert all(r.successful for r in t.set_parameters(
             {"model": str(pickled), "backend": "torch", "allow_pickle_weights": True}))
-        assert lifecycle(t, "configure") and lifecycle(t, "activate")
+        assert t.change_state("configure") and t.change_state("activate")
         fresh_frame(t, "pickle_ok")
         res = t.run(t.command("pickle-allowed", "refer", "the red box"))
         assert res.status == OK and res.header.frame_id == "pickle_ok"

@@ -141,14 +141,13 @@ class GroundingNode(LifecycleNode):
         # parameter holds its default, and configure fails until the user sets it.
         self._refused_at_start: Dict[str, str] = {}
         self._declare_parameters()
-        self.param_error = ""
+        problem = ""
         try:
             self.config = Kosmos2Config.from_dict(self._parameter_values())
         except ConfigError as exc:
-            self.param_error = str(exc)
+            problem = str(exc)
             self.config = Kosmos2Config()
-        if self._refused_at_start:
-            self.param_error = "; ".join(self._refused_at_start.values())
+        self.param_error = self._parameter_problems(problem)
         if self.param_error:
             self.get_logger().error(f"bad parameter: {self.param_error}; the node will not configure until it is "
                                     "fixed (ros2 param set, then configure)")
@@ -200,7 +199,9 @@ class GroundingNode(LifecycleNode):
             try:
                 self.declare_parameter(name, default, descriptor)
             except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
-                self._refused_at_start[name] = f"{name}: start-up value refused ({exc}); it holds its default"
+                low_high = RANGES.get(name)
+                why = f"must be in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else str(exc)
+                self._refused_at_start[name] = f"{name}: start-up value refused ({why}); set it to configure"
                 self.declare_parameter(name, default, parameter_descriptor(name, default), ignore_override=True)
 
     def _parameter_values(self) -> Dict[str, Any]:
@@ -211,17 +212,12 @@ class GroundingNode(LifecycleNode):
         if not changes:
             return SetParametersResult(successful=True)
         try:
-            if self.param_error:
-                # The current values are what is wrong: judge them with this change applied, so a
-                # set that makes them valid is accepted (and configure can then succeed).
-                new = Kosmos2Config.from_dict({**self._parameter_values(), **changes})
-            else:
-                new = self.config.with_changes(changes)
+            new, problem = self._config_after(changes)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         for name in changes:
             self._refused_at_start.pop(name, None)
-        self.param_error = "; ".join(self._refused_at_start.values())
+        self.param_error = self._parameter_problems(problem)
         self.config = new
         self.frames.capacity = new.frame_cache_size
         pipeline = self._pipeline
@@ -232,6 +228,25 @@ class GroundingNode(LifecycleNode):
             self.get_logger().info(f"{', '.join(deferred)} changed: applies on the next configure "
                                    "(lifecycle cleanup + configure)")
         return SetParametersResult(successful=True)
+
+    def _config_after(self, changes: Dict[str, Any]) -> Tuple[Kosmos2Config, str]:
+        """The config with `changes` applied, and what is still wrong with the parameters ("" = nothing).
+
+        While the parameters are wrong (given so at start-up), they are judged with the change
+        applied, so a set that makes them valid is accepted and configure can then succeed; a set
+        that is valid in itself but leaves another parameter wrong is accepted too, and the node
+        still will not configure. ConfigError: the change itself is wrong.
+        """
+        if not self.param_error:
+            return self.config.with_changes(changes), ""
+        try:
+            return Kosmos2Config.from_dict({**self._parameter_values(), **changes}), ""
+        except ConfigError as exc:
+            Kosmos2Config().with_changes(changes)
+            return self.config, str(exc)
+
+    def _parameter_problems(self, config_problem: str) -> str:
+        return "; ".join([p for p in [config_problem] if p] + list(self._refused_at_start.values()))
 
     # -- lifecycle -------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
