@@ -17,6 +17,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DECODING = ("free", "constrained")
 QOS = ("sensor_data", "reliable")
+MAX_NGRAM = 64          # largest no_repeat_ngram_size accepted
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class Kosmos2Config:
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused
     decoding: str = "constrained"                    # default for refer/phrase grounding
+    no_repeat_ngram_size: int = -1                   # -1 = the checkpoint's generation config; 0 = off
     score_threshold: float = 0.0                     # boxes scoring below are dropped
     max_prompt_chars: int = 1000
     # Frames and commands
@@ -125,6 +127,9 @@ class Kosmos2Config:
         need(1 <= self.max_new_tokens_limit <= 4096, "max_new_tokens_limit must be in [1, 4096]")
         need(1 <= self.max_new_tokens <= self.max_new_tokens_limit,
              f"max_new_tokens must be in [1, max_new_tokens_limit={self.max_new_tokens_limit}]")
+        need(-1 <= self.no_repeat_ngram_size <= MAX_NGRAM,
+             f"no_repeat_ngram_size must be in [-1, {MAX_NGRAM}] (-1 = the checkpoint's, 0 = off), "
+             f"got {self.no_repeat_ngram_size}")
         need(0.0 <= self.score_threshold <= 1.0, "score_threshold must be in [0, 1]")
         need(1 <= self.max_prompt_chars <= 100_000, "max_prompt_chars must be in [1, 100000]")
         need(math.isfinite(self.max_frame_age_s) and self.max_frame_age_s >= 0,
