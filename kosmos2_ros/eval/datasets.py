@@ -107,11 +107,12 @@ def read_mdetr_json(path: Path, images: Path, split: str = "", name: str = "") -
             seen_names[img["dataset_name"]] += 1
     match = _SPLIT_RE.search(path.name)
     if not name:
-        name = seen_names.most_common(1)[0][0] if seen_names else _name_from_file(path.name)
+        name = _name_from_file(seen_names.most_common(1)[0][0] if seen_names else path.name)
     return Dataset(name=name, split=split or (match.group(1) if match else ""), samples=samples, skipped=skipped)
 
 
 def _name_from_file(file_name: str) -> str:
+    """A dataset_name or file name -> the name the paper's figures are filed under."""
     low = file_name.lower()
     if "flickr" in low:
         return "flickr30k_entities"

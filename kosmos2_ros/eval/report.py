@@ -40,6 +40,7 @@ def build_metrics(dataset: Dataset, records: List[dict], skipped: Dict[str, int]
         "dataset": dataset.name, "split": dataset.split, "task": "referring expressions" if kind == REC
         else "phrase grounding", **{k: v for k, v in scores.items() if k != "evaluated"},
         "counts": {"samples": total, "evaluated": int(scores["evaluated"]),
+                   "without_box": sum(1 for r in records if not r.get("boxes_px")),
                    "skipped": dict(sorted(skipped.items())), "skipped_total": int(sum(skipped.values()))},
         "settings": settings,
         "paper": {"metric": paper[0], "percent": paper[1]} if paper else None,
@@ -72,6 +73,9 @@ def summary_markdown(metrics: Dict[str, Any], title: str = "kosmos2-eval") -> st
     extra = [k for k in ("acc@0.5_any_box", "recall@5", "recall@10", "recall@any") if k in metrics]
     if extra:
         lines += ["", "Also: " + ", ".join(f"{k} {100 * metrics[k]:.2f} %" for k in extra)]
+    if counts.get("without_box"):
+        lines += ["", f"{counts['without_box']} evaluated samples got no box for their phrase: misses, as the paper's "
+                  "zero-area box."]
     if counts["skipped"]:
         lines += ["", "Skipped: " + ", ".join(f"{reason}: {n}" for reason, n in counts["skipped"].items())]
     if metrics.get("recall@1_by_category"):
