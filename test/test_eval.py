@@ -346,3 +346,45 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_model_dir: Path, scenes, 
     code, _, err = run_eval(capsys, "--annotations", str(ann), "--out", str(tmp_path / "m"), "--model",
                             str(tmp_path / "no-model"), "--images", str(images), "--no-download")
     assert code == 3 and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("fmt", ["refcoco", "flickr"])
+def test_free_decoding_counts_boxes_as_the_papers_rule_on_transformers_output(fmt: str, tiny_model_dir: Path,
+                                                                              scenes, tmp_path: Path,
+                                                                              capsys) -> None:
+    """Free decoding: candidate boxes are those transformers' own generate + post_process_generation
+    give for the entities named as the query, scaled by the image size (the paper's rule)."""
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+    from kosmos2_ros.core.reference import reference_generate
+
+    images, scene_list = scenes
+    if fmt == "refcoco":
+        ann = tmp_path / "finetune_refcoco_testB.json"
+        write_refcoco(ann, scene_list)
+        extra: List[str] = []
+    else:
+        ann = tmp_path / "flickr"
+        write_flickr(ann, scene_list, split="test")
+        extra = ["--split", "test"]
+    out = tmp_path / "free"
+    code, _, err = run_eval(capsys, "--annotations", str(ann), "--out", str(out), "--decoding", "free",
+                            "--max-new-tokens", "24", "--limit", "4", *extra, *common(tiny_model_dir, images))
+    assert code == 0, err
+    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
+    preds = read_predictions(out)
+    assert len(preds) == 4 and any(p["boxes_px"] for p in preds)   # the comparison below sees real boxes
+    for pred in preds:
+        query = pred.get("expression") or pred["phrase"]
+        prompt = f"<grounding>{pred['context'].rstrip()}<phrase> {query}</phrase>"
+        with Image.open(pred["image"]) as im:
+            image = im.convert("RGB")
+        ref = reference_generate(model, processor, prompt, image, 24)
+        assert pred["token_ids"] == ref.new_ids
+        expected = [[x0 * image.width, y0 * image.height, x1 * image.width, y1 * image.height]
+                    for phrase, _, found in ref.parsed[1] if " ".join(phrase.split()) == query
+                    for x0, y0, x1, y1 in found]
+        assert len(pred["boxes_px"]) == len(expected)
+        for got, want in zip(pred["boxes_px"], expected):
+            assert got == pytest.approx(want, abs=1e-3)
