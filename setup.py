@@ -18,6 +18,7 @@ setup(
             "kosmos2-ground = kosmos2_ros.cli:ground_main",
             "kosmos2-build-engines = kosmos2_ros.cli:build_engines_main",
             "kosmos2-demo = kosmos2_ros.cli:demo_main",
+            "kosmos2-eval = kosmos2_ros.eval.cli:main",
             "grounding_node = kosmos2_ros.ros.node:main",
         ]
     },

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
         return [(f, [EXPRESSIONS[(f * 3 + j) % len(EXPRESSIONS)] for j in range(k)]) for f in range(frames)]
 
     # -- baseline ------------------------------------------------------------------------------
+    from kosmos2_ros.core.loading import checkpoint_no_repeat_ngram_size
     from kosmos2_ros.core.reference import reference_generate
     from kosmos2_ros.core.vocab import GroundingVocab
     vocab = GroundingVocab.from_tokenizer(processor.tokenizer)
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
         for mode in ("free", "constrained"):
             cfg = Kosmos2Config(model=str(model_dir), backend=backend_name, device=args.device, decoding=mode,
                                 precision=precision, max_new_tokens=max_new, enable_3d=False)
-            pipes[(backend_name, mode)] = Pipeline(cfg, backend, processor)
+            pipes[(backend_name, mode)] = Pipeline(cfg, backend, processor,
+                                                   checkpoint_no_repeat_ngram_size(str(model_dir)))
 
     # Paths take turns frame by frame, so load from other processes hits them alike.
     baseline_one(images[0], EXPRESSIONS[0])  # warm-up

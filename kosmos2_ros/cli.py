@@ -30,6 +30,22 @@ def _quiet_libraries() -> None:
     quiet_libraries()
 
 
+class ModelLoadError(RuntimeError):
+    """The model or backend cannot be loaded; the message is one line saying why."""
+
+
+def load_pipeline(config):
+    """`Pipeline.load`, with every failure a user can fix turned into a one-line ModelLoadError."""
+    from .core.backends.base import BackendError
+    from .core.loading import ModelNotFound, UnsafeCheckpoint
+    from .core.pipeline import Pipeline
+
+    try:
+        return Pipeline.load(config)
+    except (ModelNotFound, UnsafeCheckpoint, BackendError, ImportError, OSError, ValueError) as exc:
+        raise ModelLoadError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
 def _fail(prog: str, code: int, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
@@ -69,6 +85,7 @@ def _ground_parser() -> _Parser:
     p.add_argument("--decoding", default="constrained", choices=DECODING,
                    help="constrained: referring expressions decode only location tokens (fast); free: plain greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    add_ngram_argument(p)
     p.add_argument("--score-threshold", type=float, default=0.0)
     p.add_argument("--no-download", action="store_true", help="never fetch the model from the hub")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -76,15 +93,19 @@ def _ground_parser() -> _Parser:
     return p
 
 
+def add_ngram_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-repeat-ngram-size", type=int, default=-1, metavar="N",
+                   help="no n-gram of N tokens twice (0 = off; default -1: the checkpoint's generation config, "
+                        "3 for microsoft/kosmos-2-patch14-224)")
+
+
 def ground_main(argv: Optional[Sequence[str]] = None) -> int:
     prog = "kosmos2-ground"
     args = _ground_parser().parse_args(argv)
     _quiet_libraries()
-    from .core.backends.base import BackendError
     from .core.config import ConfigError, Kosmos2Config
     from .core.frames import Frame
-    from .core.loading import ModelNotFound, UnsafeCheckpoint
-    from .core.pipeline import Command, Pipeline, Status
+    from .core.pipeline import Command, Status
 
     if args.task == "region" and args.region is None:
         return _fail(prog, EXIT_USAGE, "--task region needs --region X0 Y0 X1 Y1")
@@ -96,15 +117,16 @@ def ground_main(argv: Optional[Sequence[str]] = None) -> int:
         config = Kosmos2Config.from_dict(dict(
             model=args.model, backend=args.backend, device=args.device, precision=args.precision,
             decoding=args.decoding, max_new_tokens=args.max_new_tokens,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
             max_new_tokens_limit=max(512, args.max_new_tokens), score_threshold=args.score_threshold,
             allow_download=not args.no_download, enable_3d=False))
     except ConfigError as exc:
         return _fail(prog, EXIT_USAGE, str(exc))
     t0 = time.perf_counter()
     try:
-        pipeline = Pipeline.load(config)
-    except (ModelNotFound, UnsafeCheckpoint, BackendError, ImportError, OSError, ValueError) as exc:
-        return _fail(prog, EXIT_MODEL, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        pipeline = load_pipeline(config)
+    except ModelLoadError as exc:
+        return _fail(prog, EXIT_MODEL, str(exc))
     load_ms = (time.perf_counter() - t0) * 1e3
     command = Command(id="cli", task=args.task, text=args.text,
                       region_px=tuple(args.region) if args.region else None)

@@ -263,6 +263,11 @@ def test_command_roundtrip() -> None:
     assert command_from_msg(command_to_msg(cmd)) == cmd
     plain = command_from_msg(command_to_msg(Command(id="d", task="", text="a cat")))
     assert plain.task == "refer" and plain.region_px is None and plain.image_stamp_ns == 0
+    assert plain.no_repeat_ngram_size == -1            # the message's default: the node's parameter
+    assert command_from_msg(command_to_msg(Command(id="e", no_repeat_ngram_size=3))).no_repeat_ngram_size == 3
+    from kosmos2_ros.msg import GroundingCommand
+
+    assert GroundingCommand().no_repeat_ngram_size == -1
 
 
 def test_result_to_msg() -> None:
@@ -273,8 +278,9 @@ def test_result_to_msg() -> None:
                  text="a cat", raw_text="<phrase> a cat</phrase>", token_ids=[5, 6],
                  objects=[GroundedBox("a cat", 0, (0, 5), (1.0, 2.0, 3.0, 4.0), (0.1, 0.2, 0.3, 0.4), 0.75, (0.1, 0.2, 1.5)),
                           GroundedBox("a cat", 0, (0, 5), (5.0, 6.0, 7.0, 8.0), (0.5, 0.6, 0.7, 0.8), float("nan"))],
-                 timings_ms={"encode": 1.0, "generate": 2.0, "total": 4.0})
+                 timings_ms={"encode": 1.0, "generate": 2.0, "total": 4.0}, no_repeat_ngram_size=3)
     msg = result_to_msg(res, queue_ms=1.5)
+    assert msg.no_repeat_ngram_size == 3
     assert msg.header.stamp.sec == 3 and msg.header.stamp.nanosec == 7 and msg.header.frame_id == "cam"
     assert (msg.image_width, msg.image_height, msg.status, list(msg.token_ids)) == (64, 48, 0, [5, 6])
     a, b = msg.objects

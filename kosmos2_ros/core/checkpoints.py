@@ -224,11 +224,12 @@ def _fit(model: Any, data: Dict[str, Any], rng: np.random.Generator, steps: int,
 
 def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], seed: int = 0, full_size: bool = False,
                           image_size: int = 224, vocab_size: Optional[int] = None,
-                          train: Optional[bool] = None) -> Path:
+                          train: Optional[bool] = None, no_repeat_ngram_size: int = 0) -> Path:
     """Build a tiny Kosmos-2 with its processor and `save_pretrained` both into `out_dir`.
 
     `train` (default: True unless `full_size`) fits the tiny model to synthetic grounded scenes
     for a few seconds; `train=False` keeps random weights. Full-size models are never trained.
+    `no_repeat_ngram_size` goes into the saved generation config, as the real checkpoint's 3 does.
     """
     import torch
     from transformers import Kosmos2ForConditionalGeneration
@@ -261,6 +262,8 @@ def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], seed: int = 0, full_
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    if no_repeat_ngram_size:   # as microsoft/kosmos-2-patch14-224's generation_config.json (3)
+        model.generation_config.no_repeat_ngram_size = int(no_repeat_ngram_size)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -17,6 +17,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DECODING = ("free", "constrained")
 QOS = ("auto", "sensor_data", "reliable")
+MAX_NGRAM = 64          # largest no_repeat_ngram_size accepted
 
 
 # Closed ranges [low, high] of numeric parameters: validated here, and shown by
@@ -24,6 +25,7 @@ QOS = ("auto", "sensor_data", "reliable")
 RANGES: Dict[str, Tuple[float, float]] = {
     "max_new_tokens": (1, 4096),           # and at most max_new_tokens_limit
     "max_new_tokens_limit": (1, 4096),
+    "no_repeat_ngram_size": (-1, MAX_NGRAM),
     "score_threshold": (0.0, 1.0),
     "max_prompt_chars": (1, 100_000),
     "frame_cache_size": (1, 256),
@@ -52,6 +54,7 @@ class Kosmos2Config:
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused
     decoding: str = "constrained"                    # default for refer/phrase grounding
+    no_repeat_ngram_size: int = -1                   # -1 = the checkpoint's generation config; 0 = off
     score_threshold: float = 0.0                     # boxes scoring below are dropped
     max_prompt_chars: int = 1000
     # Frames and commands
@@ -135,6 +138,9 @@ class Kosmos2Config:
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.decoding in DECODING, f"decoding must be one of {DECODING}, got {self.decoding!r}")
         need(self.image_qos in QOS, f"image_qos must be one of {QOS}, got {self.image_qos!r}")
+        need(-1 <= self.no_repeat_ngram_size <= MAX_NGRAM,
+             f"no_repeat_ngram_size must be in [-1, {MAX_NGRAM}] (-1 = the checkpoint's, 0 = off), "
+             f"got {self.no_repeat_ngram_size}")
         for name, (low, high) in RANGES.items():
             need(low <= getattr(self, name) <= high, f"{name} must be in [{low:g}, {high:g}]")
         need(self.max_new_tokens <= self.max_new_tokens_limit,

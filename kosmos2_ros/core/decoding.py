@@ -6,12 +6,17 @@ phrase whose box is wanted: it appends `<object>` itself, lets the model choose 
 location tokens (then between `</object>` and the multi-object delimiter), and stops at
 `</object>`. Whenever free decoding yields a well-formed box, both give the same box, the
 constrained one in fewer model calls.
+
+Logits processors (`NoRepeatNGram`, as transformers' `NoRepeatNGramLogitsProcessor`) are
+small objects a row carries and the loop applies in order before choosing a token, in both
+modes: a constrained row chooses among its allowed tokens after the processors have banned
+theirs (a banned location token is skipped for the next best).
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,6 +38,57 @@ class DecodingMode(str, enum.Enum):
 
 class Cancelled(Exception):
     """Raised inside the loop when the caller's `should_stop` says so."""
+
+
+class LogitsProcessor:
+    """Rewrites one row's next-token logits from its whole sequence so far (prompt + generated).
+
+    `ids`: [seq] ints; `logits`: [vocab] float32. Returns new logits (never edits the given
+    array, which the loop also uses for token probabilities). Banned tokens get -inf.
+    """
+
+    def __call__(self, ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NoRepeatNGram(LogitsProcessor):
+    """No n-gram of `size` tokens occurs twice in the sequence, prompt included.
+
+    As transformers' `NoRepeatNGramLogitsProcessor`: the last `size - 1` tokens are matched
+    against every earlier window, and each match bans the token that followed it.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"no-repeat n-gram size must be positive, got {size}")
+        self.size = int(size)
+
+    def banned(self, ids: Sequence[int]) -> np.ndarray:
+        """Token ids that would complete an n-gram already in `ids`."""
+        seq = np.asarray(ids, dtype=np.int64)   # [seq]
+        n, length = self.size, len(seq)
+        if length < n:
+            return np.empty(0, dtype=np.int64)
+        windows = length - n + 1                # windows holding a full n-gram
+        prefix = seq[length - n + 1:]           # [n - 1]: what the next token would extend
+        match = np.ones(windows, dtype=bool)
+        for k in range(n - 1):
+            match &= seq[k:k + windows] == prefix[k]
+        return seq[np.nonzero(match)[0] + n - 1]
+
+    def __call__(self, ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        banned = self.banned(ids)
+        banned = banned[banned < logits.shape[-1]]
+        if banned.size == 0:
+            return logits
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[banned] = -np.inf
+        return out
+
+
+def logits_processors(no_repeat_ngram_size: int = 0) -> Tuple[LogitsProcessor, ...]:
+    """The processors for a row's decoding settings (0 = none), in the order they apply."""
+    return (NoRepeatNGram(no_repeat_ngram_size),) if no_repeat_ngram_size > 0 else ()
 
 
 @dataclass
@@ -59,6 +115,8 @@ class Row:
     # No prefix cache yet: prefill the whole prompt at once and hand back its first prefix_len
     # tokens' KV for later rows (one decoder call instead of prefix + suffix).
     export_prefix: bool = False
+    # Applied in order to the logits before each choice (see `logits_processors`).
+    processors: Tuple[LogitsProcessor, ...] = ()
 
 
 def token_prob(logits: np.ndarray, token: int) -> float:
@@ -78,6 +136,22 @@ def _argmax_in(logits: np.ndarray, allowed: Optional[np.ndarray]) -> int:
     return int(allowed[np.argmax(logits[allowed])])
 
 
+def choose(logits: np.ndarray, ids: Sequence[int], processors: Sequence[LogitsProcessor],
+           allowed: Optional[np.ndarray] = None) -> int:
+    """The greedy choice: argmax (first on ties) of the processed logits among `allowed`.
+
+    Should the processors ban every allowed token (a box's grammar leaves no other choice), the
+    grammar wins and the unprocessed best allowed token is taken, so a constrained row always ends.
+    """
+    scores = logits
+    for proc in processors:
+        scores = proc(ids, scores)
+    tok = _argmax_in(scores, allowed)
+    if allowed is not None and scores is not logits and not np.isfinite(scores[tok]):
+        tok = _argmax_in(logits, allowed)
+    return tok
+
+
 class _RowState:
     def __init__(self, row: Row, vocab: GroundingVocab) -> None:
         self.row = row
@@ -89,6 +163,10 @@ class _RowState:
         self.phase = "free"  # constrained: open (<object> forced) -> p1 -> p2 -> close
         if row.constrained:
             self.phase = "open"
+
+    def sequence(self) -> List[int]:
+        """Prompt and generated ids so far (a forced `<object>` is among the generated)."""
+        return list(self.row.input_ids) + self.gen.token_ids
 
     def allowed(self) -> Optional[np.ndarray]:
         v = self.vocab
@@ -170,7 +248,8 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
             break
         tokens = []
         for st in active:
-            tok = _argmax_in(st.logits, st.allowed())
+            ids = st.sequence() if st.row.processors else ()
+            tok = choose(st.logits, ids, st.row.processors, st.allowed())
             st.take(tok, token_prob(st.logits, tok))
             tokens.append(tok)
             if on_token is not None:

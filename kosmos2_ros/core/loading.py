@@ -147,6 +147,27 @@ class TextCodec:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+def checkpoint_no_repeat_ngram_size(model_dir: str) -> int:
+    """`no_repeat_ngram_size` of the checkpoint's `generation_config.json` (0 when it sets none).
+
+    Read here because transformers' Kosmos-2 `generate` does not apply it (its text model
+    builds its generation config from the model config), yet the authors decode with it
+    (microsoft/kosmos-2-patch14-224 ships 3).
+    """
+    import json
+
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return 0
+    try:
+        value = json.loads(path.read_text()).get("no_repeat_ngram_size") or 0
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelNotFound(f"cannot read {path}: {exc}; fix or delete the file") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelNotFound(f"{path}: no_repeat_ngram_size must be a non-negative integer, got {value!r}")
+    return value
+
+
 def load_processor(model_dir: str) -> Any:
     from transformers import AutoProcessor
 

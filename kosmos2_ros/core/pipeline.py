@@ -18,11 +18,11 @@ import numpy as np
 from . import grounding
 from .backends import create_backend
 from .backends.base import Backend, BackendError
-from .config import Kosmos2Config
-from .decoding import Cancelled, DecodingMode, Generation, Row, generate
+from .config import MAX_NGRAM, Kosmos2Config
+from .decoding import Cancelled, DecodingMode, Generation, Row, generate, logits_processors
 from .frames import Frame, FrameEncoding
 from .geometry import InputGeometry, box_point_3d
-from .loading import PromptIds, TextCodec, load_processor, resolve_model
+from .loading import PromptIds, TextCodec, checkpoint_no_repeat_ngram_size, load_processor, resolve_model
 from .tasks import Prompt, PromptError, Task, TaskRequest, build_prompts, sanitize_text, split_marked_phrases
 from .vocab import PATCH_TOKEN_RE
 
@@ -50,6 +50,7 @@ class Command:
     image_stamp_ns: int = 0                # 0 = newest frame
     max_new_tokens: int = 0                # 0 = config default
     decoding: str = ""                     # "" = config default
+    no_repeat_ngram_size: int = -1         # -1 = config default; 0 = off
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Result:
     prompt_ids: List[int] = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
     model_calls: int = 0
+    no_repeat_ngram_size: int = 0          # the value the command was decoded with
 
     @classmethod
     def failure(cls, command: Command, status: Status, error: str, frame: Optional[Frame] = None) -> Result:
@@ -98,7 +100,7 @@ class Result:
                           "boxes_norm": [list(b) for b in e.boxes_norm], "scores": list(e.scores)}
                          for e in self.entities],
             "token_ids": list(self.token_ids), "prompt_length": len(self.prompt_ids),
-            "model_calls": self.model_calls,
+            "model_calls": self.model_calls, "no_repeat_ngram_size": self.no_repeat_ngram_size,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
 
@@ -112,15 +114,20 @@ class _Plan:
     ids: List[PromptIds]
     max_new_tokens: int
     mode: DecodingMode
+    no_repeat_ngram_size: int
     caption: str = ""          # phrase grounding: the caption without brackets
     phrases: List[str] = field(default_factory=list)   # phrase grounding: the marked phrases
 
 
 class Pipeline:
-    def __init__(self, config: Kosmos2Config, backend: Backend, processor: Any) -> None:
+    def __init__(self, config: Kosmos2Config, backend: Backend, processor: Any,
+                 checkpoint_no_repeat_ngram_size: int = 0) -> None:
+        """`checkpoint_no_repeat_ngram_size`: the checkpoint's own setting, used where the config
+        says -1 (`Pipeline.load` reads it from the checkpoint's generation_config.json)."""
         self.config = config
         self.backend = backend
         self.processor = processor
+        self.checkpoint_no_repeat_ngram_size = int(checkpoint_no_repeat_ngram_size)
         self.codec = TextCodec(processor)
         self.vocab = self.codec.vocab
 
@@ -135,7 +142,7 @@ class Pipeline:
                        build_engines=config.build_engines, cuda_graph=config.cuda_graph)
         options.update(backend_options)
         backend = create_backend(config.backend, model_dir, **options)
-        return cls(config, backend, processor)
+        return cls(config, backend, processor, checkpoint_no_repeat_ngram_size(model_dir))
 
     def close(self) -> None:
         self.backend.close()
@@ -169,6 +176,7 @@ class Pipeline:
         if not 1 <= max_new <= limit:
             raise PromptError(f"max_new_tokens {max_new} outside [1, {limit}] (parameter max_new_tokens_limit)")
         mode = DecodingMode.parse(command.decoding or self.config.decoding)
+        ngram = self.no_repeat_ngram_size(command)
         region_norm = None
         if task is Task.REGION:
             if command.region_px is None:
@@ -189,7 +197,17 @@ class Pipeline:
             text = sanitize_text(command.text, (), self.config.max_prompt_chars)
             caption = " ".join(re.sub(r"\[([^\[\]]*)\]", r"\1", text).split())
             phrases = [p for _, p in split_marked_phrases(text)]
-        return _Plan(command, task, prompts, ids, max_new, mode, caption, phrases)
+        return _Plan(command, task, prompts, ids, max_new, mode, ngram, caption, phrases)
+
+    def no_repeat_ngram_size(self, command: Optional[Command] = None) -> int:
+        """The n-gram size a command decodes with: its own, else the config's, else the checkpoint's."""
+        asked = -1 if command is None else int(command.no_repeat_ngram_size)
+        if not -1 <= asked <= MAX_NGRAM:
+            raise PromptError(f"no_repeat_ngram_size {asked} outside [-1, {MAX_NGRAM}] (-1 = parameter, 0 = off)")
+        for value in (asked, self.config.no_repeat_ngram_size):
+            if value >= 0:
+                return value
+        return self.checkpoint_no_repeat_ngram_size
 
     def run(self, command: Command, frame: Frame,
             on_token: Optional[Callable[[int, Generation], None]] = None,
@@ -256,7 +274,8 @@ class Pipeline:
         for i, plan, prompt, pids, plen in keyed:
             row = Row(pids.input_ids, pids.image_mask, plan.max_new_tokens,
                       constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
-                                   and plan.max_new_tokens >= 4))
+                                   and plan.max_new_tokens >= 4),
+                      processors=logits_processors(plan.no_repeat_ngram_size))
             if plen:
                 key = tuple(pids.input_ids[:plen])
                 cache = enc.prefix_caches.get(key)
@@ -289,7 +308,7 @@ class Pipeline:
     def _result(self, plan: _Plan, gens: List[Generation], frame: Frame, enc: FrameEncoding) -> Result:
         cmd = plan.command
         res = Result(id=cmd.id, task=plan.task.value, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
-                     width=frame.width, height=frame.height)
+                     width=frame.width, height=frame.height, no_repeat_ngram_size=plan.no_repeat_ngram_size)
         parsed_all = []
         for pids, gen in zip(plan.ids, gens):
             full = pids.input_ids + gen.token_ids

@@ -17,8 +17,13 @@ class ReferenceOutput:
 
 
 def reference_generate(model: Any, processor: Any, prompt: str, image: Any, max_new_tokens: int,
-                       bboxes: Optional[list] = None) -> ReferenceOutput:
-    """Greedy `model.generate` for one prompt and image (PIL or H x W x 3 uint8 RGB)."""
+                       bboxes: Optional[list] = None, no_repeat_ngram_size: Optional[int] = None) -> ReferenceOutput:
+    """Greedy `model.generate` for one prompt and image (PIL or H x W x 3 uint8 RGB).
+
+    `no_repeat_ngram_size` is always passed to `generate` explicitly: Kosmos-2's `generate` ignores
+    the checkpoint's generation config for it. None = the checkpoint's value (0 when it has none),
+    which is what the pipeline uses by default.
+    """
     import numpy as np
     import torch
     from PIL import Image
@@ -32,7 +37,14 @@ def reference_generate(model: Any, processor: Any, prompt: str, image: Any, max_
         out = model.generate(pixel_values=inputs["pixel_values"].to(weight.dtype), input_ids=inputs["input_ids"],
                              attention_mask=inputs["attention_mask"],
                              image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             no_repeat_ngram_size=checkpoint_ngram(model) if no_repeat_ngram_size is None
+                             else int(no_repeat_ngram_size))
     n_prompt = inputs["input_ids"].shape[1]
     text = processor.batch_decode(out, skip_special_tokens=True)[0]
     return ReferenceOutput(out[0, n_prompt:].tolist(), text, processor.post_process_generation(text))
+
+
+def checkpoint_ngram(model: Any) -> int:
+    """The loaded checkpoint's `generation_config.no_repeat_ngram_size` (0 when unset)."""
+    return int(getattr(model.generation_config, "no_repeat_ngram_size", 0) or 0)

@@ -108,12 +108,13 @@ def command_from_msg(msg: GroundingCommand) -> Command:
         region = (float(r.x_min), float(r.y_min), float(r.x_max), float(r.y_max))
     return Command(id=msg.id, task=msg.task or "refer", text=msg.text, region_px=region,
                    image_stamp_ns=stamp_to_ns(msg.image_stamp), max_new_tokens=int(msg.max_new_tokens),
-                   decoding=msg.decoding)
+                   decoding=msg.decoding, no_repeat_ngram_size=int(msg.no_repeat_ngram_size))
 
 
 def command_to_msg(cmd: Command) -> GroundingCommand:
     msg = GroundingCommand(id=cmd.id, task=cmd.task, text=cmd.text, max_new_tokens=int(cmd.max_new_tokens),
-                           decoding=cmd.decoding, image_stamp=ns_to_stamp(cmd.image_stamp_ns))
+                           decoding=cmd.decoding, image_stamp=ns_to_stamp(cmd.image_stamp_ns),
+                           no_repeat_ngram_size=int(cmd.no_repeat_ngram_size))
     if cmd.region_px is not None:
         msg.use_region = True
         msg.region = PixelBox(x_min=float(cmd.region_px[0]), y_min=float(cmd.region_px[1]),
@@ -130,7 +131,8 @@ def result_to_msg(res: Result, queue_ms: float = 0.0) -> GroundingResult:
     msg = GroundingResult(id=res.id, task=res.task, status=int(res.status), error=res.error,
                           header=header_of(res.stamp_ns, res.frame_id),
                           image_width=int(res.width), image_height=int(res.height),
-                          text=res.text, raw_text=res.raw_text, token_ids=[int(t) for t in res.token_ids])
+                          text=res.text, raw_text=res.raw_text, token_ids=[int(t) for t in res.token_ids],
+                          no_repeat_ngram_size=int(res.no_repeat_ngram_size))
     objects: List[GroundedObject] = []
     for obj in res.objects:
         x0, y0, x1, y1 = obj.box_px

@@ -88,6 +88,8 @@ PARAMETER_DOCS: Dict[str, str] = {
     "max_new_tokens": "default generation limit for a command (commands may ask for another)",
     "max_new_tokens_limit": "commands asking for more tokens are refused (STATUS_INVALID)",
     "decoding": "default decoding for refer/phrase grounding: constrained (always a box) | free",
+    "no_repeat_ngram_size": "no n-gram of this many tokens twice in a sequence; -1 = the checkpoint's "
+                            "generation config (3 for microsoft/kosmos-2-patch14-224), 0 = off",
     "score_threshold": "boxes scoring below this are dropped, in [0, 1]",
     "max_prompt_chars": "longest accepted command text",
     "max_frame_age_s": "a newest frame older than this gives STATUS_STALE_FRAME; 0 = no limit",

@@ -1,0 +1,222 @@
+"""Samples through a Pipeline into prediction records; resumable, never stopped by one bad sample.
+
+Each image's samples go through `Pipeline.run_batch` together (one vision encoding, shared
+prompt prefix). Records are appended to `predictions.jsonl` as they finish, so a stopped run
+resumes where it stopped: samples already there are not run again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+
+from ..core import grounding
+from ..core.frames import Frame
+from ..core.pipeline import Command, Pipeline, Result, Status
+from .datasets import REC, Dataset, Sample
+from .metrics import candidate_ious, hit_at
+
+PREDICTIONS = "predictions.jsonl"
+RUN_FILE = "run.json"
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (e.g. --out holds a run made with other settings)."""
+
+
+@dataclass
+class RunOutcome:
+    records: List[dict]                       # every sample's record (resumed ones included), in dataset order
+    skipped: Counter = field(default_factory=Counter)   # reason -> samples not evaluated in this run
+    ran: int = 0                              # samples run now (not resumed)
+    seconds: float = 0.0
+
+
+def norm_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def command_for(sample: Sample) -> Command:
+    """The paper's prompt: `<grounding><phrase> {expr}</phrase>` or `<grounding>{caption before}<phrase> {phrase}</phrase>`."""
+    if sample.kind == REC:
+        return Command(id=sample.id, task="refer", text=sample.query)
+
+    def plain(text: str) -> str:   # brackets mark phrases in the phrase_grounding command text
+        return text.replace("[", "(").replace("]", ")")
+
+    return Command(id=sample.id, task="phrase_grounding", text=f"{plain(sample.context)} [{plain(sample.query)}]".strip())
+
+
+def candidates(result: Result, sample: Sample, pipeline: Pipeline, frame: Frame) -> Tuple[List[list], List[float]]:
+    """Boxes (pixels) and scores of the generated entities named as the query, in generation order."""
+    want = norm_text(sample.query.replace("[", "(").replace("]", ")"))
+    if sample.kind == REC:
+        entities = result.entities
+    else:
+        # The pipeline names a phrase-grounding entity after the phrase asked; re-read the generated
+        # text so the paper's rule (the entity the model wrote with that phrase) decides.
+        entities = grounding.parse_generation(result.raw_text, pipeline.vocab.patches_per_side).entities
+        geometry = pipeline.encode(frame).geometry
+        asked = result.entities[0] if result.entities else None
+        for ent in entities:
+            ent.boxes_px = [geometry.to_pixels(b) for b in ent.boxes_norm]
+            same = asked is not None and [tuple(b) for b in asked.boxes_norm] == [tuple(b) for b in ent.boxes_norm]
+            ent.scores = list(asked.scores) if same else [float("nan")] * len(ent.boxes_norm)
+    boxes, scores = [], []
+    for ent in entities:
+        if norm_text(ent.phrase) == want:
+            boxes += [[round(float(v), 3) for v in b] for b in ent.boxes_px]
+            scores += [float(s) for s in (ent.scores or [float("nan")] * len(ent.boxes_px))]
+    return boxes, scores
+
+
+def record_for(sample: Sample, result: Result, pipeline: Pipeline, frame: Frame) -> dict:
+    boxes, scores = candidates(result, sample, pipeline, frame)
+    ious = candidate_ious(boxes, sample.gt_boxes)
+    return {"id": sample.id, "kind": sample.kind, "image": sample.image,
+            ("expression" if sample.kind == REC else "phrase"): sample.query, "context": sample.context,
+            "boxes_px": boxes, "scores": [None if math.isnan(s) else round(s, 6) for s in scores],
+            "gt_boxes": [[float(v) for v in b] for b in sample.gt_boxes],
+            "iou": [round(v, 6) for v in ious], "hit": hit_at(ious, 1),
+            "categories": list(sample.categories), "token_ids": list(result.token_ids),
+            "image_size": [frame.width, frame.height]}
+
+
+class Progress:
+    """One self-rewriting stderr line: done/total, rate and ETA."""
+
+    def __init__(self, total: int, label: str, stream: Optional[TextIO] = None, every_s: float = 0.5) -> None:
+        self.total, self.label, self.stream, self.every_s = total, label, stream or sys.stderr, every_s
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, done: int, ran: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        rate = ran / elapsed if elapsed > 0 else 0.0
+        left = self.total - done
+        eta = _clock(left / rate) if rate > 0 else "?"
+        pct = 100.0 * done / self.total if self.total else 100.0
+        end = "\n" if final else ""
+        self.stream.write(f"\r[{self.label}] {done}/{self.total} {pct:5.1f}%  {rate:.2f} samples/s  "
+                          f"ETA {eta}  elapsed {_clock(elapsed)}   {end}")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def run_settings(pipeline: Pipeline, dataset: Dataset) -> Dict[str, Any]:
+    """What decides the predictions; a resumed run must match it."""
+    cfg = pipeline.config
+    return {"dataset": dataset.label, "model": cfg.model, "backend": cfg.backend, "precision": cfg.precision,
+            "decoding": cfg.decoding, "max_new_tokens": cfg.max_new_tokens,
+            "no_repeat_ngram_size": pipeline.no_repeat_ngram_size()}
+
+
+def load_existing(out: Path, settings: Dict[str, Any]) -> Dict[str, dict]:
+    """Records of an earlier run in `out` with the same settings (a torn last line is dropped)."""
+    run_file, pred_file = out / RUN_FILE, out / PREDICTIONS
+    if run_file.is_file():
+        try:
+            before = json.loads(run_file.read_text()).get("settings", {})
+        except ValueError:
+            before = {}
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed and pred_file.is_file() and pred_file.stat().st_size:
+            raise RunError(f"{out} holds predictions made with other settings ({', '.join(changed)} differ); "
+                           "use another --out, or delete it to start over")
+    records: Dict[str, dict] = {}
+    if pred_file.is_file():
+        good = []
+        for line in pred_file.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                records[str(rec["id"])] = rec
+                good.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue   # a line cut short when the run was stopped: its sample runs again
+        pred_file.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"settings": settings}, indent=2))
+    return records
+
+
+def run(pipeline: Pipeline, dataset: Dataset, out: Path, limit: int = 0, batch: int = 8,
+        progress_stream: Optional[TextIO] = None, label: str = "eval") -> RunOutcome:
+    """Evaluate the first `limit` samples (0 = all) of `dataset`, appending to `out`/predictions.jsonl."""
+    from ..cli import load_rgb
+
+    samples = dataset.samples[:limit] if limit > 0 else list(dataset.samples)
+    done = load_existing(out, run_settings(pipeline, dataset))
+    pending: OrderedDict[str, List[Sample]] = OrderedDict()
+    for s in samples:
+        if s.id not in done:
+            pending.setdefault(s.image, []).append(s)
+    outcome = RunOutcome(records=[])
+    progress = Progress(len(samples), label, progress_stream)
+    finished = sum(1 for s in samples if s.id in done)
+    t0 = time.perf_counter()
+    with (out / PREDICTIONS).open("a", encoding="utf-8") as sink:
+        for image, group in pending.items():
+            try:
+                rgb = load_rgb(image)
+            except FileNotFoundError:
+                outcome.skipped["missing image"] += len(group)
+                finished += len(group)
+                continue
+            except (OSError, ValueError):
+                outcome.skipped["unreadable image"] += len(group)
+                finished += len(group)
+                continue
+            frame = Frame(rgb=rgb, frame_id=Path(image).name)
+            for start in range(0, len(group), max(1, batch)):
+                chunk = group[start:start + max(1, batch)]
+                results = pipeline.run_batch([command_for(s) for s in chunk], frame)
+                for sample, result in zip(chunk, results):
+                    finished += 1
+                    if result.status is Status.INVALID:
+                        outcome.skipped["invalid expression"] += 1
+                        continue
+                    if result.status is not Status.OK:
+                        outcome.skipped[f"{result.status.name.lower()} (runs again on resume)"] += 1
+                        continue
+                    rec = record_for(sample, result, pipeline, frame)
+                    done[sample.id] = rec
+                    sink.write(json.dumps(rec, allow_nan=False) + "\n")
+                    sink.flush()
+                    outcome.ran += 1
+                progress.update(finished, outcome.ran)
+    progress.update(finished, outcome.ran, final=True)
+    outcome.seconds = time.perf_counter() - t0
+    outcome.records = [done[s.id] for s in samples if s.id in done]
+    return outcome
+
+
+def compare_records(a: Sequence[dict], b: Sequence[dict], threshold: float = 0.5) -> Dict[str, Any]:
+    """Two runs on the same samples: top boxes agreeing (IoU >= threshold; both boxless agrees) and identical ids."""
+    from .boxes import iou
+
+    by_id = {r["id"]: r for r in b}
+    both = [(r, by_id[r["id"]]) for r in a if r["id"] in by_id]
+    agree = same_ids = 0
+    for ra, rb in both:
+        ba, bb = ra["boxes_px"], rb["boxes_px"]
+        agree += int((not ba and not bb) or (bool(ba) and bool(bb) and iou(ba[0], bb[0]) >= threshold))
+        same_ids += int(ra["token_ids"] == rb["token_ids"])
+    n = len(both)
+    return {"samples": n, "top_box_agreement": agree / n if n else 0.0,
+            "identical_token_ids": same_ids / n if n else 0.0,
+            "top_box_agree_count": agree, "identical_token_ids_count": same_ids}
