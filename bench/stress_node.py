@@ -28,6 +28,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import camera  # noqa: E402 - bench/camera.py, the camera process
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
+from node_helpers import free_domain  # noqa: E402
+
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -83,16 +89,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--drain", type=float, default=60.0, help="seconds to wait for results after sending")
     ap.add_argument("--soak", action="store_true", help="also print memory every 10%% of the run")
     ap.add_argument("--param", action="append", default=[], help="extra node parameter name:=value")
-    ap.add_argument("--domain", type=int, default=70, help="ROS_DOMAIN_ID for the node and this tool")
+    ap.add_argument("--domain", type=int, default=0,
+                    help="ROS_DOMAIN_ID for the node and this tool (default: one no test run holds)")
     ap.add_argument("--pid", type=int, default=0, help="with --attach: the node's pid, for its RSS")
     ap.add_argument("--log", default="", help="the started node's log file (default: a temp file)")
     args = ap.parse_args(argv)
-    os.environ["ROS_DOMAIN_ID"] = str(args.domain)
+    os.environ["ROS_DOMAIN_ID"] = str(args.domain or free_domain())
 
     import rclpy
     from rclpy.node import Node
-    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-    from sensor_msgs.msg import Image
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
     from kosmos2_ros.msg import GroundingCommand, GroundingResult
 
@@ -114,7 +120,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     node = Node("kosmos2_stress")
     w, h = (int(v) for v in args.size.split("x"))
     reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
-    img_pub = node.create_publisher(Image, "image", qos_profile_sensor_data)
     cmd_pub = node.create_publisher(GroundingCommand, f"/{args.node}/command", reliable)
     sent: Dict[str, float] = {}
     got: Dict[str, List[int]] = defaultdict(list)
@@ -132,22 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     spin = threading.Thread(target=rclpy.spin, args=(node,), daemon=True)
     spin.start()
     stop = threading.Event()
-    rng = np.random.default_rng(0)
-    frames_sent = [0]
-
-    def camera() -> None:
-        period = 1.0 / args.camera_hz
-        while not stop.is_set():
-            msg = Image()
-            msg.header.stamp = node.get_clock().now().to_msg()
-            msg.header.frame_id = "stress_camera"
-            msg.height, msg.width, msg.encoding, msg.step = h, w, "rgb8", w * 3
-            msg.data = rng.integers(0, 255, (h, w, 3), dtype=np.uint8).tobytes()
-            img_pub.publish(msg)
-            frames_sent[0] += 1
-            time.sleep(period)
-
-    threading.Thread(target=camera, daemon=True).start()
+    # The camera is its own process, as a driver is: frames made and published here would
+    # compete with the commands and results this process times, on the same interpreter lock.
+    camera_proc = camera.start(args.size, args.camera_hz, reliable=False, seconds=args.duration + args.drain + 180)
 
     # Wait until the node answers (it may be loading the model).
     t_wait = time.monotonic()
@@ -164,6 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not ready:
         print("node did not become ready (see the node log)", file=sys.stderr)
         stop.set()
+        camera_proc.terminate()
         if proc is not None:
             proc.terminate()
         return 1
@@ -201,6 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         time.sleep(0.2)
     time.sleep(1.0)   # let duplicates, if any, arrive
     stop.set()
+    camera_proc.terminate()
     rss_end = rss_mb(pid) if pid else float("nan")
     rss_trace.append((len(sent), rss_end))
     alive = proc is None or proc.poll() is None
@@ -225,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("| metric | value |")
     print("|---|---|")
     print(f"| commands sent | {len(sent)} in {send_s:.1f} s ({len(sent) / max(send_s, 1e-9):.1f}/s) |")
-    print(f"| frames sent | {frames_sent[0]} at {args.camera_hz:g} Hz ({w}x{h} rgb8) |")
+    print(f"| frames | {args.camera_hz:g} Hz, {w}x{h} rgb8, best effort, from a camera process |")
     for code, n in sorted(statuses.items()):
         print(f"| results {names.get(code, code)} | {n} |")
     print(f"| lost (no result) | {lost} |")
