@@ -1,7 +1,9 @@
 """`kosmos2-build-engines`: export the ONNX graphs and build TensorRT engines, offline.
 
 Also `ros2 run kosmos2_ros build_engines`. The node only uses existing engines unless its
-`build_engines` parameter allows building them.
+`build_engines` parameter allows building them. The same command builds on TensorRT 10.x
+(JetPack 6) and 11.x (desktop pip): engines are strongly typed, their precision comes from
+the fp16 / bf16 graphs it exports (`core.export`), never from a builder flag.
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
         check_fp16 = args.precision == "fp16" and not args.skip_fp16_check and not args.onnx_only
         # Loaded once for both the export (if the graphs are missing) and the fp16 check.
         model = export.load_for_export(model_dir) if check_fp16 else None
-        out, _ = export.ensure_exported(model_dir, args.artifacts_dir, allow_export=True, model=model, log=print)
+        # fp16 / bf16: the strongly typed graphs of that precision too (they can be exported on any
+        # machine and copied with the artifacts directory to the one that builds the engines).
+        out, _ = export.ensure_exported(model_dir, args.artifacts_dir, allow_export=True, model=model, log=print,
+                                        precision=args.precision)
         print(f"ONNX graphs: {out}")
         if args.onnx_only:
             return 0
