@@ -684,25 +684,35 @@ class GraphBackend(Backend):
         self._vision = self._decoder = None
 
 
-def forced_margins(ref: Any, other: Any, e_ref: Any, e_other: Any, input_ids: Any, image_mask: Any,
-                   tokens: List[int]) -> Tuple[float, List[float]]:
-    """Teacher-forced on `ref`'s tokens: (the largest |dlogits| over the prompt and every step, and
-    at each step where `other`'s argmax differs from `ref`'s, `ref`'s logit margin between the two:
-    a near-tie when it is within the measured error)."""
-    la, ca = ref.prefill(e_ref, input_ids, image_mask)
-    lb, cb = other.prefill(e_other, input_ids, image_mask)
+def forced_logits(backend: Any, image_embeds: Any, input_ids: Any, image_mask: Any,
+                  tokens: List[int]) -> List[np.ndarray]:
+    """Logits after the prompt and after each of `tokens`, teacher-forced (fp32 arrays)."""
+    logits, cache = backend.prefill(image_embeds, input_ids, image_mask)
+    out = [np.asarray(logits, dtype=np.float32)]
+    for tok in tokens:
+        logits, cache = backend.decode(cache, tok)
+        out.append(np.asarray(logits, dtype=np.float32))
+    return out
+
+
+def compare_logits(ref: List[np.ndarray], other: List[np.ndarray]) -> Tuple[float, List[float]]:
+    """(the largest |dlogits| over all positions, and at each position where `other`'s argmax
+    differs from `ref`'s, `ref`'s logit margin between the two: a near-tie when it is within
+    the measured error)."""
     diff, margins = 0.0, []
-    for tok in list(tokens) + [None]:
-        la, lb = np.asarray(la, dtype=np.float32), np.asarray(lb, dtype=np.float32)
+    for la, lb in zip(ref, other):
         diff = max(diff, float(np.abs(la - lb).max()))
         a, b = int(np.argmax(la)), int(np.argmax(lb))
         if a != b:
             margins.append(float(la[a] - la[b]))
-        if tok is None:
-            break
-        la, ca = ref.decode(ca, tok)
-        lb, cb = other.decode(cb, tok)
     return diff, margins
+
+
+def forced_margins(ref: Any, other: Any, e_ref: Any, e_other: Any, input_ids: Any, image_mask: Any,
+                   tokens: List[int]) -> Tuple[float, List[float]]:
+    """`compare_logits` of two backends teacher-forced on `ref`'s greedy `tokens`."""
+    return compare_logits(forced_logits(ref, e_ref, input_ids, image_mask, tokens),
+                          forced_logits(other, e_other, input_ids, image_mask, tokens))
 
 
 #: A differing greedy token is a near-tie when the reference's top-two margin there is within
