@@ -104,7 +104,11 @@ def rebuild_hint(model_dir: str, precision: str) -> str:
 
 def network_flags(trt: Any) -> int:
     """create_network flags for a strongly typed network: the flag 10.x needs; 11.x is always
-    strongly typed and keeps the flag only for compatibility (0 if a later release drops it)."""
+    strongly typed and keeps the flag only for compatibility (0 if a later release drops it).
+
+    The bit comes from the installed bindings, never a constant: STRONGLY_TYPED is 1 in 10.3's
+    NvInfer.h and 0 in 11 (EXPLICIT_BATCH, bit 0 in 10.x, is gone; bit 1 is now
+    PREFER_JIT_PYTHON_PLUGINS)."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return 0 if flag is None else 1 << int(flag)
 
