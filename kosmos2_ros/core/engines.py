@@ -45,13 +45,14 @@ class EngineLimits:
 
 
 def require_tensorrt() -> Any:
-    """Import tensorrt (TensorRT 10) or raise BackendUnavailable naming what is missing."""
+    """Import tensorrt (10.3 or newer, 10.x or 11.x) or raise BackendUnavailable naming what is missing."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailable(
-            f"tensorrt Python package not importable ({exc}); install TensorRT 10 "
-            "(pip install tensorrt, or JetPack 6 on Jetson), or use backend: onnxruntime / torch") from None
+            f"tensorrt Python package not importable ({exc}); install TensorRT >= 10.3 "
+            "(pip install tensorrt on a desktop, 11.x; JetPack 6 on Jetson, 10.3), or use backend: onnxruntime / torch"
+        ) from None
     check_tensorrt_version(str(trt.__version__))
     return trt
 
