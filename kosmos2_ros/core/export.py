@@ -29,6 +29,14 @@ Two graphs, with fixed names (``GRAPH_IO`` documents them; other code relies on 
     caller owns the cache memory (`backends.kv_cache`): a decode step reads a fixed-size
     arena and writes one column into it, so nothing of the past is copied per step.
 
+Precision variants. TensorRT 11 builds strongly typed networks only (no precision builder
+flags), so the precision of an fp16 / bf16 engine is the precision of its graph. Beside the
+fp32 graphs, `<precision>/vision/vision.onnx` and `<precision>/decoder/decoder.onnx` carry the
+types of `REDUCED_PRECISION` (matrix products reduced, what sums or accumulates in fp32; the
+same input and output names, the KV tensors in the reduced type). They are traced from
+`MixedVisionGraph` and `DecoderGraph(dtype=...)`, which in fp32 compute exactly what the fp32
+graphs compute.
+
 Why one hand-written decoder module rather than tracing `Kosmos2TextModel`: tracing freezes the
 Python branches in transformers' code (``cache_length > 0`` drops the image, ``seq_len > 1``
 builds a causal mask, the sinusoidal table grows on demand). The wrapper below has no
@@ -60,6 +68,25 @@ EXPORT_VERSION = "4"
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: ONNX / numpy element type names of each precision's compute dtype (and KV cache).
 ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: What the fp16 / bf16 graphs compute in which type, and why (the README's precision table;
+#: the peaks behind it come from `fp16_headroom`, which `kosmos2-build-engines` runs first).
+REDUCED_PRECISION = (
+    ("matrix products (q/k/v/out projections, FFN fc1/fc2, the ViT's layers, lm_head): weights and outputs",
+     "reduced", "where the FLOPs and bytes are; their peaks (fp16_headroom's reduced_*) stay far inside fp16, and "
+     "TensorRT's kernels accumulate in fp32"),
+    ("attention scores q.k", "reduced, q scaled first",
+     "scaling q by 1/sqrt(head_dim) before the product (exact for head_dim 64) keeps its magnitude small"),
+    ("KV cache (past_*, new_*)", "reduced",
+     "k and v leave their projections already rounded: fp32 storage adds nothing but twice the bytes a step reads"),
+    ("LayerNorm statistics and outputs, softmax", "fp32, cast back after",
+     "sums of squares over 2048 values and exp() lose range and digits in fp16"),
+    ("residual streams (decoder, ViT) and the sqrt(D)-scaled image embeddings", "fp32",
+     "the quantity that grows with depth and carries the largest activations (fp16_headroom's max_abs)"),
+    ("patch embedding, post-layernorm, L2 normalisation, image-to-text projection", "fp32",
+     "19 M parameters run once per frame, feeding the sqrt(D)-scaled image embeddings"),
+    ("graph inputs and outputs: pixel_values, image_embeds, logits", "fp32",
+     "one interface type for every backend; logits are compared and argmaxed in fp32"),
+)
 OPSET = 17
 VISION_FILE = "vision/vision.onnx"
 DECODER_FILE = "decoder/decoder.onnx"
