@@ -231,3 +231,23 @@ def test_reduced_graphs_agree_with_fp32(reduced, tiny_model_dir, precision):
         assert all(r.status == 0 for r in results), [r.error for r in results]
         found[name] = [[b for ent in r.entities for b in ent.boxes_norm] for r in results]
     assert all(found["fp32"]) and found[precision] == found["fp32"]
+
+
+def test_fp32_residual_stream_survives_past_fp16_range(tiny_model_dir, tmp_path):
+    """Why the residual stream stays fp32: with the embeddings scaled so the residual exceeds
+    fp16's 65504 while every matrix product stays far inside it (fp16_headroom says so), the
+    fp16 graph still gives finite logits that agree with the fp32 graph's."""
+    model = export.load_for_export(str(tiny_model_dir))
+    model.text_model.model.embed_scale = 1e5      # only the fp32 residual sees the scale
+    codec = TextCodec(load_processor(str(tiny_model_dir)))
+    p = codec.encode("<grounding><phrase> the red square</phrase>")
+    pixels = torch.randn(1, 3, 224, 224)
+    report = export.fp16_headroom(model, pixels, torch.tensor([p.input_ids]), torch.tensor([p.image_mask]))
+    assert report["max_abs"] > export.FP16_MAX > 100 * report["reduced_max_abs"], report
+    ref = export.GraphBackend(str(tiny_model_dir), str(tmp_path), "fp32", model=model)
+    low = export.GraphBackend(str(tiny_model_dir), str(tmp_path), "fp16", model=model)
+    e = ref.encode_image(pixels.numpy())
+    a, _ = ref.prefill(e, p.input_ids, p.image_mask)
+    b, _ = low.prefill(low.encode_image(pixels.numpy()), p.input_ids, p.image_mask)
+    assert np.isfinite(b).all() and int(np.argmax(a)) == int(np.argmax(b))
+    assert np.abs(a - b).max() <= REDUCED_LOGITS_ATOL["fp16"]
