@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,9 @@ def require_tensorrt() -> Any:
 
 
 def version_tuple(version: str) -> Tuple[int, int]:
-    """(major, minor) of a TensorRT version string such as "10.3.0.30" or "11.4.0"."""
-    parts = []
-    for piece in str(version).split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece else ""
-        parts.append(int(digits) if digits else 0)
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+    """(major, minor) of a TensorRT version string such as "10.3.0.30" or "11.4.1.post1"."""
+    parts = [int(re.match(r"\d*", piece).group() or 0) for piece in str(version).split(".")[:2]] + [0, 0]
+    return parts[0], parts[1]
 
 
 def check_tensorrt_version(version: str) -> None:
