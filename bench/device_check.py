@@ -1,15 +1,21 @@
 """One prepared GPU check: build TensorRT engines for a tiny and a full-size random checkpoint,
 compare token ids with the torch backend, and time decode against the bandwidth floor.
 
+The engines are strongly typed, built from the fp32 / fp16 / bf16 graphs with no precision
+builder flag: the one build path for TensorRT 10.x (JetPack 6) and 11.x (desktop pip). The
+first line names the TensorRT that ran; each row gives the engine's KV-cache dtype as read
+from the engine itself.
+
 Equality covers free decoding of several prompts alone, three rows decoded together (rows
 finish at different steps, so the arena idles some) and constrained decoding. Decode ms/token
 is timed on the static arena with the step replayed as a CUDA graph and without it.
 
     scripts/ros-env python bench/device_check.py [--skip-full] [--out DIR]
 
-Needs tensorrt (10.x), a CUDA build of torch and a GPU; prints one table and exits 0 when
-every row's tokens equal torch's (fp16/bf16: or differ only where torch's own top two logits
-are within four times the measured logit error: random full-size weights give flat logits).
+Needs tensorrt (>= 10.3, 10.x or 11.x), a CUDA build of torch and a GPU; prints one table and
+exits 0 when every row's tokens equal torch's (fp16/bf16: or differ only where torch's own top
+two logits are within four times the measured logit error, `export.precision_verdict`: random
+full-size weights give flat logits). bf16 rows run where the GPU has bf16 (sm80 and newer).
 Not a test: it is what a lent GPU machine runs once. Within a short device budget run it
 twice: `--skip-full --out W` (minutes), then `--only-full --out W`.
 """
@@ -43,34 +49,8 @@ def bandwidth_gbs(torch) -> float:
     return 2 * x.numel() * 20 / (time.perf_counter() - t) / 1e9
 
 
-def forced_margins(ref_b, trt_b, e_ref, e_trt, p, tokens):
-    """Teacher-forced on torch's tokens: (the prompt's max |dlogits|, and at each step where the
-    engine's argmax differs from torch's, torch's logit margin between the two: a near-tie when
-    it is within rounding)."""
-    la, ca = ref_b.prefill(e_ref, p.input_ids, p.image_mask)
-    lb, cb = trt_b.prefill(e_trt, p.input_ids, p.image_mask)
-    diff = float(np.abs(la - lb).max())
-    margins = []
-    for tok in tokens:
-        a, b = int(np.argmax(la)), int(np.argmax(lb))
-        if a != b:
-            margins.append(float(la[a] - la[b]))
-        la, ca = ref_b.decode(ca, tok)
-        lb, cb = trt_b.decode(cb, tok)
-    return diff, margins
-
-
-def verdict(same: bool, margins, diff: float, precision: str):
-    """(text, ok): exact equality, or for fp16/bf16 differences only at near-ties of torch's logits."""
-    if same and not margins:
-        return "yes", True
-    tol = 4 * diff
-    if precision != "fp32" and margins and max(margins) <= tol:
-        return f"near-ties only (margins <= {max(margins):.1e}, 4 x max dlogits = {tol:.1e})", True
-    return f"NO (margins at differing steps: {', '.join(f'{m:.1e}' for m in margins) or 'none'})", False
-
-
 def check(name, model_dir, precision, art, torch, rows, max_new=8):
+    from kosmos2_ros.core import export
     from kosmos2_ros.core.backends.tensorrt_backend import TensorRTBackend
     from kosmos2_ros.core.backends.torch_backend import TorchBackend
     from kosmos2_ros.core.decoding import Row, generate
@@ -90,7 +70,7 @@ def check(name, model_dir, precision, art, torch, rows, max_new=8):
         a = generate(ref_b, e_ref, [Row(p.input_ids, p.image_mask, max_new)], codec.vocab)[0].token_ids
         b = generate(trt_b, e_trt, [Row(p.input_ids, p.image_mask, max_new)], codec.vocab)[0].token_ids
         same &= a == b
-        diff, more = forced_margins(ref_b, trt_b, e_ref, e_trt, p, a)
+        diff, more = export.forced_margins(ref_b, trt_b, e_ref, e_trt, p.input_ids, p.image_mask, a)
         diffs.append(diff)
         margins += more
     lengths = [max_new, max_new // 2, 3]   # rows finishing at different steps
@@ -119,18 +99,20 @@ def check(name, model_dir, precision, art, torch, rows, max_new=8):
     text = ref_b.model.text_model   # what a step must read: every decoder layer and the lm_head
     n_read = sum(x.numel() for x in text.model.layers.parameters()) + text.lm_head.weight.numel()
     floor_ms = n_read * (2 if precision != "fp32" else 4) / (bandwidth_gbs(torch) * 1e9) * 1e3
-    rows.append((name, precision, build_s, verdict(same, margins, max(diffs), precision), max(diffs),
-                 timing[False], timing[True], floor_ms))
+    kv = str(trt_b.kv_dtype).replace("torch.", "")
+    rows.append((name, precision, kv, build_s, export.precision_verdict(same, margins, max(diffs), precision),
+                 max(diffs), timing[False], timing[True], floor_ms))
     trt_b.close()
     ref_b.close()
 
 
-HEADER = ("| checkpoint | precision | engine build s | tokens == torch | max |dlogits| | decode ms/token plain "
-          "| decode ms/token CUDA graph | floor ms | graph x floor |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| checkpoint | precision | KV dtype | engine build s | tokens == torch | max |dlogits| "
+          "| decode ms/token plain | decode ms/token CUDA graph | floor ms | graph x floor |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def row_text(name, prec, build_s, same, diff, plain, graph, floor) -> str:
-    return (f"| {name} | {prec} | {build_s:.0f} | {same[0]} | {diff:.2e} | {plain:.2f} | {graph:.2f} |"
+def row_text(name, prec, kv, build_s, same, diff, plain, graph, floor) -> str:
+    return (f"| {name} | {prec} | {kv} | {build_s:.0f} | {same[0]} | {diff:.2e} | {plain:.2f} | {graph:.2f} |"
             f" {floor:.2f} | {graph / floor:.2f} |")
 
 
@@ -142,17 +124,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from kosmos2_ros.core import engines
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
 
+    try:
+        trt, _ = engines.require_tensorrt(), engines.require_cuda_torch()
+    except engines.BackendUnavailable as exc:
+        print(f"device_check: {exc}", file=sys.stderr)
+        return 2
+    cc = torch.cuda.get_device_capability(0)
     work = Path(args.out or tempfile.mkdtemp(prefix="kosmos2_device_"))
     art = work / "artifacts"
     rows, failures = [], []
-    print(f"GPU: {torch.cuda.get_device_name(0)}; rows print as they finish", flush=True)
+    print(f"GPU: {torch.cuda.get_device_name(0)} (sm{cc[0]}{cc[1]}); TensorRT {trt.__version__}, strongly typed "
+          f"engines; torch {torch.__version__}; rows print as they finish", flush=True)
     print(HEADER, flush=True)
     plan = []
     if not args.only_full:
         tiny = build_tiny_checkpoint(work / "tiny")
         plan += [("tiny", lambda: tiny, "fp32"), ("tiny", lambda: tiny, "fp16")]
+        if tuple(cc) >= engines.MIN_SM["bf16"]:
+            plan.append(("tiny", lambda: tiny, "bf16"))
     if not args.skip_full:
         plan.append(("full-size", lambda: build_tiny_checkpoint(work / "full", full_size=True), "fp16"))
     for name, make, prec in plan:
@@ -162,7 +154,7 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001 - report every failure, keep checking the rest
             failures.append(f"{name}/{prec}:\n{traceback.format_exc()}")
             print(failures[-1], flush=True)
-    return 0 if rows and all(r[3][1] for r in rows) and not failures else 1
+    return 0 if rows and all(r[4][1] for r in rows) and not failures else 1
 
 
 if __name__ == "__main__":

@@ -154,3 +154,88 @@ def test_fp16_check_measures_headroom_and_can_refuse(tiny_model_dir, tmp_path, m
     monkeypatch.setattr(engine_cli, "FP16_MIN_HEADROOM", 1e30)
     assert build_engines_main(["--model", str(tiny_model_dir), "--artifacts-dir", str(tmp_path)]) == 5
     assert "--precision bf16" in capsys.readouterr().err
+
+
+# -- errors a user can act on (TensorRT version, GPU precision, engines from elsewhere) -------------
+def _one_line(exc_info) -> str:
+    text = str(exc_info.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("version", ["9.3.0", "10.0.1", "10.2.0.19"])
+def test_tensorrt_older_than_jetpack6_is_refused(version):
+    with pytest.raises(BackendUnavailable) as exc:
+        engines.check_tensorrt_version(version)
+    text = _one_line(exc)
+    assert f"TensorRT {version} found" in text and "needs TensorRT >= 10.3" in text and "pip install -U tensorrt" in text
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "10.3.0.30", "10.16.0", "11.4.0", "11.4.1.post1"])
+def test_supported_tensorrt_versions_pass(version):
+    engines.check_tensorrt_version(version)
+
+
+def test_old_tensorrt_is_refused_through_the_backend(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.1.0"))
+    with pytest.raises(BackendUnavailable, match=r"TensorRT 10.1.0 found; .*needs TensorRT >= 10.3"):
+        create_backend("tensorrt", str(tiny_model_dir), artifacts_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("precision, cc, instead", [("bf16", (7, 5), "fp16 or fp32"), ("bf16", (6, 1), "fp32"),
+                                                     ("fp16", (6, 1), "fp32"), ("fp16", (5, 0), "fp32")])
+def test_gpu_without_the_precision_is_told_what_to_pick(precision, cc, instead):
+    with pytest.raises(BackendUnavailable) as exc:
+        engines.check_precision(precision, cc)
+    text = _one_line(exc)
+    assert f"sm{cc[0]}{cc[1]}" in text and f"no native {precision}" in text and f"use precision {instead}" in text
+    assert f"--precision {instead.split()[0]}" in text
+
+
+@pytest.mark.parametrize("precision, cc", [("bf16", (8, 7)), ("bf16", (9, 0)), ("fp16", (7, 2)), ("fp16", (5, 3)),
+                                           ("fp32", (6, 1))])
+def test_gpu_with_the_precision_passes(precision, cc):
+    engines.check_precision(precision, cc)
+
+
+def test_bf16_on_a_gpu_without_it_fails_before_any_build(tiny_model_dir, tmp_path, monkeypatch):
+    """Through the backend: the GPU check comes before engines are looked up or built."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (7, 5))
+    with pytest.raises(BackendUnavailable, match=r"sm75\) has no native bf16 .* use precision fp16 or fp32"):
+        create_backend("tensorrt", str(tiny_model_dir), device="cuda", precision="bf16", artifacts_dir=str(tmp_path),
+                       build_engines=True)
+    assert not (tmp_path / "engines").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_engines_from_another_tensorrt_or_gpu_are_refused_with_the_rebuild_command(tmp_path):
+    meta = {"tensorrt": "10.3.0", "compute_capability": [8, 7], "precision": "fp16", "files": {"decoder": "d.plan"}}
+    assert engines.engine_mismatch(meta, "10.3.0", (8, 7)) is None
+    for trt_version, cc in (("11.4.0", (8, 7)), ("10.3.0", (8, 9))):
+        why = engines.engine_mismatch(meta, trt_version, cc)
+        assert why == f"engines built by TensorRT 10.3.0 for sm87, this is TensorRT {trt_version} on sm{cc[0]}{cc[1]}"
+        with pytest.raises(BackendUnavailable) as exc:   # refused before TensorRT is asked to deserialise
+            engines.load_engines(types.SimpleNamespace(__version__=trt_version), tmp_path, meta, cc, "/models/k2")
+        text = _one_line(exc)
+        assert why in text and "kosmos2-build-engines --model /models/k2 --precision fp16" in text
+
+
+def test_engine_tensor_types_map_to_torch():
+    import torch
+
+    assert [engines.torch_dtype(n, torch) for n in ("FLOAT", "HALF", "BF16", "INT64")] == \
+        [torch.float32, torch.float16, torch.bfloat16, torch.int64]
+    with pytest.raises(BackendUnavailable, match="FP8 is not one the tensorrt backend binds.*kosmos2-build-engines"):
+        engines.torch_dtype("FP8", torch)
+
+
+def test_strongly_typed_network_flag():
+    """The bit the installed TensorRT gives STRONGLY_TYPED (1 in 10.3's NvInfer.h; 0 in 11, which
+    dropped EXPLICIT_BATCH), and no flag once a release drops it."""
+    for bit in (1, 0):
+        flags = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=bit))
+        assert engines.network_flags(flags) == 1 << bit
+    assert engines.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0

@@ -1,14 +1,24 @@
-"""TensorRT engine build and cache (TensorRT 10 Python API, as on JetPack 6 and desktop).
+"""TensorRT engine build and cache: one strongly typed build path for TensorRT 10.x and 11.x.
 
-Engines are built from the ONNX graphs of `core.export`. The cache key holds everything that
-makes an engine unusable elsewhere: the model (hash of config + weights), the export version,
-the TensorRT version, the GPU's compute capability and the precision, so an upgrade rebuilds
-instead of crashing on deserialisation. tensorrt is imported only inside functions.
+TensorRT 11 (desktop `pip install tensorrt`, 11.4 today) removed weak typing: no precision
+builder flags (`BuilderFlag.FP16`, `BF16`, ...), every network is strongly typed and each
+tensor's type comes from the graph. JetPack 6 stays on TensorRT 10.3, where strong typing is
+opted into with `NetworkDefinitionCreationFlag.STRONGLY_TYPED` (TensorRT 11 keeps that flag,
+deprecated and ignored). So engines are built from graphs that already carry their precision
+(`core.export`: fp32, or the fp16 / bf16 variants), always as strongly typed networks, with no
+precision flag: the same code on both. `test/test_tensorrt_api.py` holds the code to the API
+both versions have.
+
+The cache key holds everything that makes an engine unusable elsewhere: the model (hash of
+config + weights), the export version, the TensorRT version, the GPU's compute capability and
+the precision, so an upgrade rebuilds instead of crashing on deserialisation. tensorrt is
+imported only inside functions.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +27,13 @@ from typing import Any, Dict, Optional, Tuple
 from .backends.base import BackendUnavailable
 
 PRECISIONS = ("fp16", "bf16", "fp32")
+#: The oldest TensorRT the engines are built and run with: JetPack 6's (strongly typed ONNX
+#: parsing with bf16 and the name-based I/O API of 10.x; the API guard test checks against it).
+MIN_TENSORRT = (10, 3)
+#: Compute capabilities whose GPUs run a precision natively: fp16 from 5.3 (except sm61, the
+#: consumer Pascal parts at 1/64 rate), bf16 from 8.0 (Ampere, Jetson Orin sm87 and newer).
+FP16_SM_EXCLUDED = ((6, 1),)
+MIN_SM = {"fp16": (5, 3), "bf16": (8, 0), "fp32": (0, 0)}
 
 
 @dataclass(frozen=True)
@@ -29,17 +46,70 @@ class EngineLimits:
 
 
 def require_tensorrt() -> Any:
-    """Import tensorrt (TensorRT 10) or raise BackendUnavailable naming what is missing."""
+    """Import tensorrt (10.3 or newer, 10.x or 11.x) or raise BackendUnavailable naming what is missing."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailable(
-            f"tensorrt Python package not importable ({exc}); install TensorRT 10 "
-            "(pip install tensorrt, or JetPack 6 on Jetson), or use backend: onnxruntime / torch") from None
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} found; the tensorrt backend needs TensorRT >= 10")
+            f"tensorrt Python package not importable ({exc}); install TensorRT >= 10.3 "
+            "(pip install tensorrt on a desktop, 11.x; JetPack 6 on Jetson, 10.3), or use backend: onnxruntime / torch"
+        ) from None
+    check_tensorrt_version(str(trt.__version__))
     return trt
+
+
+def version_tuple(version: str) -> Tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as "10.3.0.30" or "11.4.1.post1"."""
+    parts = [int(re.match(r"\d*", piece).group() or 0) for piece in str(version).split(".")[:2]] + [0, 0]
+    return parts[0], parts[1]
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse a TensorRT older than MIN_TENSORRT, saying what to install."""
+    if version_tuple(version) < MIN_TENSORRT:
+        need = ".".join(map(str, MIN_TENSORRT))
+        raise BackendUnavailable(
+            f"TensorRT {version} found; the tensorrt backend needs TensorRT >= {need} (JetPack 6 ships 10.3; "
+            "on a desktop: pip install -U tensorrt), or use backend: onnxruntime / torch")
+
+
+def check_precision(precision: str, compute_capability: Tuple[int, int]) -> None:
+    """Refuse a precision the GPU has no native support for, naming the precisions it has."""
+    cc = tuple(compute_capability)
+    ok = [p for p in ("fp16", "bf16") if cc >= MIN_SM[p] and not (p == "fp16" and cc in FP16_SM_EXCLUDED)]
+    if precision == "fp32" or precision in ok:
+        return
+    need = "compute capability >= 8.0 (Ampere, Jetson Orin or newer)" if precision == "bf16" else \
+        "compute capability 5.3, 6.0, 6.2 or >= 7.0"
+    instead = " or ".join([*ok, "fp32"])
+    raise BackendUnavailable(f"this GPU (sm{cc[0]}{cc[1]}) has no native {precision} ({precision} needs {need}); "
+                             f"use precision {instead} (kosmos2-build-engines --precision {instead.split()[0]})")
+
+
+def engine_mismatch(meta: dict, trt_version: str, compute_capability: Tuple[int, int]) -> Optional[str]:
+    """Why engines described by `meta` (engines.json) cannot run here, or None when they can."""
+    built = (str(meta.get("tensorrt")), tuple(meta.get("compute_capability", ())))
+    here = (str(trt_version), tuple(compute_capability))
+    if built == here:
+        return None
+    return (f"engines built by TensorRT {built[0]} for sm{''.join(map(str, built[1]))}, "
+            f"this is TensorRT {here[0]} on sm{''.join(map(str, here[1]))}")
+
+
+def rebuild_hint(model_dir: str, precision: str) -> str:
+    return (f"rebuild them: kosmos2-build-engines --model {model_dir} --precision {precision} "
+            "(or set build_engines: true)")
+
+
+def network_flags(trt: Any) -> int:
+    """create_network flags for a strongly typed network: the flag 10.x needs; 11.x is always
+    strongly typed and keeps the flag only for compatibility (0 if a later release drops it).
+
+    The bit comes from the installed bindings, never a constant: STRONGLY_TYPED is 1 in 10.3's
+    NvInfer.h and 0 in 11 (EXPLICIT_BATCH, bit 0 in 10.x, is gone; bit 1 is now
+    PREFER_JIT_PYTHON_PLUGINS)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def require_cuda_torch() -> Any:
@@ -111,21 +181,22 @@ def profiles(manifest: dict, limits: EngineLimits) -> Dict[str, list]:
 
 def build_engine(onnx_path: Path, out_path: Path, precision: str, shape_profiles: list,
                  workspace_gb: float = 4.0, log: Any = print) -> Path:
-    """Parse an ONNX graph (external weights beside it) and serialise an engine to `out_path`."""
+    """Parse an ONNX graph (external weights beside it) and serialise an engine to `out_path`.
+
+    The network is strongly typed: every tensor keeps the type the graph gives it, so the fp16 /
+    bf16 graphs make fp16 / bf16 engines with no precision flag (there is none in TensorRT 11).
+    `precision` only labels the log line.
+    """
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)   # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
     for shapes in shape_profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
@@ -173,22 +244,65 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
     torch = require_cuda_torch()
     from . import export
 
-    cc = torch.cuda.get_device_capability(device_index)
+    cc = tuple(torch.cuda.get_device_capability(device_index))
+    check_precision(precision, cc)
     out = engine_dir(artifacts_dir, model_dir, precision, trt.__version__, cc, limits)
     found = read_engines(out) or (None if allow_build else other_limits(out))
     if found is not None:
         return found
     if not allow_build:
         raise BackendUnavailable(f"no TensorRT engines in {out} for this model, TensorRT {trt.__version__}, "
-                                 f"sm{cc[0]}{cc[1]} and {precision}; run `kosmos2-build-engines --model {model_dir}` "
-                                 "(or `ros2 run kosmos2_ros build_engines`), or set build_engines: true")
-    graphs, manifest = export.ensure_exported(model_dir, artifacts_dir, allow_export=True, log=log)
+                                 f"sm{cc[0]}{cc[1]} and {precision}; run `kosmos2-build-engines --model {model_dir} "
+                                 f"--precision {precision}` (or `ros2 run kosmos2_ros build_engines`), "
+                                 "or set build_engines: true")
+    graphs, manifest = export.ensure_exported(model_dir, artifacts_dir, allow_export=True, log=log,
+                                              precision=precision)
     shapes = profiles(manifest, limits)
     files = {"vision": "vision.plan", "decoder": "decoder.plan"}
+    sources = export.graph_files(manifest, precision)
     for name in ("vision", "decoder"):
-        build_engine(graphs / manifest["files"][name], out / files[name], precision, shapes[name], log=log)
+        build_engine(graphs / sources[name], out / files[name], precision, shapes[name], log=log)
     meta = {"files": files, "precision": precision, "tensorrt": trt.__version__, "compute_capability": list(cc),
-            "limits": limits.__dict__, "manifest": manifest}
+            "strongly_typed": True, "graphs": sources, "limits": limits.__dict__, "manifest": manifest}
     (out / "engines.json").write_text(json.dumps(meta, indent=1))
     return out, meta
 
+
+
+def load_engines(trt: Any, engine_dir: Path, meta: dict, compute_capability: Tuple[int, int],
+                 model_dir: str) -> Dict[str, Any]:
+    """Deserialise a set of engines, or fail with one line saying why and how to rebuild them."""
+    precision = str(meta.get("precision", "fp16"))
+    mismatch = engine_mismatch(meta, trt.__version__, compute_capability)
+    if mismatch:
+        raise BackendUnavailable(f"{engine_dir}: {mismatch}; {rebuild_hint(model_dir, precision)}")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engines = {}
+    for name, f in meta["files"].items():
+        engine = runtime.deserialize_cuda_engine((engine_dir / f).read_bytes())
+        if engine is None:
+            raise BackendUnavailable(f"TensorRT {trt.__version__} could not deserialise {engine_dir / f} (corrupt, or "
+                                     f"built by another TensorRT or GPU); {rebuild_hint(model_dir, precision)}")
+        engines[name] = engine
+    return engines
+
+
+#: TensorRT DataType member names -> torch dtype names (the I/O types our graphs use).
+TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+                "BOOL": "bool"}
+
+
+def io_dtypes(engine: Any, torch: Any) -> Dict[str, Any]:
+    """{tensor name: torch dtype} of an engine's inputs and outputs, as the engine has them."""
+    out = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        out[name] = torch_dtype(engine.get_tensor_dtype(name).name, torch)
+    return out
+
+
+def torch_dtype(trt_name: str, torch: Any) -> Any:
+    if trt_name not in TRT_TO_TORCH:
+        raise BackendUnavailable(f"engine tensor type {trt_name} is not one the tensorrt backend binds "
+                                 f"({', '.join(TRT_TO_TORCH)}); rebuild the engines with kosmos2-build-engines")
+    return getattr(torch, TRT_TO_TORCH[trt_name])

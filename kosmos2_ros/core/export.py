@@ -29,6 +29,14 @@ Two graphs, with fixed names (``GRAPH_IO`` documents them; other code relies on 
     caller owns the cache memory (`backends.kv_cache`): a decode step reads a fixed-size
     arena and writes one column into it, so nothing of the past is copied per step.
 
+Precision variants. TensorRT 11 builds strongly typed networks only (no precision builder
+flags), so the precision of an fp16 / bf16 engine is the precision of its graph. Beside the
+fp32 graphs, `<precision>/vision/vision.onnx` and `<precision>/decoder/decoder.onnx` carry the
+types of `REDUCED_PRECISION` (matrix products reduced, what sums or accumulates in fp32; the
+same input and output names, the KV tensors in the reduced type). They are traced from
+`MixedVisionGraph` and `DecoderGraph(dtype=...)`, which in fp32 compute exactly what the fp32
+graphs compute.
+
 Why one hand-written decoder module rather than tracing `Kosmos2TextModel`: tracing freezes the
 Python branches in transformers' code (``cache_length > 0`` drops the image, ``seq_len > 1``
 builds a causal mask, the sinusoidal table grows on demand). The wrapper below has no
@@ -47,8 +55,38 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
+from .backends.base import Backend, position_ids
+from .backends.kv_cache import KVCache
+
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
-EXPORT_VERSION = "3"
+#: 4: fp16 / bf16 graph variants (strongly typed: precision lives in the graph).
+EXPORT_VERSION = "4"
+#: Graph precisions: fp32 (the reference onnxruntime runs) and the reduced-precision variants
+#: TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
+PRECISIONS = ("fp32", "fp16", "bf16")
+#: ONNX / numpy element type names of each precision's compute dtype (and KV cache).
+ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: What the fp16 / bf16 graphs compute in which type, and why (the README's precision table;
+#: the peaks behind it come from `fp16_headroom`, which `kosmos2-build-engines` runs first).
+REDUCED_PRECISION = (
+    ("matrix products (q/k/v/out projections, FFN fc1/fc2, the ViT's layers, lm_head): weights and outputs",
+     "reduced", "where the FLOPs and bytes are; their peaks (fp16_headroom's reduced_*) stay far inside fp16, and "
+     "TensorRT's kernels accumulate in fp32"),
+    ("attention scores q.k", "reduced, q scaled first",
+     "scaling q by 1/sqrt(head_dim) before the product (exact for head_dim 64) keeps its magnitude small"),
+    ("KV cache (past_*, new_*)", "reduced",
+     "k and v leave their projections already rounded: fp32 storage adds nothing but twice the bytes a step reads"),
+    ("LayerNorm statistics and outputs, softmax", "fp32, cast back after",
+     "sums of squares over 2048 values and exp() lose range and digits in fp16"),
+    ("residual streams (decoder, ViT) and the sqrt(D)-scaled image embeddings", "fp32",
+     "the quantity that grows with depth and carries the largest activations (fp16_headroom's max_abs)"),
+    ("patch embedding, post-layernorm, L2 normalisation, image-to-text projection", "fp32",
+     "19 M parameters run once per frame, feeding the sqrt(D)-scaled image embeddings"),
+    ("graph inputs and outputs: pixel_values, image_embeds, logits", "fp32",
+     "one interface type for every backend; logits are compared and argmaxed in fp32"),
+)
 OPSET = 17
 VISION_FILE = "vision/vision.onnx"
 DECODER_FILE = "decoder/decoder.onnx"
@@ -134,18 +172,61 @@ def read_manifest(out_dir: Path) -> Optional[dict]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("export_version") != EXPORT_VERSION:
+    if manifest.get("export_version") != EXPORT_VERSION or "fp32" not in manifest.get("variants", {}):
         return None
-    if not all((Path(out_dir) / manifest["files"][g]).is_file() for g in ("vision", "decoder")):
+    variants = {p: v for p, v in manifest["variants"].items()
+                if all((Path(out_dir) / f).is_file() for f in v["files"].values())}
+    if "fp32" not in variants:
         return None
-    return manifest
+    return dict(manifest, variants=variants)   # a variant whose files went missing is exported again
 
 
 # -- the modules that get traced -------------------------------------------------------------------
 def _modules():
     """torch modules are defined lazily so importing this file does not import torch."""
+    import copy
+
     import torch
     from torch import nn
+
+    class Precision(nn.Module):
+        """Where the reduced-precision graphs keep fp32 (see REDUCED_PRECISION); identity in fp32.
+
+        `lowp(linear)` is a copy of a matrix-product module in the compute dtype (the fp32 model is
+        never modified); `norm(ln, x)` runs a LayerNorm on fp32 statistics and hands back the
+        compute dtype; `f32(x)` / `low(x)` cast into and out of the fp32 parts.
+        """
+
+        def __init__(self, dtype: Any = None) -> None:
+            super().__init__()
+            self.dt = dtype or torch.float32
+            self.reduced = self.dt != torch.float32
+
+        def lowp(self, module: Any) -> Any:
+            return copy.deepcopy(module).to(self.dt) if self.reduced else module
+
+        def f32(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float() if self.reduced else x
+
+        def low(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(self.dt) if self.reduced else x
+
+        def norm(self, ln: Any, x: torch.Tensor) -> torch.Tensor:
+            return self.low(ln(self.f32(x)))
+
+        def scores(self, q: torch.Tensor, k: torch.Tensor, scaling: float, bias: Any = None) -> torch.Tensor:
+            """Attention probabilities [batch, heads, seq, keys], softmax in fp32.
+
+            Reduced: q is scaled before the product (exact for head_dim 64, scaling 1/8) so the
+            product's magnitude stays within fp16, then the scores are cast to fp32.
+            """
+            if self.reduced:
+                w = torch.matmul(q * scaling, k.transpose(-1, -2)).float()
+            else:
+                w = torch.matmul(q, k.transpose(-1, -2)) * scaling
+            if bias is not None:
+                w = w + bias
+            return self.low(torch.softmax(w, dim=-1))
 
     class VisionGraph(nn.Module):
         def __init__(self, model: Any) -> None:
@@ -155,18 +236,68 @@ def _modules():
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
 
-    class DecoderGraph(nn.Module):
-        """Kosmos2TextForCausalLM with explicit positions, masks and KV tensors."""
+    class MixedVisionGraph(Precision):
+        """`VisionGraph` with the ViT's matrix products in a reduced dtype (see REDUCED_PRECISION).
 
-        def __init__(self, model: Any) -> None:
-            super().__init__()
+        Patch embedding, the fp32 residual stream, every LayerNorm, softmax, L2 normalisation and
+        the image-to-text projection (19 M parameters, once per frame) stay fp32; input and
+        output are fp32 [batch, 3, H, W] -> [batch, 64, D].
+        """
+
+        def __init__(self, model: Any, dtype: Any) -> None:
+            super().__init__(dtype)
+            vm = model.vision_model.model
+            self.embeddings, self.pre, self.post = vm.embeddings, vm.pre_layrnorm, vm.post_layernorm
+            self.projection = model.image_to_text_projection
+            self.layers = nn.ModuleList(
+                nn.ModuleDict(dict(ln1=lay.layer_norm1, ln2=lay.layer_norm2, q=self.lowp(lay.self_attn.q_proj),
+                                   k=self.lowp(lay.self_attn.k_proj), v=self.lowp(lay.self_attn.v_proj),
+                                   out=self.lowp(lay.self_attn.out_proj), fc1=self.lowp(lay.mlp.fc1),
+                                   fc2=self.lowp(lay.mlp.fc2)))
+                for lay in vm.encoder.layers)
+            self.act = vm.encoder.layers[0].mlp.activation_fn
+            self.heads = int(model.config.vision_config.num_attention_heads)
+            self.scaling = float(vm.encoder.layers[0].self_attn.scale)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            hidden = self.pre(self.embeddings(pixel_values))
+            bsz, seq, dim = hidden.shape
+            for lay in self.layers:
+                h = self.norm(lay["ln1"], hidden)
+                q, k, v = (lay[n](h).view(bsz, seq, self.heads, dim // self.heads).transpose(1, 2) for n in "qkv")
+                a = torch.matmul(self.scores(q, k, self.scaling), v).transpose(1, 2).reshape(bsz, seq, dim)
+                hidden = hidden + self.f32(lay["out"](a))
+                h = lay["fc2"](self.act(lay["fc1"](self.norm(lay["ln2"], hidden))))
+                hidden = hidden + self.f32(h)
+            embeds = nn.functional.normalize(self.post(hidden), dim=-1)
+            return self.projection(embeds)[0]
+
+    class DecoderGraph(Precision):
+        """Kosmos2TextForCausalLM with explicit positions, masks and KV tensors.
+
+        `dtype` fp16/bf16: the reduced-precision graph of REDUCED_PRECISION (KV in that dtype,
+        residual stream, LayerNorms, softmax and logits in fp32); None: the fp32 graph.
+        """
+
+        def __init__(self, model: Any, dtype: Any = None) -> None:
+            super().__init__(dtype)
             causal_lm = model.text_model
             text = causal_lm.model
             cfg = causal_lm.config
-            self.embed_tokens = text.embed_tokens
-            self.layers = text.layers
+            self.embed_tokens = self.lowp(text.embed_tokens)
+            self.layers = nn.ModuleList(
+                nn.ModuleDict(dict(ln1=lay.self_attn_layer_norm, q=self.lowp(lay.self_attn.q_proj),
+                                   k=self.lowp(lay.self_attn.k_proj), v=self.lowp(lay.self_attn.v_proj),
+                                   out=self.lowp(lay.self_attn.out_proj), ln2=lay.final_layer_norm,
+                                   fc1=self.lowp(lay.ffn.fc1), ffn_ln=lay.ffn.ffn_layernorm,
+                                   fc2=self.lowp(lay.ffn.fc2),
+                                   **({"inner_ln": lay.self_attn.inner_attn_ln}
+                                      if lay.self_attn.inner_attn_ln is not None else {})))
+                for lay in text.layers)
+            self.act = text.layers[0].ffn.activation_fn
+            self.scaling = float(text.layers[0].self_attn.scaling)
             self.layer_norm = text.layer_norm
-            self.lm_head = causal_lm.lm_head
+            self.lm_head = self.lowp(causal_lm.lm_head)
             self.embed_scale = float(text.embed_scale)
             self.num_heads = int(cfg.attention_heads)
             self.head_dim = int(cfg.embed_dim) // self.num_heads
@@ -176,7 +307,7 @@ def _modules():
 
         def forward(self, input_ids, image_embeds, image_mask, position_ids, attention_mask, *past):
             bsz, seq = input_ids.shape
-            tok = self.embed_tokens(input_ids)
+            tok = self.f32(self.embed_tokens(input_ids))
             # inputs_embeds[image_mask] = image_embeds, in order, without data-dependent shapes.
             img = image_embeds.to(tok.dtype).expand(bsz, -1, -1)
             index = (torch.cumsum(image_mask, dim=1) - 1).clamp(min=0)
@@ -193,29 +324,26 @@ def _modules():
             bias = torch.where(allowed, zero, torch.full((), MASK_VALUE, dtype=hidden.dtype, device=hidden.device))
 
             presents = []
-            for i, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                residual = hidden
-                h = layer.self_attn_layer_norm(hidden)
-                q = attn.q_proj(h).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-                k = attn.k_proj(h).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-                v = attn.v_proj(h).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            split = (bsz, seq, self.num_heads, self.head_dim)
+            for i, lay in enumerate(self.layers):
+                h = self.norm(lay["ln1"], hidden)
+                q, k, v = (lay[n](h).view(split).transpose(1, 2) for n in "qkv")
                 presents += [k, v]
                 k = torch.cat([past[2 * i], k], dim=2)
                 v = torch.cat([past[2 * i + 1], v], dim=2)
-                w = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + bias
-                w = torch.softmax(w, dim=-1)
-                a = torch.matmul(w, v).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
-                if attn.inner_attn_ln is not None:
-                    a = attn.inner_attn_ln(a)
-                hidden = residual + attn.out_proj(a)
-                residual = hidden
-                hidden = residual + layer.ffn(layer.final_layer_norm(hidden))
-            hidden = self.layer_norm(hidden[:, -1])
+                a = torch.matmul(self.scores(q, k, self.scaling, bias), v)
+                a = a.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+                if "inner_ln" in lay:
+                    a = self.norm(lay["inner_ln"], a)
+                hidden = hidden + self.f32(lay["out"](a))
+                h = lay["fc1"](self.norm(lay["ln2"], hidden))
+                h = lay["fc2"](self.norm(lay["ffn_ln"], self.act(h)))
+                hidden = hidden + self.f32(h)
+            hidden = self.norm(self.layer_norm, hidden[:, -1])
             logits = self.lm_head(hidden).float()
             return (logits, *presents)
 
-    return VisionGraph, DecoderGraph
+    return VisionGraph, DecoderGraph, MixedVisionGraph
 
 
 def load_for_export(model_dir: str, allow_pickle: bool = False) -> Any:
@@ -228,9 +356,22 @@ def load_for_export(model_dir: str, allow_pickle: bool = False) -> Any:
     return model.eval()
 
 
-def decoder_module(model: Any) -> Any:
-    """The traced decoder as a torch module (tests compare it with transformers directly)."""
-    return _modules()[1](model).eval()
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def decoder_module(model: Any, precision: str = "fp32") -> Any:
+    """The traced decoder as a torch module (tests compare it with transformers directly, and run
+    the bf16 one where onnxruntime has no bf16 kernels)."""
+    return _modules()[1](model, None if precision == "fp32" else torch_dtype(precision)).eval()
+
+
+def vision_module(model: Any, precision: str = "fp32") -> Any:
+    """The traced vision graph as a torch module: transformers' own for fp32, the mixed one otherwise."""
+    vision_graph, _, mixed = _modules()
+    return (vision_graph(model) if precision == "fp32" else mixed(model, torch_dtype(precision))).eval()
 
 
 def decoder_names(num_layers: int) -> Tuple[List[str], List[str]]:
@@ -266,50 +407,121 @@ def _consolidate(path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle: bool = False,
-                 log: Any = None) -> dict:
-    """Export vision and decoder graphs into `out_dir`; returns (and writes) the manifest."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    if model is None:
-        model = load_for_export(model_dir, allow_pickle)
-        restore: List[Tuple[Any, Any]] = []
-    else:  # a caller's model: trace the eager attention, then give its setting back
-        configs = (model.config, model.config.text_config, model.config.vision_config)
-        restore = [(c, c._attn_implementation) for c in configs]
-        for c in configs:
+class _EagerAttention:
+    """Trace a caller's model with eager attention, then give its setting back."""
+
+    def __init__(self, model: Any) -> None:
+        self.configs = (model.config, model.config.text_config, model.config.vision_config)
+        self.saved = [c._attn_implementation for c in self.configs]
+
+    def __enter__(self) -> None:
+        for c in self.configs:
             c._attn_implementation = "eager"
-    try:
-        return _export_all(model, model_dir, out_dir, tmp, log, t0)
-    finally:
-        for c, impl in restore:
+
+    def __exit__(self, *exc: Any) -> None:
+        for c, impl in zip(self.configs, self.saved):
             c._attn_implementation = impl
 
 
-def _export_all(model: Any, model_dir: str, out_dir: Path, tmp: Path, log: Any, t0: float) -> dict:
+def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle: bool = False,
+                 log: Any = None) -> dict:
+    """Export the fp32 vision and decoder graphs into `out_dir`; returns (and writes) the manifest."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model = model if model is not None else load_for_export(model_dir, allow_pickle)
+    with _EagerAttention(model):
+        variant = _export_graphs(model, tmp, "fp32", log)
+    manifest = _describe(model, model_dir)
+    manifest["files"] = dict(variant["files"])
+    manifest["variants"] = {"fp32": variant}
+    _write_manifest(tmp, manifest)
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return manifest
+
+
+def export_variant(model_dir: str, out_dir: Path, precision: str, model: Any = None,
+                   allow_pickle: bool = False, log: Any = None) -> dict:
+    """Add the `precision` graphs (fp16 / bf16) beside the fp32 ones in `out_dir`; returns the manifest."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise ExportError(f"no fp32 graphs in {out_dir} to add {precision} graphs to")
+    model = model if model is not None else load_for_export(model_dir, allow_pickle)
+    tmp = out_dir / f"{precision}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with _EagerAttention(model):
+        variant = _export_graphs(model, tmp, precision, log)
+    final = out_dir / precision
+    if final.exists():
+        import shutil
+        shutil.rmtree(final)
+    tmp.rename(final)
+    variant["files"] = {g: f"{precision}/{f}" for g, f in variant["files"].items()}
+    manifest = dict(manifest, variants=dict(manifest.get("variants", {}), **{precision: variant}))
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def graph_files(manifest: dict, precision: str = "fp32") -> Dict[str, str]:
+    """{"vision": path, "decoder": path} of one precision's graphs, relative to the graph directory."""
+    return dict(manifest["variants"][precision]["files"])
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = Path(out_dir) / f"{MANIFEST_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, Path(out_dir) / MANIFEST_FILE)
+
+
+def _describe(model: Any, model_dir: str) -> dict:
+    """The manifest's description of the model: what backends and engine profiles need."""
     import torch
 
-    vision_graph, decoder_graph = _modules()
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    dim, layers, heads = int(tcfg.embed_dim), int(tcfg.layers), int(tcfg.attention_heads)
+    ins, outs = decoder_names(layers)
+    return {
+        "export_version": EXPORT_VERSION, "opset": OPSET, "model_dir": str(model_dir),
+        "image_size": int(vcfg.image_size), "image_tokens": int(model.config.latent_query_num), "embed_dim": dim,
+        "layers": layers, "heads": heads, "head_dim": dim // heads, "vocab_size": int(tcfg.vocab_size),
+        "pad_token_id": int(tcfg.pad_token_id if tcfg.pad_token_id is not None else 1),
+        "max_positions": int(MIN_POSITION_ROWS), "torch": torch.__version__,
+        "inputs": {"vision": ["pixel_values"], "decoder": ins}, "outputs": {"vision": ["image_embeds"], "decoder": outs},
+    }
+
+
+def _export_graphs(model: Any, root: Path, precision: str, log: Any) -> dict:
+    """Trace vision.onnx and decoder.onnx of one precision under `root`; returns files and I/O dtypes."""
+    import torch
+
+    vision_graph, decoder_graph, mixed_vision_graph = _modules()
+    dtype = torch_dtype(precision)
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     size = int(vcfg.image_size)
     n_img = int(model.config.latent_query_num)
     dim, layers, heads = int(tcfg.embed_dim), int(tcfg.layers), int(tcfg.attention_heads)
     hd = dim // heads
-    pixel = torch.zeros(1, 3, size, size)
-    _export(vision_graph(model).eval(), (pixel,), tmp / VISION_FILE, ["pixel_values"], ["image_embeds"],
-            {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
-    _consolidate(tmp / VISION_FILE)
+    t0 = time.perf_counter()
+    vision = vision_graph(model) if precision == "fp32" else mixed_vision_graph(model, dtype)
+    _export(vision.eval(), (torch.zeros(1, 3, size, size),), root / VISION_FILE, ["pixel_values"],
+            ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+    del vision
+    _consolidate(root / VISION_FILE)
     if log:
-        log(f"exported {VISION_FILE} in {time.perf_counter() - t0:.1f} s")
+        log(f"exported {precision} {VISION_FILE} in {time.perf_counter() - t0:.1f} s")
     # Trace with past > 0 and seq > 1 so no size is 0 or 1 at trace time (nothing specialises on it).
     bsz, seq, past = 2, 3, 2
     ids = torch.full((bsz, seq), 5, dtype=torch.long)
     img_mask = torch.zeros(bsz, seq, dtype=torch.long)
     pos = torch.arange(seq).expand(bsz, -1) + past + 2
     att = torch.ones(bsz, past + seq, dtype=torch.long)
-    kv = [torch.zeros(bsz, heads, past, hd) for _ in range(2 * layers)]
+    kv = [torch.zeros(bsz, heads, past, hd, dtype=dtype) for _ in range(2 * layers)]
     ins, outs = decoder_names(layers)
     axes: Dict[str, Dict[int, str]] = {
         "input_ids": {0: "batch", 1: "seq"}, "image_embeds": {0: "img_batch", 1: "img"},
@@ -321,63 +533,80 @@ def _export_all(model: Any, model_dir: str, out_dir: Path, tmp: Path, log: Any, 
     for name in outs[1:]:
         axes[name] = {0: "batch", 2: "seq"}
     t1 = time.perf_counter()
-    _export(decoder_graph(model).eval(), (ids, torch.zeros(1, n_img, dim), img_mask, pos, att, *kv),
-            tmp / DECODER_FILE, ins, outs, axes)
-    _consolidate(tmp / DECODER_FILE)
+    decoder = decoder_graph(model, None if precision == "fp32" else dtype)
+    _export(decoder.eval(), (ids, torch.zeros(1, n_img, dim), img_mask, pos, att, *kv),
+            root / DECODER_FILE, ins, outs, axes)
+    del decoder
+    _consolidate(root / DECODER_FILE)
     if log:
-        log(f"exported {DECODER_FILE} in {time.perf_counter() - t1:.1f} s")
-    manifest = {
-        "export_version": EXPORT_VERSION, "opset": OPSET, "model_dir": str(model_dir),
-        "files": {"vision": VISION_FILE, "decoder": DECODER_FILE},
-        "image_size": size, "image_tokens": n_img, "embed_dim": dim, "layers": layers, "heads": heads, "head_dim": hd,
-        "vocab_size": int(tcfg.vocab_size), "pad_token_id": int(tcfg.pad_token_id if tcfg.pad_token_id is not None else 1),
-        "max_positions": int(MIN_POSITION_ROWS), "torch": torch.__version__,
-        "inputs": {"vision": ["pixel_values"], "decoder": ins}, "outputs": {"vision": ["image_embeds"], "decoder": outs},
-    }
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-    if out_dir.exists():
-        import shutil
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return manifest
+        log(f"exported {precision} {DECODER_FILE} in {time.perf_counter() - t1:.1f} s")
+    kv_type = ONNX_TYPES[precision]
+    return {"files": {"vision": VISION_FILE, "decoder": DECODER_FILE},
+            "dtypes": {"pixel_values": "float32", "image_embeds": "float32", "logits": "float32", "kv": kv_type}}
 
 
 def ensure_exported(model_dir: str, artifacts_dir: str, allow_export: bool = True, model: Any = None,
-                    allow_pickle: bool = False, log: Any = None) -> Tuple[Path, dict]:
-    """The graphs for `model_dir` under `artifacts_dir`, exporting them first if missing."""
+                    allow_pickle: bool = False, log: Any = None, precision: str = "fp32") -> Tuple[Path, dict]:
+    """The graphs for `model_dir` under `artifacts_dir` (fp32, and `precision`'s when it is fp16 or
+    bf16), exporting what is missing first; the model is loaded at most once."""
     out = onnx_dir(artifacts_dir, model_dir)
     manifest = read_manifest(out)
+    if manifest is not None and precision in manifest.get("variants", {}):
+        return out, manifest
+    if not allow_export:
+        raise ExportError(f"no {precision} ONNX graphs for {model_dir} in {out}; run kosmos2-build-engines "
+                          "or allow building (build_engines: true)")
+    model = model if model is not None else load_for_export(model_dir, allow_pickle)
     if manifest is None:
-        if not allow_export:
-            raise ExportError(f"no ONNX graphs for {model_dir} in {out}; run kosmos2-build-engines "
-                              "or allow building (build_engines: true)")
-        manifest = export_model(model_dir, out, model=model, allow_pickle=allow_pickle, log=log)
+        manifest = export_model(model_dir, out, model=model, log=log)
+    if precision not in manifest["variants"]:
+        manifest = export_variant(model_dir, out, precision, model=model, log=log)
     return out, manifest
 
 
-def fp16_headroom(model: Any, pixel_values: Any, input_ids: Any, image_mask: Any) -> Dict[str, float]:
+#: fp16's largest finite value.
+FP16_MAX = 65504.0
+
+
+def fp16_headroom(model: Any, pixel_values: Any, input_ids: Any, image_mask: Any) -> Dict[str, Any]:
     """Largest |activation| of an fp32 forward over a prompt, against fp16's largest finite value.
 
-    Checks the sqrt(embed_dim)-scaled image embeddings and every layer's residual stream and
-    attention/FFN intermediates (TensorRT fp16 keeps these in half precision).
+    Two groups, as the fp16 graphs type them (REDUCED_PRECISION): ``reduced_*`` covers the
+    tensors the fp16 graphs keep in fp16 (every matrix product's output: q/k/v, which are also
+    the fp16 KV cache, attention and FFN outputs, fc1, the lm_head logits, in the text decoder
+    and the ViT); the rest (``max_abs`` over everything) adds the fp32 residual streams of both
+    and the sqrt(embed_dim)-scaled image embeddings. `reduced_headroom` decides whether fp16
+    is safe; `headroom` says how far an all-fp16 graph would have been from overflow.
     """
     import torch
 
     peaks: Dict[str, float] = {}
+    reduced: set = set()
     hooks = []
 
-    def track(name: str):
+    def track(name: str, module: Any, low: bool) -> None:
         def hook(_m, _i, out):
             t = out[0] if isinstance(out, tuple) else out
             if torch.is_tensor(t):
                 peaks[name] = max(peaks.get(name, 0.0), float(t.detach().abs().max()))
-        return hook
+        if low:
+            reduced.add(name)
+        hooks.append(module.register_forward_hook(hook))
 
     text = model.text_model.model
     for i, layer in enumerate(text.layers):
-        hooks.append(layer.register_forward_hook(track(f"layer{i}.out")))
-        hooks.append(layer.ffn.fc1.register_forward_hook(track(f"layer{i}.fc1")))
-        hooks.append(layer.self_attn.out_proj.register_forward_hook(track(f"layer{i}.attn")))
+        track(f"layer{i}.out", layer, False)
+        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            track(f"layer{i}.{'attn' if name == 'out_proj' else name}", getattr(layer.self_attn, name), True)
+        track(f"layer{i}.fc1", layer.ffn.fc1, True)
+        track(f"layer{i}.fc2", layer.ffn.fc2, True)
+    track("lm_head", model.text_model.lm_head, True)
+    for i, layer in enumerate(model.vision_model.model.encoder.layers):
+        track(f"vision{i}.out", layer, False)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            track(f"vision{i}.{name}", getattr(layer.self_attn, name), True)
+        track(f"vision{i}.fc1", layer.mlp.fc1, True)
+        track(f"vision{i}.fc2", layer.mlp.fc2, True)
     try:
         with torch.no_grad():
             embeds = model.get_image_features(pixel_values, return_dict=True).pooler_output
@@ -386,8 +615,144 @@ def fp16_headroom(model: Any, pixel_values: Any, input_ids: Any, image_mask: Any
     finally:
         for h in hooks:
             h.remove()
-    fp16_max = 65504.0
     worst = max(peaks.values())
-    return {"max_abs": worst, "fp16_max": fp16_max, "headroom": fp16_max / max(worst, 1e-30),
+    low = {k: v for k, v in peaks.items() if k in reduced}
+    low_worst = max(low.values())
+    return {"max_abs": worst, "fp16_max": FP16_MAX, "headroom": FP16_MAX / max(worst, 1e-30),
             "worst_at": max(peaks, key=peaks.get), "image_embeds_scaled": peaks["image_embeds*scale"],
-            "log2_headroom": math.log2(fp16_max / max(worst, 1e-30))}
+            "log2_headroom": math.log2(FP16_MAX / max(worst, 1e-30)),
+            "reduced_max_abs": low_worst, "reduced_headroom": FP16_MAX / max(low_worst, 1e-30),
+            "reduced_worst_at": max(low, key=low.get),
+            "kv_max_abs": max(v for k, v in low.items() if k.startswith("layer") and k[-6:] in ("k_proj", "v_proj"))}
+
+
+# -- checking the reduced-precision graphs on the CPU ----------------------------------------------
+class GraphBackend(Backend):
+    """One precision's exported graphs behind the `Backend` interface, keys/values concatenated on
+    the host: slow and simple, for checking fp16 / bf16 graphs against fp32 where no GPU is.
+
+    onnxruntime runs the fp32 and fp16 graphs (its CPU provider computes fp16 nodes it has no
+    fp16 kernel for in fp32 between fp16 tensors: the rounding at every tensor the graph types
+    fp16 is kept, as TensorRT's fp16 kernels with fp32 accumulation keep it). Its CPU provider
+    has no bfloat16 MatMul kernel, so bf16 runs the torch modules the bf16 graphs are traced
+    from, in torch's bfloat16 on the CPU (`runs_on` says which).
+    """
+
+    name = "graphs"
+    can_truncate = False
+
+    def __init__(self, model_dir: str, artifacts_dir: str, precision: str = "fp32", model: Any = None) -> None:
+        self.precision = precision
+        self.graph_dir, m = ensure_exported(model_dir, artifacts_dir, model=model, precision=precision)
+        self.manifest = m
+        self.vocab_size, self.pad_token_id = int(m["vocab_size"]), int(m["pad_token_id"])
+        self._inputs = list(m["inputs"]["decoder"])
+        self._shape = (1, int(m["heads"]), 0, int(m["head_dim"]))
+        self._no_image = np.zeros((1, 1, int(m["embed_dim"])), dtype=np.float32)
+        if precision == "bf16":
+            self._torch_modules(model if model is not None else load_for_export(model_dir))
+        else:
+            self._sessions(graph_files(m, precision), np.dtype(ONNX_TYPES[precision]))
+
+    def _sessions(self, files: Dict[str, str], kv_dtype: Any) -> None:
+        import onnxruntime as ort
+
+        self.runs_on = "onnxruntime CPU"
+        vision, decoder = (ort.InferenceSession(str(self.graph_dir / files[g]), providers=["CPUExecutionProvider"])
+                           for g in ("vision", "decoder"))
+        self._vision = lambda pv: vision.run(None, {"pixel_values": pv})[0]
+        self._decoder = lambda feeds: decoder.run(None, feeds)
+        self._zeros = lambda: np.zeros(self._shape, dtype=kv_dtype)
+        self._cat = lambda a, b: np.concatenate([a, b], axis=2)
+
+    def _torch_modules(self, model: Any) -> None:
+        import torch
+
+        self.runs_on = "torch CPU bfloat16 (onnxruntime's CPU provider has no bfloat16 MatMul)"
+        vision, decoder = vision_module(model, "bf16"), decoder_module(model, "bf16")
+
+        def run_decoder(feeds: dict) -> list:
+            args = [torch.from_numpy(feeds[n]) if not torch.is_tensor(feeds[n]) else feeds[n] for n in self._inputs]
+            with torch.no_grad():
+                out = decoder(*args)
+            return [out[0].numpy(), *out[1:]]
+
+        def run_vision(pv: Any) -> Any:
+            with torch.no_grad():
+                return vision(torch.from_numpy(pv)).numpy()
+
+        self._vision, self._decoder = run_vision, run_decoder
+        self._zeros = lambda: torch.zeros(self._shape, dtype=torch.bfloat16)
+        self._cat = lambda a, b: torch.cat([a, b], dim=2)
+
+    def encode_image(self, pixel_values: Any) -> Any:
+        return self._vision(np.ascontiguousarray(pixel_values, dtype=np.float32))
+
+    def prefill(self, image_embeds: Any, input_ids: Any, image_mask: Any, cache: Any = None) -> Tuple[Any, Any]:
+        past = cache.length if cache is not None else 0
+        kv = cache.kv if cache is not None else [self._zeros() for _ in self._inputs[5:]]
+        if cache is not None or image_embeds is None:    # as transformers: no image after a past
+            image_embeds, image_mask = self._no_image, [0] * len(input_ids)
+        row = lambda a: np.asarray([a], dtype=np.int64)   # noqa: E731
+        feeds = {"input_ids": row(input_ids), "image_embeds": np.ascontiguousarray(image_embeds, dtype=np.float32),
+                 "image_mask": row(image_mask), "position_ids": position_ids(input_ids, past, self.pad_token_id)[None],
+                 "attention_mask": np.ones((1, past + len(input_ids)), dtype=np.int64),
+                 **dict(zip(self._inputs[5:], kv))}
+        out = self._decoder(feeds)
+        return out[0][0], KVCache(past + len(input_ids), [self._cat(a, b) for a, b in zip(kv, out[1:])])
+
+    def decode(self, cache: Any, token_id: int) -> Tuple[Any, Any]:
+        return self.prefill(None, [int(token_id)], [0], cache)
+
+    def fork(self, cache: Any) -> Any:
+        return cache          # every step makes new arrays: a cache is never written in place
+
+    def close(self) -> None:
+        self._vision = self._decoder = None
+
+
+def forced_logits(backend: Any, image_embeds: Any, input_ids: Any, image_mask: Any,
+                  tokens: List[int]) -> List[np.ndarray]:
+    """Logits after the prompt and after each of `tokens`, teacher-forced (fp32 arrays)."""
+    logits, cache = backend.prefill(image_embeds, input_ids, image_mask)
+    out = [np.asarray(logits, dtype=np.float32)]
+    for tok in tokens:
+        logits, cache = backend.decode(cache, tok)
+        out.append(np.asarray(logits, dtype=np.float32))
+    return out
+
+
+def compare_logits(ref: List[np.ndarray], other: List[np.ndarray]) -> Tuple[float, List[float]]:
+    """(the largest |dlogits| over all positions, and at each position where `other`'s argmax
+    differs from `ref`'s, `ref`'s logit margin between the two: a near-tie when it is within
+    the measured error)."""
+    diff, margins = 0.0, []
+    for la, lb in zip(ref, other):
+        diff = max(diff, float(np.abs(la - lb).max()))
+        a, b = int(np.argmax(la)), int(np.argmax(lb))
+        if a != b:
+            margins.append(float(la[a] - la[b]))
+    return diff, margins
+
+
+def forced_margins(ref: Any, other: Any, e_ref: Any, e_other: Any, input_ids: Any, image_mask: Any,
+                   tokens: List[int]) -> Tuple[float, List[float]]:
+    """`compare_logits` of two backends teacher-forced on `ref`'s greedy `tokens`."""
+    return compare_logits(forced_logits(ref, e_ref, input_ids, image_mask, tokens),
+                          forced_logits(other, e_other, input_ids, image_mask, tokens))
+
+
+#: A differing greedy token is a near-tie when the reference's top-two margin there is within
+#: this many times the largest logit difference measured (2x is the bound: each of the two
+#: logits may move by the difference; 4x leaves room for what one run did not see).
+NEAR_TIE_FACTOR = 4.0
+
+
+def precision_verdict(same: bool, margins: List[float], diff: float, precision: str) -> Tuple[str, bool]:
+    """(text, ok): exact equality, or for fp16/bf16 differences only at near-ties of the reference."""
+    if same and not margins:
+        return "yes", True
+    tol = NEAR_TIE_FACTOR * diff
+    if precision != "fp32" and margins and max(margins) <= tol:
+        return f"near-ties only (margins <= {max(margins):.1e}, {NEAR_TIE_FACTOR:g} x max dlogits = {tol:.1e})", True
+    return f"NO (margins at differing steps: {', '.join(f'{m:.1e}' for m in margins) or 'none'})", False

@@ -3,7 +3,10 @@
 tensorrt and a CUDA build of torch are imported lazily; when either is missing the backend
 raises `BackendUnavailable` naming it. Engines come from `core.engines` (cache keyed by model,
 TensorRT version, GPU compute capability and precision) and are built only when
-`build_engines` allows it (else: run `kosmos2-build-engines`).
+`build_engines` allows it (else: run `kosmos2-build-engines`). Every buffer is bound with the
+dtype the engine gives its tensor (`engines.io_dtypes`): the fp16 / bf16 engines take fp32
+pixels and image embeddings, give fp32 logits and keep the KV cache in fp16 / bf16, as their
+strongly typed graphs say (`core.export`); the arena is allocated in the cache's dtype.
 
 Prefill packs rows as the onnxruntime backend does (holes masked by `attention_mask`, explicit
 positions), so results match it row for row. Decode steps run on a static arena
@@ -30,17 +33,23 @@ TrtCache = KVCache
 class _StepBuffers:
     """Fixed inputs and outputs of the decode step over one arena, and its CUDA graph once captured."""
 
-    def __init__(self, torch: Any, arena: KVArena, vocab_size: int, device: str) -> None:
+    def __init__(self, torch: Any, arena: KVArena, vocab_size: int, device: str,
+                 dtypes: Optional[Dict[str, Any]] = None) -> None:
+        """`dtypes`: the decoder engine's tensor dtypes (default: int64 inputs, fp32 logits)."""
         rows, cap = arena.rows, arena.capacity
         n, _, heads, _, hd = arena.kv.shape
-        i64 = dict(dtype=torch.int64, device=device)
+        dt = dtypes or {}
+
+        def buffer(name: str, shape: Tuple[int, ...]) -> Any:
+            return torch.zeros(shape, dtype=dt.get(name, torch.int64), device=device)
+
         self.arena = arena
-        self.inputs = {"input_ids": torch.zeros((rows, 1), **i64), "image_mask": torch.zeros((rows, 1), **i64),
-                       "position_ids": torch.zeros((rows, 1), **i64),
-                       "attention_mask": torch.zeros((rows, cap + 2), **i64)}
-        self.columns = torch.full((rows,), cap, **i64)
-        self.logits = torch.empty((rows, vocab_size), dtype=torch.float32, device=device)
-        self.new = torch.zeros((n, rows, heads, 1, hd), dtype=torch.float32, device=device)
+        self.inputs = {"input_ids": buffer("input_ids", (rows, 1)), "image_mask": buffer("image_mask", (rows, 1)),
+                       "position_ids": buffer("position_ids", (rows, 1)),
+                       "attention_mask": buffer("attention_mask", (rows, cap + 2))}
+        self.columns = torch.full((rows,), cap, dtype=torch.int64, device=device)   # scatter_ indexes in int64
+        self.logits = torch.empty((rows, vocab_size), dtype=dt.get("logits", torch.float32), device=device)
+        self.new = torch.zeros((n, rows, heads, 1, hd), dtype=arena.kv.dtype, device=device)   # the cache's dtype
         self.index = self.columns.view(1, rows, 1, 1, 1).expand(n, rows, heads, 1, hd)
         self.graph: Any = None
         self.runs = 0
@@ -48,7 +57,7 @@ class _StepBuffers:
     def load(self, torch: Any, feeds: StepFeeds) -> None:
         for name, arr in (("input_ids", feeds.input_ids), ("position_ids", feeds.position_ids),
                           ("attention_mask", feeds.attention_mask)):
-            self.inputs[name].copy_(torch.from_numpy(arr))
+            self.inputs[name].copy_(torch.from_numpy(arr))   # copy_ converts to the buffer's dtype
         self.columns.copy_(torch.from_numpy(feeds.columns))
 
     def scatter(self) -> None:
@@ -81,18 +90,21 @@ class TensorRTBackend(Backend):
         self.heads, self.head_dim, self.embed_dim = int(m["heads"]), int(m["head_dim"]), int(m["embed_dim"])
         self._kv_names = list(m["inputs"]["decoder"][5:])
         self._new_names = list(m["outputs"]["decoder"][1:])
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engines = {k: runtime.deserialize_cuda_engine((self.engine_dir / f).read_bytes())
-                         for k, f in meta["files"].items()}
-        if any(e is None for e in self._engines.values()):
-            raise BackendError(f"TensorRT could not deserialize the engines in {self.engine_dir}")
+        cc = tuple(torch.cuda.get_device_capability(index))
+        self._engines = engines.load_engines(trt, self.engine_dir, meta, cc, model_dir)
+        self._dtypes = {k: engines.io_dtypes(e, torch) for k, e in self._engines.items()}
+        dec = self._dtypes["decoder"]
+        self.kv_dtype = dec[self._kv_names[0]]
+        if any(dec[n] != self.kv_dtype for n in self._kv_names + self._new_names):
+            raise BackendUnavailable(f"the decoder engine in {self.engine_dir} mixes KV cache dtypes; "
+                                     f"{engines.rebuild_hint(model_dir, precision)}")
         self._stream = torch.cuda.Stream(device=self.device)
         self._vision_ctx = self._engines["vision"].create_execution_context()
         self._prefill_ctx = self._engines["decoder"].create_execution_context()
         self._step_ctx = self._engines["decoder"].create_execution_context()
         self._step_ctx.set_optimization_profile_async(1, self._stream.cuda_stream)
-        self._no_image = torch.zeros((1, 1, self.embed_dim), dtype=torch.float32, device=self.device)
-        ops = ArrayOps(zeros=lambda shape: torch.zeros(shape, dtype=torch.float32, device=self.device),
+        self._no_image = torch.zeros((1, 1, self.embed_dim), dtype=dec["image_embeds"], device=self.device)
+        ops = ArrayOps(zeros=lambda shape: torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
                        cat=lambda parts, axis: torch.cat(parts, dim=axis))
         self._ops = ops
         limit = engines.arena_limit(m, engines.EngineLimits(**meta["limits"]))
@@ -103,9 +115,11 @@ class TensorRTBackend(Backend):
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> Any:
         torch = self._torch
-        pv = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).to(self.device)
+        vision = self._dtypes["vision"]
+        pv = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).to(
+            self.device, vision["pixel_values"])
         out = torch.empty((pv.shape[0], int(self.manifest["image_tokens"]), self.embed_dim),
-                          dtype=torch.float32, device=self.device)
+                          dtype=vision["image_embeds"], device=self.device)
         self._execute(self._vision_ctx, {"pixel_values": pv}, {"image_embeds": out})
         return out
 
@@ -139,7 +153,7 @@ class TensorRTBackend(Backend):
                 step.runs += 1
                 if self.cuda_graph and step.runs >= 2:   # TensorRT wants a plain run before capture
                     self._capture(step)
-            logits = step.logits[feeds.active].cpu().numpy()
+            logits = step.logits[feeds.active].float().cpu().numpy()
         self._check(logits)
         return logits, arena.advance(feeds)
 
@@ -159,7 +173,7 @@ class TensorRTBackend(Backend):
     # -- the decode step -------------------------------------------------------------------------
     def _step_for(self, arena: KVArena) -> _StepBuffers:
         if self._step is None or self._step.arena is not arena:
-            self._step = _StepBuffers(self._torch, arena, self.vocab_size, self.device)
+            self._step = _StepBuffers(self._torch, arena, self.vocab_size, self.device, self._dtypes["decoder"])
             self._bind_step(self._step)
         return self._step
 
@@ -226,18 +240,18 @@ class TensorRTBackend(Backend):
         bsz = len(chunks)
         rows = pack_appends(caches, chunks, masks, self.pad_token_id, self._limit)
         pmax, smax, lens = rows.pmax, rows.smax, rows.lens
-        dev = self.device
-        inputs = {"input_ids": torch.from_numpy(rows.input_ids).to(dev),
-                  "image_mask": torch.from_numpy(rows.image_mask).to(dev),
-                  "position_ids": torch.from_numpy(rows.position_ids).to(dev),
-                  "attention_mask": torch.from_numpy(rows.attention_mask).to(dev),
-                  "image_embeds": self._no_image if image_embeds is None else image_embeds.float().contiguous()}
+        dev, dt = self.device, self._dtypes["decoder"]
+        inputs = {name: torch.from_numpy(arr).to(dev, dt[name])
+                  for name, arr in (("input_ids", rows.input_ids), ("image_mask", rows.image_mask),
+                                    ("position_ids", rows.position_ids), ("attention_mask", rows.attention_mask))}
+        inputs["image_embeds"] = (self._no_image if image_embeds is None
+                                  else image_embeds.to(dt["image_embeds"]).contiguous())
         for j, name in enumerate(self._kv_names):
             inputs[name] = packed_past(caches, j, pmax, self.heads, self.head_dim, self._ops)
-        outputs = {"logits": torch.empty((bsz, self.vocab_size), dtype=torch.float32, device=dev)}
+        outputs = {"logits": torch.empty((bsz, self.vocab_size), dtype=dt["logits"], device=dev)}
         for name in self._new_names:
-            outputs[name] = torch.empty((bsz, self.heads, smax, self.head_dim), dtype=torch.float32, device=dev)
+            outputs[name] = torch.empty((bsz, self.heads, smax, self.head_dim), dtype=dt[name], device=dev)
         self._execute(self._prefill_ctx, inputs, outputs)
-        logits = outputs["logits"].cpu().numpy()
+        logits = outputs["logits"].float().cpu().numpy()
         self._check(logits)
         return logits, appended(caches, lens, smax, [outputs[n] for n in self._new_names], self._ops)
