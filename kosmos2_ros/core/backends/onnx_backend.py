@@ -2,7 +2,8 @@
 
 CPU here; CUDA when onnxruntime-gpu is installed. The graphs are exported into
 `artifacts_dir` on first use (keyed by the model's hash and the export version). fp32 only:
-the graphs are the fp32 reference TensorRT builds its fp16/bf16 engines from.
+these graphs are the reference the fp16/bf16 graph variants (exported with their precision in
+the graph, for TensorRT's strongly typed engines) are checked against.
 
 Prefill runs rows together for real: several caches of different lengths are packed into one
 batch, with holes in the key/value tensors masked out by `attention_mask` and positions
