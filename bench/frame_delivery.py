@@ -1,7 +1,7 @@
 """Camera frames delivered to the grounding node over Fast DDS, frames/s, as a table.
 
 The real node (default parameters: image_qos auto, the environment's Fast DDS profile) runs
-as its own process; a camera runs as another process, like a driver, publishing rgb8 frames
+as its own process; a camera (bench/camera.py) runs as another, like a driver, publishing rgb8 frames
 at a fixed rate with a best-effort or reliable publisher, with or without the large-frame
 profile on its side. Frames delivered = the node's `frames_received` (decoded frames) over a
 measured window, read from /diagnostics. "busy": a command stream keeps the model working
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "test"))
@@ -32,29 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from node_helpers import NodeProcess, free_domain  # noqa: E402
 
-
-def camera_main(width: int, height: int, hz: float, reliable: bool, seconds: float) -> None:
-    """The camera process: publishes `seconds` of frames on /image, then prints how many."""
-    import rclpy
-    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
-
-    rclpy.init()
-    node = rclpy.create_node("bench_camera")
-    qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                     reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT)
-    pub = node.create_publisher(Image, "/image", qos)
-    data = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8).tobytes()
-    sent, t0 = 0, time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        msg = Image(height=height, width=width, encoding="rgb8", step=width * 3, data=data)
-        msg.header.stamp = node.get_clock().now().to_msg()
-        pub.publish(msg)
-        sent += 1
-        time.sleep(max(0.0, t0 + sent / hz - time.monotonic()))
-    print(sent, flush=True)
-    node.destroy_node()
-    rclpy.shutdown()
+sys.path.insert(0, str(ROOT / "bench"))
+import camera  # noqa: E402 - bench/camera.py, the camera process
 
 
 class NodeWatch:
@@ -128,16 +104,14 @@ def measure(watch: NodeWatch, width: int, height: int, hz: float, reliable: bool
         env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
         env.pop("FASTRTPS_DEFAULT_PROFILES_FILE", None)
     warmup = 3.0
-    camera = subprocess.Popen([sys.executable, __file__, "--camera", f"{width}x{height}", str(hz),
-                               "reliable" if reliable else "best_effort", str(warmup + seconds + 1.5)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    camera_proc = camera.start(f"{width}x{height}", hz, reliable, warmup + seconds + 1.5, env=env)
     watch.busy(busy)
     time.sleep(warmup)          # process start, discovery, image_qos auto matching this camera
     start = watch.frames_received(time.monotonic())
     time.sleep(seconds)
     end = watch.frames_received(time.monotonic())
     watch.busy(False)
-    camera.wait(timeout=60)
+    camera_proc.wait(timeout=60)
     if start is None or end is None:
         return {"delivered_fps": float("nan")}
     return {"delivered_fps": (end[0] - start[0]) / max(end[1] - start[1], 1e-9)}
@@ -145,17 +119,11 @@ def measure(watch: NodeWatch, width: int, height: int, hz: float, reliable: bool
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--camera", nargs=4, metavar=("WxH", "HZ", "QOS", "SECONDS"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help="model dir (default: build a tiny test checkpoint)")
     ap.add_argument("--sizes", default="640x480,1280x720")
     ap.add_argument("--rates", default="15,30")
     ap.add_argument("--seconds", type=float, default=4.0, help="measured window per row")
     args = ap.parse_args(argv)
-    if args.camera:
-        w, h = (int(v) for v in args.camera[0].split("x"))
-        camera_main(w, h, float(args.camera[1]), args.camera[2] == "reliable", float(args.camera[3]))
-        return 0
-
     os.environ["ROS_DOMAIN_ID"] = str(free_domain())
     model = args.model
     if not model:
