@@ -38,9 +38,9 @@ sys.exit(service.run())
 
 def test_launch_file_starts_a_node_that_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = node_env(DOMAIN)
+    # No camera_info_topic: the node reads the image topic's sibling, /launch_cam/camera_info.
     arguments = {"namespace": "launch_test", "image_topic": "/launch_cam/image",
-                 "camera_info_topic": "/launch_cam/camera_info", "depth_topic": "/launch_cam/depth/image",
-                 "model": str(tiny_model_dir), "log_level": "info"}
+                 "depth_topic": "/launch_cam/depth/image", "model": str(tiny_model_dir), "log_level": "info"}
     log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ROOT / "launch" / "grounding.launch.py"),
                              *(f"{k}:={v}" for k, v in arguments.items())],
@@ -56,6 +56,8 @@ def test_launch_file_starts_a_node_that_answers(tiny_model_dir: Path, tmp_path: 
         assert result.header.frame_id == "launch_camera"
         assert result.header.stamp.sec * 10**9 + result.header.stamp.nanosec == stamp
         assert result.objects and result.objects[0].phrase == "a red square"
+        infos = tester.node.get_subscriptions_info_by_topic("/launch_cam/camera_info")
+        assert any(i.node_name == "kosmos2" and i.node_namespace == "/launch_test" for i in infos)
     finally:
         tester.close()
         proc.send_signal(signal.SIGINT)
@@ -64,3 +66,19 @@ def test_launch_file_starts_a_node_that_answers(tiny_model_dir: Path, tmp_path: 
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_missing_rviz_fails_before_starting_anything(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """use_rviz:=true without rviz2: one line, a non-zero exit, and no orphaned node serving commands."""
+    from kosmos2_ros.ros.launch_args import ament_package_exists
+
+    if ament_package_exists("rviz2"):
+        pytest.skip("rviz2 is installed here")
+    env = node_env(free_domain())
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(ROOT / "launch" / "grounding.launch.py"),
+                           f"model:={tiny_model_dir}", "use_rviz:=true", "namespace:=rviz_check"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "rviz2 is not installed" in out and "nothing was started" in out, out
+    assert "grounding_node" not in out and "loading model" not in out, out
