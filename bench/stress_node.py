@@ -16,6 +16,7 @@ publishing a command to receiving its result, per status (BUSY answers are immed
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -160,6 +161,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if proc is not None:
             proc.terminate()
         return 1
+    # A third process timing the node from outside this one (see bench/observer.py).
+    observer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("observer.py")), f"/{args.node}",
+                                 str(args.count / args.rate + args.drain + 5)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    observer.stdout.readline()   # "ready": subscribed
+    time.sleep(2.0)              # and matched
     pid = proc.pid if proc is not None else args.pid
     rss_start = rss_mb(pid) if pid else float("nan")
     rss_trace = [(0, rss_start)]
@@ -195,6 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     time.sleep(1.0)   # let duplicates, if any, arrive
     stop.set()
     camera_proc.terminate()
+    observed = {}
+    try:
+        observed = json.loads(observer.communicate(timeout=30)[0].strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        pass
     rss_end = rss_mb(pid) if pid else float("nan")
     rss_trace.append((len(sent), rss_end))
     alive = proc is None or proc.poll() is None
@@ -227,6 +239,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for label, values in [("all results", all_lat)] + [(names.get(c, str(c)), v) for c, v in sorted(latency.items())]:
         print(f"| latency p50 / p95 / p99 ms ({label}) | {percentile(values, 50):.1f} / "
               f"{percentile(values, 95):.1f} / {percentile(values, 99):.1f} |")
+    for code, (p50, p95, p99, n) in sorted((int(k), v) for k, v in observed.items()):
+        print(f"| latency p50 / p95 / p99 ms ({names.get(code, code)}, at the node: an observer process sees "
+              f"command -> result, {n} commands) | {p50:.1f} / {p95:.1f} / {p99:.1f} |")
     print(f"| node RSS start / end MB | {rss_start:.1f} / {rss_end:.1f} |")
     print(f"| node alive at the end | {'yes' if alive else 'NO'} |")
     if args.soak:

@@ -1,4 +1,4 @@
-"""The grounding node as its own process, a tiny real checkpoint, real DDS (domains 41-43).
+"""The grounding node as its own process, a tiny real checkpoint, real DDS (domains of its own: free_domain).
 
 One node process serves most tests of this module (started once); the tests talk to it
 like a user would: images and commands over topics, the service, the action, parameters.
