@@ -204,7 +204,7 @@ class GroundingNode(LifecycleNode):
                 low_high = RANGES.get(name)
                 why = f"must be in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else str(exc)
                 self._refused_at_start[name] = f"{name}: start-up value refused ({why}); set it to configure"
-                self.declare_parameter(name, default, parameter_descriptor(name, default), ignore_override=True)
+                self.declare_parameter(name, default, descriptor, ignore_override=True)
 
     def _parameter_values(self) -> Dict[str, Any]:
         return {name: self.get_parameter(name).value for name in CONFIG_FIELDS}
