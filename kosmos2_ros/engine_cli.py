@@ -3,7 +3,7 @@
 Also `ros2 run kosmos2_ros build_engines`. The node only uses existing engines unless its
 `build_engines` parameter allows building them. The same command builds on TensorRT 10.x
 (JetPack 6) and 11.x (desktop pip): engines are strongly typed, their precision comes from
-the fp16 / bf16 graphs it exports (`core.export`), never from a builder flag.
+the fp16 / bf16 graphs it exports (`core/backends/onnx/export.py`), never from a builder flag.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any, List, Optional
 
 
 def build_engines_main(argv: Optional[List[str]] = None) -> int:
-    from .core import export
     from .core.backends.base import BackendUnavailable
+    from .core.backends.onnx import export
     from .core.loading import ModelNotFound, resolve_model
 
     ap = argparse.ArgumentParser(prog="kosmos2-build-engines", description=__doc__.splitlines()[0])
@@ -41,7 +41,7 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
         print(f"ONNX graphs: {out}")
         if args.onnx_only:
             return 0
-        from .core import engines
+        from .core.backends.tensorrt import engines
 
         if check_fp16 and not fp16_check(model_dir, model):
             print("kosmos2-build-engines: activations come too close to fp16's range; build with --precision bf16 "
@@ -68,7 +68,7 @@ def fp16_check(model_dir: str, model: Any = None) -> bool:
     matrix product's output; the residual streams stay fp32) come within FP16_MIN_HEADROOM."""
     import torch
 
-    from .core import export
+    from .core.backends.onnx import export
     from .core.loading import TextCodec, load_processor
     from .core.scenes import draw_scene
 

@@ -103,7 +103,7 @@ def test_choose_skips_a_banned_allowed_token_for_the_next_best() -> None:
 def test_value_comes_from_the_checkpoint_and_can_be_overridden(ngram_dir: Path, tiny_untrained_dir: Path) -> None:
     assert checkpoint_no_repeat_ngram_size(str(ngram_dir)) == 3
     assert checkpoint_no_repeat_ngram_size(str(tiny_untrained_dir)) == 0
-    pipe = Pipeline.load(Kosmos2Config(model=str(ngram_dir), device="cpu", allow_download=False))
+    pipe = Pipeline.load(Kosmos2Config(model=str(ngram_dir), backend="torch", device="cpu", allow_download=False))
     assert pipe.no_repeat_ngram_size() == 3
     assert pipe.no_repeat_ngram_size(Command(no_repeat_ngram_size=0)) == 0
     assert pipe.no_repeat_ngram_size(Command(no_repeat_ngram_size=2)) == 2

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos2_ros.core import export
 from kosmos2_ros.core.backends.base import position_ids
+from kosmos2_ros.core.backends.onnx import export
 from kosmos2_ros.core.loading import TextCodec, load_processor
 
 

@@ -132,7 +132,7 @@ def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: P
 
     _, t = node
     stamp, rgb = fresh_frame(t, "parity", seed=3)
-    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), max_new_tokens=24))
+    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", max_new_tokens=24))
     cases = (("refer", "the red box", None), ("caption", "", None), ("region", "", (5, 5, 40, 30)),
              ("vqa", "what is it?", None))
     try:
@@ -173,7 +173,7 @@ def test_result_equals_cli_output(node: tuple, tiny_model_dir: Path, tmp_path: P
     res = t.run(t.command("cli-refer", "refer", "the red box", stamp_ns=stamp))
     out = subprocess.run([sys.executable, str(ROOT / "bin" / "kosmos2_ground"), "--model", str(tiny_model_dir),
                           "--image", str(tmp_path / "frame.png"), "--task", "refer", "--text", "the red box",
-                          "--max-new-tokens", "24", "--no-download", "--json"],
+                          "--max-new-tokens", "24", "--no-download", "--json", "--backend", "torch"],
                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr
     cli = json.loads(out.stdout.strip().splitlines()[-1])

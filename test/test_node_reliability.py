@@ -335,7 +335,7 @@ def test_loading_refuses_pickle_remote_code_and_broken_graphs(tiny_model_dir: Pa
     import json
     import shutil
 
-    from kosmos2_ros.core import export
+    from kosmos2_ros.core.backends.onnx import export
 
     pickled = _pickle_checkpoint(tiny_model_dir, tmp_path / "pickled")
     remote = tmp_path / "remote_code"

@@ -6,9 +6,10 @@ import types
 
 import pytest
 
-from kosmos2_ros.core import engines, export
 from kosmos2_ros.core.backends import create_backend
 from kosmos2_ros.core.backends.base import BackendUnavailable
+from kosmos2_ros.core.backends.onnx import export
+from kosmos2_ros.core.backends.tensorrt import engines
 from kosmos2_ros.engine_cli import build_engines_main
 
 
@@ -101,7 +102,7 @@ def test_step_scatter_writes_what_the_host_path_writes():
     import torch
 
     from kosmos2_ros.core.backends.kv_cache import NUMPY, ArenaPool, ArrayOps, KVCache
-    from kosmos2_ros.core.backends.tensorrt_backend import _StepBuffers
+    from kosmos2_ros.core.backends.tensorrt.backend import _StepBuffers
 
     ops = ArrayOps(zeros=lambda shape: torch.zeros(shape), cat=lambda parts, axis: torch.cat(parts, dim=axis))
     rng = np.random.RandomState(0)

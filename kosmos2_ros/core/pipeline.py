@@ -16,8 +16,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import grounding
-from .backends import create_backend
 from .backends.base import Backend, BackendError
+from .backends.registry import AUTO, choose_backend, create_backend
 from .config import MAX_NGRAM, Kosmos2Config
 from .decoding import Cancelled, DecodingMode, Generation, Row, generate, logits_processors
 from .frames import Frame, FrameEncoding
@@ -121,11 +121,13 @@ class _Plan:
 
 class Pipeline:
     def __init__(self, config: Kosmos2Config, backend: Backend, processor: Any,
-                 checkpoint_no_repeat_ngram_size: int = 0) -> None:
+                 checkpoint_no_repeat_ngram_size: int = 0, backend_reason: str = "") -> None:
         """`checkpoint_no_repeat_ngram_size`: the checkpoint's own setting, used where the config
-        says -1 (`Pipeline.load` reads it from the checkpoint's generation_config.json)."""
+        says -1 (`Pipeline.load` reads it from the checkpoint's generation_config.json).
+        `backend_reason`: why this backend runs (which `backend: auto` chose and why)."""
         self.config = config
         self.backend = backend
+        self.backend_reason = backend_reason or f"backend {backend.name} (configured)"
         self.processor = processor
         self.checkpoint_no_repeat_ngram_size = int(checkpoint_no_repeat_ngram_size)
         self.codec = TextCodec(processor)
@@ -141,8 +143,11 @@ class Pipeline:
                        allow_pickle=config.allow_pickle_weights, artifacts_dir=config.artifacts_dir,
                        build_engines=config.build_engines, cuda_graph=config.cuda_graph)
         options.update(backend_options)
-        backend = create_backend(config.backend, model_dir, **options)
-        return cls(config, backend, processor, checkpoint_no_repeat_ngram_size(model_dir))
+        name, reason = config.backend, ""
+        if name == AUTO:
+            name, reason = choose_backend(model_dir, options)
+        backend = create_backend(name, model_dir, **options)
+        return cls(config, backend, processor, checkpoint_no_repeat_ngram_size(model_dir), reason)
 
     def close(self) -> None:
         self.backend.close()

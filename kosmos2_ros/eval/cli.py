@@ -33,7 +33,8 @@ PROG = "kosmos2-eval"
 
 
 def _parser() -> _Parser:
-    from ..core.config import BACKENDS, DECODING, PRECISIONS
+    from ..core.backends.registry import CHOICES
+    from ..core.config import DECODING, PRECISIONS
 
     p = _Parser(prog=PROG, description="Kosmos-2 grounding benchmarks: RefCOCO/RefCOCO+/RefCOCOg (accuracy at "
                                        "IoU 0.5) and Flickr30k Entities (Recall@1/5/10).")
@@ -45,7 +46,8 @@ def _parser() -> _Parser:
     p.add_argument("--name", default="", help="dataset name (default: the file's dataset_name or its file name)")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json, summary.md, pictures")
     p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL))
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--backend", default="torch", choices=CHOICES,
+                   help="torch (default: the reference), or the backend to check against the paper's figures")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--decoding", default="constrained", choices=DECODING)

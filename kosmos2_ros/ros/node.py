@@ -43,6 +43,7 @@ from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
 from kosmos2_ros.action import GroundTask
+from kosmos2_ros.core.backends import registry as backend_registry
 from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
 from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
 from kosmos2_ros.core.grounding import parse_generation
@@ -77,7 +78,7 @@ STOP_WAIT_S = 10.0
 
 PARAMETER_DOCS: Dict[str, str] = {
     "model": "Hugging Face hub id or local directory saved with save_pretrained",
-    "backend": "inference backend: torch | onnxruntime | tensorrt",
+    "backend": backend_registry.describe(),
     "device": "auto | cpu | cuda | cuda:N",
     "precision": "fp32 | fp16 | bf16",
     "allow_download": "may fetch the model from the hub when it is not cached",
@@ -266,7 +267,7 @@ class GroundingNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         with self._lock:
             self._pipeline = pipeline
-        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s")
+        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s; {pipeline.backend_reason}")
         self._make_sensor_subscriptions(cfg)
         self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS

@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable
+from ...defaults import DTYPE_NAMES
+from ..base import Backend, BackendError, BackendUnavailable, position_ids
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = DTYPE_NAMES
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
-                 allow_pickle: bool = False, model: Any = None, **_: Any) -> None:
+                 allow_pickle: bool = False, model: Any = None) -> None:
         import torch
         from transformers import Kosmos2ForConditionalGeneration
 
@@ -109,8 +110,6 @@ class TorchBackend(Backend):
             return super().decode_batch(caches, token_ids)
         torch = self._torch
         from transformers import DynamicCache
-
-        from .base import position_ids
 
         lengths = [int(c.length) for c in caches]
         longest = max(lengths)

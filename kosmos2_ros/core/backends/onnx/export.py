@@ -57,17 +57,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .backends.base import Backend, position_ids
-from .backends.kv_cache import KVCache
+from ...defaults import DTYPE_NAMES, PRECISIONS
+from ..base import Backend, position_ids
+from ..kv_cache import KVCache
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
 #: 4: fp16 / bf16 graph variants (strongly typed: precision lives in the graph).
 EXPORT_VERSION = "4"
-#: Graph precisions: fp32 (the reference onnxruntime runs) and the reduced-precision variants
-#: TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: Graph precisions (`defaults.PRECISIONS`): fp32 (the reference onnxruntime runs) and the reduced-precision
+#: variants TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
 #: ONNX / numpy element type names of each precision's compute dtype (and KV cache).
-ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ONNX_TYPES = DTYPE_NAMES
 #: What the fp16 / bf16 graphs compute in which type, and why (the README's precision table;
 #: the peaks behind it come from `fp16_headroom`, which `kosmos2-build-engines` runs first).
 REDUCED_PRECISION = (
