@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
-from .core.loading import DEFAULT_MODEL, MODEL_ENV, quiet_libraries
+from .core.defaults import DEFAULT_MODEL
+from .core.loading import MODEL_ENV, quiet_libraries
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_MODEL, EXIT_COMMAND = 0, 1, 2, 3, 4
 
@@ -69,7 +70,7 @@ def save_rgb(path: str, rgb) -> None:
 
 def _ground_parser() -> _Parser:
     from .core.backends.registry import AUTO, CHOICES
-    from .core.config import DECODING, PRECISIONS
+    from .core.config import DECODING, PRECISIONS, Kosmos2Config
     from .core.tasks import Task
 
     p = _Parser(prog="kosmos2-ground", description="Run one Kosmos-2 task on one image (no ROS needed).")
@@ -84,7 +85,7 @@ def _ground_parser() -> _Parser:
                    help="auto (default): tensorrt where a GPU and engines exist, else onnxruntime, else torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--decoding", default="constrained", choices=DECODING,
+    p.add_argument("--decoding", default=Kosmos2Config.decoding, choices=DECODING,
                    help="constrained: referring expressions decode only location tokens (fast); free: plain greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_ngram_argument(p)

@@ -15,12 +15,13 @@ from typing import Any, List, Optional
 def build_engines_main(argv: Optional[List[str]] = None) -> int:
     from .core.backends.base import BackendUnavailable
     from .core.backends.onnx import export
+    from .core.defaults import ARTIFACTS_DIR, DEFAULT_MODEL, PRECISIONS
     from .core.loading import ModelNotFound, resolve_model
 
     ap = argparse.ArgumentParser(prog="kosmos2-build-engines", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="microsoft/kosmos-2-patch14-224", help="hub id or local directory")
-    ap.add_argument("--artifacts-dir", default="~/.cache/kosmos2_ros")
-    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
+    ap.add_argument("--artifacts-dir", default=ARTIFACTS_DIR)
+    ap.add_argument("--precision", default="fp16", choices=PRECISIONS)
     ap.add_argument("--onnx-only", action="store_true", help="export the ONNX graphs only (no TensorRT needed)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-prompt", type=int, default=256)

@@ -14,9 +14,10 @@ import pytest
 from node_helpers import ROOT, NodeProcess, Tester, free_domain, rgb_image_msg, running_node, scene
 
 from kosmos2_ros.core.grounding import parse_generation
+from kosmos2_ros.core.pipeline import Status
 
 DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = free_domain(), free_domain(), free_domain()
-OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
+OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = Status   # in definition order
 W, H = 64, 48
 
 pytestmark = pytest.mark.timeout(120)

@@ -56,7 +56,7 @@ class Kosmos2Config:
     # Generation
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused
-    decoding: str = "constrained"                    # default for refer/phrase grounding
+    decoding: str = DecodingMode.CONSTRAINED.value   # free | constrained: default for refer/phrase grounding
     no_repeat_ngram_size: int = -1                   # -1 = the checkpoint's generation config; 0 = off
     score_threshold: float = 0.0                     # boxes scoring below are dropped
     max_prompt_chars: int = 1000

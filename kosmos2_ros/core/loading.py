@@ -13,7 +13,6 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from .vocab import GroundingVocab
 
-DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 MODEL_ENV = "KOSMOS2_MODEL"
 _HOW_TO_POINT = (f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "
                  f"model.safetensors, processor files), given as --model DIR, the `model` parameter, or "

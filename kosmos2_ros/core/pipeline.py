@@ -28,7 +28,7 @@ from .vocab import PATCH_TOKEN_RE
 
 
 class Status(enum.IntEnum):
-    """Mirrors GroundingResult.STATUS_*."""
+    """GroundingResult.STATUS_*, for a core without ROS (test_convert checks they agree)."""
     OK = 0
     BUSY = 1
     NO_FRAME = 2
