@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.toy_checkpoint import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
+from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
 
 
 def _patches(ids: List[int], vocab) -> List[int]:

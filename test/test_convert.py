@@ -1,6 +1,7 @@
 """Image and message conversion: every encoding, row padding, byte order, and the errors."""
 from __future__ import annotations
 
+import array
 import math
 
 import numpy as np
@@ -139,8 +140,6 @@ def test_padding_never_leaks_into_pixels(h: int, w: int, pad: int, seed: int) ->
 
 
 def test_array_typed_data_as_received_from_dds() -> None:
-    import array
-
     msg = image_msg(RGB, "rgb8")
     msg.data = array.array("B", bytes(msg.data))
     np.testing.assert_array_equal(to_rgb(msg), RGB)

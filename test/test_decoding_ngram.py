@@ -7,6 +7,7 @@ on torch and onnxruntime, must give the ids of `generate(..., no_repeat_ngram_si
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,8 +120,6 @@ def test_value_comes_from_the_checkpoint_and_can_be_overridden(ngram_dir: Path, 
 
 
 def test_malformed_generation_config_is_one_clear_error(ngram_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
     from kosmos2_ros.core.loading import ModelNotFound
 
     bad = tmp_path / "bad"

@@ -1,4 +1,4 @@
-"""Hostile but well-formed messages against one node process (issue 5), domain 63.
+"""Hostile but well-formed messages against one node process: every command answered, the node alive; domain 63.
 
 Hypothesis draws images (any encoding name, size, step, data length, endianness; compressed
 images of random bytes) and commands (random unicode and control tokens, random tasks,

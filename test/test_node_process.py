@@ -5,6 +5,11 @@ like a user would: images and commands over topics, the service, the action, par
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -50,8 +55,6 @@ def fresh_frame(tester: Tester, frame_id: str = "camera_optical", seed: int = 0)
 
 # -- the shipped configuration --------------------------------------------------------------
 def test_params_file_lists_every_parameter_with_a_comment() -> None:
-    import dataclasses
-
     import yaml
 
     from kosmos2_ros.core.config import Kosmos2Config
@@ -67,8 +70,6 @@ def test_params_file_lists_every_parameter_with_a_comment() -> None:
 
 
 def test_launch_file_declares_its_arguments() -> None:
-    import ast
-
     source = (ROOT / "launch" / "grounding.launch.py").read_text()
     tree = ast.parse(source)
     declared = {}
@@ -161,11 +162,7 @@ def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: P
 
 
 def test_result_equals_cli_output(node: tuple, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The issue's check: kosmos2-ground on the same image and checkpoint gives the node's text and boxes."""
-    import json
-    import subprocess
-    import sys
-
+    """kosmos2-ground on the same image and checkpoint gives the node's text and boxes."""
     from PIL import Image as PILImage
 
     _, t = node

@@ -5,6 +5,7 @@ says what was tried and how to point the package at a local copy.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -96,8 +97,6 @@ def _check_safe(path: Path, allow_pickle: bool) -> None:
 
 def _check_no_remote_code(path: Path) -> None:
     """A config naming custom classes (`auto_map`) needs remote code, which is never run here."""
-    import json
-
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -153,8 +152,6 @@ def checkpoint_no_repeat_ngram_size(model_dir: str) -> int:
     builds its generation config from the model config), yet the authors decode with it
     (microsoft/kosmos-2-patch14-224 ships 3).
     """
-    import json
-
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return 0

@@ -12,6 +12,7 @@ backend failure is a MODEL_ERROR result plus a diagnostics entry, and the next c
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import signal
 import sys
@@ -325,8 +326,6 @@ class GroundingNode(LifecycleNode):
             self.worker.wait_idle(30.0)
             pipeline.close()
             del pipeline
-            import gc
-
             gc.collect()
             self.get_logger().info("model released")
         self.frames.clear()

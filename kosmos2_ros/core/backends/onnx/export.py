@@ -47,10 +47,12 @@ length. Tests prove it equal to transformers on the prefill, suffix-prefill and 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -184,8 +186,6 @@ def read_manifest(out_dir: Path) -> Optional[dict]:
 # -- the modules that get traced -------------------------------------------------------------------
 def _modules():
     """torch modules are defined lazily so importing this file does not import torch."""
-    import copy
-
     import torch
     from torch import nn
 
@@ -437,7 +437,6 @@ def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle:
     manifest["variants"] = {"fp32": variant}
     _write_manifest(tmp, manifest)
     if out_dir.exists():
-        import shutil
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return manifest
@@ -459,7 +458,6 @@ def export_variant(model_dir: str, out_dir: Path, precision: str, model: Any = N
         variant = _export_graphs(model, tmp, precision, log)
     final = out_dir / precision
     if final.exists():
-        import shutil
         shutil.rmtree(final)
     tmp.rename(final)
     variant["files"] = {g: f"{precision}/{f}" for g, f in variant["files"].items()}
