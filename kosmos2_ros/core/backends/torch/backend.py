@@ -61,6 +61,10 @@ class TorchBackend(Backend):
         self._torch = torch
         params = inspect.signature(self.model.text_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # The lm_head on the last position only, as `generate` does: a prompt's other positions'
+        # logits are never read, and over a 65k vocabulary they cost more than the prompt's layers.
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self._last_only = {keep: 1} if keep else {}
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> Any:
@@ -87,7 +91,7 @@ class TorchBackend(Backend):
             out = self.model.text_model(
                 input_ids=ids, attention_mask=torch.ones((1, past + ids.shape[1]), dtype=torch.long,
                                                          device=self.device),
-                use_cache=True, **kwargs)
+                use_cache=True, **kwargs, **self._last_only)
         return self._last_logits(out), TorchCache(getattr(out, self._cache_kw, None) or kv, past + ids.shape[1])
 
     def decode(self, cache: TorchCache, token_id: int) -> Tuple[np.ndarray, TorchCache]:
