@@ -34,11 +34,11 @@ fi
 touch "$VENV/COLCON_IGNORE"   # the venv holds package.xml files of its own; colcon must not build them
 
 step "Python packages (ROS 2 $DISTRO wheels, torch, transformers, onnxruntime, ...)"
-# One list of ROS packages (requirements-ros.txt names Kilted's); other distros take the same names,
-# less those marked "# only kilted".
-if [ "$DISTRO" = kilted ]; then cp scripts/requirements-ros.txt "$VENV/requirements-ros-$DISTRO.txt"
-else grep -v "# only kilted" scripts/requirements-ros.txt | sed "s/^ros-kilted-/ros-$DISTRO-/" > "$VENV/requirements-ros-$DISTRO.txt"
-fi
+# One list of ROS packages, named as Kilted's; other distros take the same names. A line marked
+# "# only <distro>" is for that distro alone.
+OTHERS=""
+for other in kilted jazzy; do [ "$other" = "$DISTRO" ] || OTHERS="${OTHERS:+$OTHERS|}$other"; done
+grep -v -E "# only ($OTHERS)\b" scripts/requirements-ros.txt | sed "s/^ros-kilted-/ros-$DISTRO-/" > "$VENV/requirements-ros-$DISTRO.txt"
 "$VENV/bin/pip" install --disable-pip-version-check -q \
   -r "$VENV/requirements-ros-$DISTRO.txt" -r scripts/requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c 'import torch, transformers, onnxruntime, cv2, colcon_core' # fail loudly if pip did
