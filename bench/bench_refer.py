@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.toy_checkpoint import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
+from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
 
 
 def _patches(ids: List[int], vocab) -> List[int]:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import Kosmos2ForConditionalGeneration
 
-    from kosmos2_ros.core.backends.torch_backend import TorchBackend
+    from kosmos2_ros.core.backends.torch.backend import TorchBackend
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
     from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.frames import Frame
@@ -110,11 +110,11 @@ def main(argv=None) -> int:
         if backend_name == "torch":
             backend = TorchBackend(str(model_dir), device=args.device, model=model)
         elif backend_name == "onnxruntime":
-            from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
+            from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
             backend = OnnxBackend(str(model_dir), device=args.device, artifacts_dir=str(work / "artifacts"),
                                   model=model if args.device == "cpu" else None)
         elif backend_name == "tensorrt":
-            from kosmos2_ros.core.backends.tensorrt_backend import TensorRTBackend
+            from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
             backend = TensorRTBackend(str(model_dir), device=args.device, precision=precision,
                                       artifacts_dir=str(work / "artifacts"), build_engines=True)
         else:

@@ -50,9 +50,9 @@ def bandwidth_gbs(torch) -> float:
 
 
 def check(name, model_dir, precision, art, torch, rows, max_new=8):
-    from kosmos2_ros.core import export
-    from kosmos2_ros.core.backends.tensorrt_backend import TensorRTBackend
-    from kosmos2_ros.core.backends.torch_backend import TorchBackend
+    from kosmos2_ros.core.backends.onnx import export
+    from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
+    from kosmos2_ros.core.backends.torch.backend import TorchBackend
     from kosmos2_ros.core.decoding import Row, generate
     from kosmos2_ros.core.loading import TextCodec, load_processor
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from kosmos2_ros.core import engines
+    from kosmos2_ros.core.backends.tensorrt import engines
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
 
     try:

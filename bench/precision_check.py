@@ -36,7 +36,7 @@ HEADER = ("| checkpoint | precision | runs on | max abs d image_embeds | max abs
 
 def record(backend, pixels, codec, steps, tokens=None):
     """(image embeddings, per prompt: free greedy tokens and teacher-forced logits along `tokens`)."""
-    from kosmos2_ros.core import export
+    from kosmos2_ros.core.backends.onnx import export
     from kosmos2_ros.core.decoding import Row, generate
 
     embeds = backend.encode_image(pixels)
@@ -68,7 +68,7 @@ def boxes(backend, model_dir, processor):
 
 
 def check(name, model_dir, art, steps, with_boxes):
-    from kosmos2_ros.core import export
+    from kosmos2_ros.core.backends.onnx import export
     from kosmos2_ros.core.loading import TextCodec, load_processor
     from kosmos2_ros.core.scenes import draw_scene
 

@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
-from .core.loading import DEFAULT_MODEL, MODEL_ENV, quiet_libraries
+from .core.defaults import DEFAULT_MODEL
+from .core.loading import MODEL_ENV, quiet_libraries
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_MODEL, EXIT_COMMAND = 0, 1, 2, 3, 4
 
@@ -68,7 +69,8 @@ def save_rgb(path: str, rgb) -> None:
 
 
 def _ground_parser() -> _Parser:
-    from .core.config import BACKENDS, DECODING, PRECISIONS
+    from .core.backends.registry import AUTO, CHOICES
+    from .core.config import DECODING, PRECISIONS, Kosmos2Config
     from .core.tasks import Task
 
     p = _Parser(prog="kosmos2-ground", description="Run one Kosmos-2 task on one image (no ROS needed).")
@@ -79,10 +81,11 @@ def _ground_parser() -> _Parser:
     p.add_argument("--text", default="", help="expression, caption with [phrases], question, or raw prompt")
     p.add_argument("--region", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
                    help="region in pixels for --task region")
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--backend", default=AUTO, choices=CHOICES,
+                   help="auto (default): tensorrt where a GPU and engines exist, else onnxruntime, else torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--decoding", default="constrained", choices=DECODING,
+    p.add_argument("--decoding", default=Kosmos2Config.decoding, choices=DECODING,
                    help="constrained: referring expressions decode only location tokens (fast); free: plain greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_ngram_argument(p)
@@ -128,6 +131,8 @@ def ground_main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelLoadError as exc:
         return _fail(prog, EXIT_MODEL, str(exc))
     load_ms = (time.perf_counter() - t0) * 1e3
+    if args.backend == "auto":
+        print(f"{prog}: {pipeline.backend_reason}", file=sys.stderr)
     command = Command(id="cli", task=args.task, text=args.text,
                       region_px=tuple(args.region) if args.region else None)
     result = pipeline.run(command, Frame(rgb=rgb, frame_id=Path(args.image).name))
@@ -178,10 +183,12 @@ def demo_scene(width: int = 640, height: int = 480):
 
 
 def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+    from .core.backends.registry import AUTO, CHOICES
+
     prog = "kosmos2-demo"
     p = _Parser(prog=prog, description="Ground a few commands on generated images and write annotated PNGs.")
     p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL))
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--backend", default=AUTO, help=" | ".join(CHOICES))
     p.add_argument("--out", default="out/demo", help="folder for annotated images and results.json")
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args(argv)
@@ -214,7 +221,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
         pipeline = Pipeline.load(config)
     except (ConfigError, BackendError, ImportError, OSError) as exc:
         return _fail(prog, EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_MODEL, str(exc))
-    print(f"[demo] model: {label}; backend {args.backend}; loaded in {time.perf_counter() - t0:.1f} s")
+    print(f"[demo] model: {label}; {pipeline.backend_reason}; loaded in {time.perf_counter() - t0:.1f} s")
     rgb, objects = demo_scene()
     frame = Frame(rgb=rgb, frame_id="demo_camera")
     first = objects[0]

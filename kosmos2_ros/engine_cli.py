@@ -3,7 +3,7 @@
 Also `ros2 run kosmos2_ros build_engines`. The node only uses existing engines unless its
 `build_engines` parameter allows building them. The same command builds on TensorRT 10.x
 (JetPack 6) and 11.x (desktop pip): engines are strongly typed, their precision comes from
-the fp16 / bf16 graphs it exports (`core.export`), never from a builder flag.
+the fp16 / bf16 graphs it exports (`core/backends/onnx/export.py`), never from a builder flag.
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from typing import Any, List, Optional
 
 
 def build_engines_main(argv: Optional[List[str]] = None) -> int:
-    from .core import export
     from .core.backends.base import BackendUnavailable
+    from .core.backends.onnx import export
+    from .core.defaults import ARTIFACTS_DIR, DEFAULT_MODEL, PRECISIONS
     from .core.loading import ModelNotFound, resolve_model
 
     ap = argparse.ArgumentParser(prog="kosmos2-build-engines", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="microsoft/kosmos-2-patch14-224", help="hub id or local directory")
-    ap.add_argument("--artifacts-dir", default="~/.cache/kosmos2_ros")
-    ap.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
+    ap.add_argument("--artifacts-dir", default=ARTIFACTS_DIR)
+    ap.add_argument("--precision", default="fp16", choices=PRECISIONS)
     ap.add_argument("--onnx-only", action="store_true", help="export the ONNX graphs only (no TensorRT needed)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-prompt", type=int, default=256)
@@ -41,7 +42,7 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
         print(f"ONNX graphs: {out}")
         if args.onnx_only:
             return 0
-        from .core import engines
+        from .core.backends.tensorrt import engines
 
         if check_fp16 and not fp16_check(model_dir, model):
             print("kosmos2-build-engines: activations come too close to fp16's range; build with --precision bf16 "
@@ -68,7 +69,7 @@ def fp16_check(model_dir: str, model: Any = None) -> bool:
     matrix product's output; the residual streams stay fp32) come within FP16_MIN_HEADROOM."""
     import torch
 
-    from .core import export
+    from .core.backends.onnx import export
     from .core.loading import TextCodec, load_processor
     from .core.scenes import draw_scene
 

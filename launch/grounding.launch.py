@@ -45,7 +45,7 @@ def _arguments(share: str) -> list:
         DeclareLaunchArgument("model", default_value="",
                               description="Hub id or local directory of the checkpoint (empty: the YAML's value)"),
         DeclareLaunchArgument("backend", default_value="",
-                              description="torch | onnxruntime | tensorrt (empty: the YAML's value)"),
+                              description="auto | tensorrt | onnxruntime | torch (empty: the YAML's value)"),
         DeclareLaunchArgument("autostart", default_value="true",
                               description="Configure and activate the lifecycle node on start-up"),
         DeclareLaunchArgument("dds_profile", default_value=os.path.join(share, "config", "fastdds_large_frames.xml"),

@@ -4,7 +4,7 @@
   greedy decoding writes phrases, boxes and eos (structured, not good).
 - `tiny_untrained_dir`: the package's helper with random weights (sharpened logits).
 - `hf_saved_model_dir`: built with transformers and `tokenizers` alone (no package code) and
-  saved with `save_pretrained`: the "checkpoint saved by transformers itself" of issue 2. Its
+  saved with `save_pretrained`: a checkpoint saved by transformers itself, with no package code in it. Its
   image processor resizes the shortest edge and centre-crops, the other processor mode.
 """
 from __future__ import annotations

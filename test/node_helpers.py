@@ -72,7 +72,8 @@ class NodeProcess:
         args.append("--ros-args")
         if params_file is not None:
             args += ["--params-file", str(params_file)]
-        for key, value in params.items():
+        # torch unless a test says otherwise: `backend: auto` would export ONNX graphs into ~/.cache
+        for key, value in {"backend": "torch", **params}.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)
             args += ["-p", f"{key}:={text}"]
         for src, dst in (remaps or {}).items():

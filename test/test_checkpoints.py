@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +86,12 @@ def test_tokenizer_ids_are_the_same_every_build() -> None:
     a, b = checkpoints.build_processor().tokenizer, checkpoints.build_processor().tokenizer
     assert a.get_vocab() == b.get_vocab()
     assert a.tokenize("An image of a red square.") == b.tokenize("An image of a red square.")
+
+
+def test_the_node_never_imports_checkpoint_training():
+    """Checkpoint training is test, demo and benchmark support: the node's modules do not load it."""
+    code = ("import sys, kosmos2_ros.ros.node, kosmos2_ros.core.pipeline; "
+            "print('kosmos2_ros.core.checkpoints' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -26,6 +26,7 @@ CASES = [
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    args = args if "--backend" in args else (*args, "--backend", "torch")   # auto would export into ~/.cache
     return subprocess.run([sys.executable, "-m", "kosmos2_ros.cli", *args], capture_output=True, text=True, timeout=300)
 
 

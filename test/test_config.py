@@ -11,7 +11,7 @@ from kosmos2_ros.core.config import ConfigError, Kosmos2Config
 def test_defaults_are_valid() -> None:
     cfg = Kosmos2Config()
     cfg.validate()
-    assert cfg.model == "microsoft/kosmos-2-patch14-224" and cfg.backend == "torch"
+    assert cfg.model == "microsoft/kosmos-2-patch14-224" and cfg.backend == "auto"
     assert Kosmos2Config.from_dict(cfg.to_dict()) == cfg
 
 

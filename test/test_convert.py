@@ -1,6 +1,7 @@
 """Image and message conversion: every encoding, row padding, byte order, and the errors."""
 from __future__ import annotations
 
+import array
 import math
 
 import numpy as np
@@ -139,8 +140,6 @@ def test_padding_never_leaks_into_pixels(h: int, w: int, pad: int, seed: int) ->
 
 
 def test_array_typed_data_as_received_from_dds() -> None:
-    import array
-
     msg = image_msg(RGB, "rgb8")
     msg.data = array.array("B", bytes(msg.data))
     np.testing.assert_array_equal(to_rgb(msg), RGB)
@@ -298,3 +297,12 @@ def test_intrinsics_from_camera_info() -> None:
     intr = intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0, 31.5, 0, 55.0, 23.5, 0, 0, 1]))
     assert (intr.fx, intr.fy, intr.cx, intr.cy, intr.width, intr.height) == (60.0, 55.0, 31.5, 23.5, 64, 48)
     assert intrinsics_from(CameraInfo()) is None     # all-zero K: uncalibrated
+
+
+def test_python_statuses_are_the_message_constants():
+    """`pipeline.Status` (the core has no ROS) names and numbers exactly GroundingResult.STATUS_*."""
+    from kosmos2_ros.core.pipeline import Status
+    from kosmos2_ros.msg import GroundingResult
+
+    constants = {n[len("STATUS_"):]: getattr(GroundingResult, n) for n in dir(GroundingResult) if n.startswith("STATUS_")}
+    assert constants == {s.name: s.value for s in Status}

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.toy_checkpoint import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image
-from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
-from kosmos2_ros.core.backends.torch_backend import TorchBackend
+from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
+from kosmos2_ros.core.backends.torch.backend import TorchBackend
+from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.decoding import DecodingMode, Row, generate
 from kosmos2_ros.core.frames import Frame

@@ -7,6 +7,7 @@ on torch and onnxruntime, must give the ids of `generate(..., no_repeat_ngram_si
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_choose_skips_a_banned_allowed_token_for_the_next_best() -> None:
 def test_value_comes_from_the_checkpoint_and_can_be_overridden(ngram_dir: Path, tiny_untrained_dir: Path) -> None:
     assert checkpoint_no_repeat_ngram_size(str(ngram_dir)) == 3
     assert checkpoint_no_repeat_ngram_size(str(tiny_untrained_dir)) == 0
-    pipe = Pipeline.load(Kosmos2Config(model=str(ngram_dir), device="cpu", allow_download=False))
+    pipe = Pipeline.load(Kosmos2Config(model=str(ngram_dir), backend="torch", device="cpu", allow_download=False))
     assert pipe.no_repeat_ngram_size() == 3
     assert pipe.no_repeat_ngram_size(Command(no_repeat_ngram_size=0)) == 0
     assert pipe.no_repeat_ngram_size(Command(no_repeat_ngram_size=2)) == 2
@@ -119,8 +120,6 @@ def test_value_comes_from_the_checkpoint_and_can_be_overridden(ngram_dir: Path, 
 
 
 def test_malformed_generation_config_is_one_clear_error(ngram_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
     from kosmos2_ros.core.loading import ModelNotFound
 
     bad = tmp_path / "bad"

@@ -1,12 +1,14 @@
 """ONNX export: fixed names, dynamic axes, the traced decoder equal to transformers on every path."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from kosmos2_ros.core import export
 from kosmos2_ros.core.backends.base import position_ids
+from kosmos2_ros.core.backends.onnx import export
 from kosmos2_ros.core.loading import TextCodec, load_processor
 
 
@@ -40,8 +42,6 @@ def test_cache_reused_and_keyed_by_weights(exported, tiny_model_dir, tmp_path):
     again, _ = export.ensure_exported(str(tiny_model_dir), str(art))
     assert again == out and (out / export.MANIFEST_FILE).stat().st_mtime_ns == stamp
     # Another checkpoint (different weights) gets another directory.
-    import shutil
-
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     with open(next(other.glob("*.safetensors")), "ab") as fh:

@@ -1,6 +1,7 @@
 """What grounding.launch.py decides (kosmos2_ros/ros/launch_args.py), tested without ros2/launch."""
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,6 @@ def test_dds_profile_applies_unless_the_user_set_one() -> None:
 
 @pytest.mark.parametrize("name", ["fastdds_large_frames.xml", "fastdds_large_frames_localhost.xml"])
 def test_shipped_dds_profiles_are_well_formed(name: str) -> None:
-    import xml.etree.ElementTree as ET
-
     ns = {"d": "http://www.eprosima.com"}
     root = ET.parse(ROOT / "config" / name).getroot()
     segment = root.find(".//d:transport_descriptor[d:type='SHM']/d:segment_size", ns)

@@ -86,7 +86,7 @@ def test_hub_ids_still_look_like_hub_ids() -> None:
 
 def test_pipeline_load_reports_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="Point the package at a local copy"):
-        Pipeline.load(Kosmos2Config(model=str(tmp_path / "absent"), allow_download=False))
+        Pipeline.load(Kosmos2Config(backend="torch", model=str(tmp_path / "absent"), allow_download=False))
 
 
 def test_directory_without_weights(tmp_path: Path) -> None:
@@ -118,16 +118,16 @@ def test_pickle_only_checkpoint_is_refused(pickle_only_dir: Path) -> None:
         resolve_model(str(pickle_only_dir))
     assert "allow_pickle_weights" in str(info.value)
     with pytest.raises(UnsafeCheckpoint):
-        Pipeline.load(Kosmos2Config(model=str(pickle_only_dir), allow_download=False))
+        Pipeline.load(Kosmos2Config(backend="torch", model=str(pickle_only_dir), allow_download=False))
 
 
 def test_pickle_only_checkpoint_loads_when_allowed(pickle_only_dir: Path, tiny_untrained_dir: Path) -> None:
     assert resolve_model(str(pickle_only_dir), allow_pickle=True) == str(pickle_only_dir)
     frame = Frame(rgb=np.full((50, 70, 3), 128, np.uint8))
     cmd = Command(task="caption", max_new_tokens=5, decoding="free")
-    from_pickle = Pipeline.load(Kosmos2Config(model=str(pickle_only_dir), allow_download=False,
+    from_pickle = Pipeline.load(Kosmos2Config(backend="torch", model=str(pickle_only_dir), allow_download=False,
                                               allow_pickle_weights=True, device="cpu"))
-    from_safe = Pipeline.load(Kosmos2Config(model=str(tiny_untrained_dir), allow_download=False, device="cpu"))
+    from_safe = Pipeline.load(Kosmos2Config(backend="torch", model=str(tiny_untrained_dir), allow_download=False, device="cpu"))
     a, b = from_pickle.run(cmd, frame), from_safe.run(cmd, Frame(rgb=frame.rgb.copy()))
     assert a.status == b.status == Status.OK
     assert a.token_ids == b.token_ids and len(a.token_ids) == 5

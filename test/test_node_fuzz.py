@@ -1,4 +1,5 @@
-"""Hostile but well-formed messages against one node process, on a DDS domain of its own.
+"""Hostile but well-formed messages against one node process: every command answered, the node alive;
+its own DDS domain.
 
 Hypothesis draws images (any encoding name, size, step, data length, endianness; compressed
 images of random bytes) and commands (random unicode and control tokens, random tasks,

@@ -5,6 +5,11 @@ like a user would: images and commands over topics, the service, the action, par
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,9 +19,10 @@ import pytest
 from node_helpers import ROOT, NodeProcess, Tester, free_domain, rgb_image_msg, running_node, scene
 
 from kosmos2_ros.core.grounding import parse_generation
+from kosmos2_ros.core.pipeline import Status
 
 DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = free_domain(), free_domain(), free_domain()
-OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
+OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = Status   # in definition order
 W, H = 64, 48
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,8 +55,6 @@ def fresh_frame(tester: Tester, frame_id: str = "camera_optical", seed: int = 0)
 
 # -- the shipped configuration --------------------------------------------------------------
 def test_params_file_lists_every_parameter_with_a_comment() -> None:
-    import dataclasses
-
     import yaml
 
     from kosmos2_ros.core.config import Kosmos2Config
@@ -66,8 +70,6 @@ def test_params_file_lists_every_parameter_with_a_comment() -> None:
 
 
 def test_launch_file_declares_its_arguments() -> None:
-    import ast
-
     source = (ROOT / "launch" / "grounding.launch.py").read_text()
     tree = ast.parse(source)
     declared = {}
@@ -132,7 +134,7 @@ def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: P
 
     _, t = node
     stamp, rgb = fresh_frame(t, "parity", seed=3)
-    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), max_new_tokens=24))
+    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", max_new_tokens=24))
     cases = (("refer", "the red box", None), ("caption", "", None), ("region", "", (5, 5, 40, 30)),
              ("vqa", "what is it?", None))
     try:
@@ -160,11 +162,7 @@ def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: P
 
 
 def test_result_equals_cli_output(node: tuple, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The issue's check: kosmos2-ground on the same image and checkpoint gives the node's text and boxes."""
-    import json
-    import subprocess
-    import sys
-
+    """kosmos2-ground on the same image and checkpoint gives the node's text and boxes."""
     from PIL import Image as PILImage
 
     _, t = node
@@ -173,7 +171,7 @@ def test_result_equals_cli_output(node: tuple, tiny_model_dir: Path, tmp_path: P
     res = t.run(t.command("cli-refer", "refer", "the red box", stamp_ns=stamp))
     out = subprocess.run([sys.executable, str(ROOT / "bin" / "kosmos2_ground"), "--model", str(tiny_model_dir),
                           "--image", str(tmp_path / "frame.png"), "--task", "refer", "--text", "the red box",
-                          "--max-new-tokens", "24", "--no-download", "--json"],
+                          "--max-new-tokens", "24", "--no-download", "--json", "--backend", "torch"],
                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr
     cli = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Reliability of the grounding node as a process (issue 5), real DDS, real tiny checkpoint.
+"""Reliability of the grounding node as a process (overload, cameras, safe loading, shutdown), real DDS, real tiny checkpoint.
 
 Domains 60-62. One node process (behind `node_helpers.FaultyBackend`: the real backend, plus
 files that slow it down or make its next call raise) serves the load, lifecycle, fault and
@@ -6,6 +6,9 @@ camera tests; one more process checks safe loading, one more shutdown under load
 """
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -14,8 +17,10 @@ import numpy as np
 import pytest
 from node_helpers import FAULT_DIR_ENV, ROOT, NodeProcess, Tester, free_domain, scene
 
+from kosmos2_ros.core.pipeline import Status
+
 DOMAIN, LOADING_DOMAIN, SHUTDOWN_DOMAIN = free_domain(), free_domain(), free_domain()
-OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
+OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = Status   # in definition order
 QUEUE = 4
 HELPER = str(ROOT / "test" / "node_helpers.py")
 
@@ -313,8 +318,6 @@ def test_camera_stops_restarts_resizes_and_renames(node: tuple) -> None:
 # -- 4. safe loading, and a truncated ONNX graph -------------------------------------------------
 def _pickle_checkpoint(src: Path, out: Path) -> Path:
     """The tiny checkpoint with its weights as torch pickle (pytorch_model.bin) and no safetensors."""
-    import shutil
-
     import torch
     from transformers import Kosmos2ForConditionalGeneration
 
@@ -332,10 +335,7 @@ def _log_after(proc: NodeProcess, mark: int, words: str, timeout: float = 30.0) 
 
 
 def test_loading_refuses_pickle_remote_code_and_broken_graphs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    import json
-    import shutil
-
-    from kosmos2_ros.core import export
+    from kosmos2_ros.core.backends.onnx import export
 
     pickled = _pickle_checkpoint(tiny_model_dir, tmp_path / "pickled")
     remote = tmp_path / "remote_code"
@@ -414,8 +414,6 @@ def test_shutdown_under_load_answers_pending_commands(tiny_model_dir: Path, tmp_
 
 def test_fault_helper_runs_the_real_checkpoint() -> None:
     """FaultyBackend is plumbing only: with no control file it returns the real backend's output."""
-    import tempfile
-
     from node_helpers import FaultyBackend
 
     class Inner:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from kosmos2_ros.core.backends import create_backend
-from kosmos2_ros.core.backends.onnx_backend import OnnxBackend
-from kosmos2_ros.core.backends.torch_backend import TorchBackend
+from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
+from kosmos2_ros.core.backends.torch.backend import TorchBackend
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.decoding import Row, generate
 from kosmos2_ros.core.frames import Frame

@@ -1,4 +1,4 @@
-"""The pipeline against transformers' own `generate` + `post_process_generation` (issue 2's acceptance test).
+"""The pipeline against transformers' own `generate` + `post_process_generation`: same token ids, text and boxes.
 
 Two checkpoints, both saved with `save_pretrained` and loaded through `Pipeline.load`: one built by
 transformers alone (`hf_saved_model_dir`, shortest-edge resize + centre crop) and the package's

@@ -1,6 +1,8 @@
 """Prompt formats of every Kosmos-2 task, and user text that must never become control tokens."""
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,8 +183,6 @@ def test_non_string_text_is_refused() -> None:
                 max_size=8).map("".join))
 def test_accepted_text_never_holds_a_tag(text: str) -> None:
     """Whatever passes sanitising holds no tag of any case, in the raw or NFKC form."""
-    import unicodedata
-
     try:
         clean = sanitize_text(text)
     except PromptError:

@@ -163,7 +163,7 @@ def tensorrt_files() -> List[Path]:
 def test_package_tensorrt_code_runs_on_10_3_and_11():
     files = tensorrt_files()
     names = {f.relative_to(ROOT).as_posix() for f in files}
-    assert {"kosmos2_ros/core/engines.py", "kosmos2_ros/core/backends/tensorrt_backend.py"} <= names, names
+    assert {"kosmos2_ros/core/backends/tensorrt/engines.py", "kosmos2_ros/core/backends/tensorrt/backend.py"} <= names, names
     problems = [f"{f.relative_to(ROOT)} {finding}" for f in files for finding in check_tensorrt_api(f.read_text())]
     assert not problems, "\n".join(problems)
     seen = set().union(*(module_chains(f.read_text()) for f in files))
@@ -172,7 +172,7 @@ def test_package_tensorrt_code_runs_on_10_3_and_11():
 
 
 def test_engine_dtypes_bound_exist_in_both():
-    from kosmos2_ros.core import engines
+    from kosmos2_ros.core.backends.tensorrt import engines
 
     for name in engines.TRT_TO_TORCH:
         assert f"DataType.{name}" in VERIFIED, name

@@ -1,14 +1,17 @@
 """TensorRT backend without TensorRT: clear errors naming what is missing; engine cache keys."""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import types
 
 import pytest
 
-from kosmos2_ros.core import engines, export
 from kosmos2_ros.core.backends import create_backend
 from kosmos2_ros.core.backends.base import BackendUnavailable
+from kosmos2_ros.core.backends.onnx import export
+from kosmos2_ros.core.backends.tensorrt import engines
 from kosmos2_ros.engine_cli import build_engines_main
 
 
@@ -44,8 +47,6 @@ def test_engine_key_changes_with_each_part():
 
 
 def test_engine_dir_follows_the_weights(tiny_model_dir, tmp_path):
-    import shutil
-
     a = engines.engine_dir(str(tmp_path), str(tiny_model_dir), "fp16", "10.3.0", (8, 7))
     other = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, other)
@@ -101,7 +102,7 @@ def test_step_scatter_writes_what_the_host_path_writes():
     import torch
 
     from kosmos2_ros.core.backends.kv_cache import NUMPY, ArenaPool, ArrayOps, KVCache
-    from kosmos2_ros.core.backends.tensorrt_backend import _StepBuffers
+    from kosmos2_ros.core.backends.tensorrt.backend import _StepBuffers
 
     ops = ArrayOps(zeros=lambda shape: torch.zeros(shape), cat=lambda parts, axis: torch.cat(parts, dim=axis))
     rng = np.random.RandomState(0)
@@ -126,8 +127,6 @@ def test_step_scatter_writes_what_the_host_path_writes():
 
 def test_engines_with_other_limits_are_found(tmp_path):
     """Engines built with `--max-context 2048` are used by a node asking for the default limits."""
-    import json
-
     wanted = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "fp16", "3")
     assert engines.read_engines(wanted) is None and engines.other_limits(wanted) is None
     built = {}

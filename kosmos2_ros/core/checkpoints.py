@@ -11,6 +11,13 @@ the package's real loading path.
 - `train=False` keeps random weights (sharpened so greedy decoding is decisive).
 - `full_size=True` gives the real architecture with random weights, never trained: the same
   compute as microsoft/kosmos-2-patch14-224, for honest speed figures.
+- `build_toy_grounding_checkpoint` trains a tiny checkpoint further on referring expressions
+  only (`<grounding><phrase> X</phrase>` -> one or two boxes, depending on the phrase and the
+  image's brightness), so free decoding yields image-dependent boxes, sometimes malformed ones,
+  as a trained model can (test_decoding, bench_refer).
+
+Test, demo and benchmark support only: nothing the node runs imports this module (test_checkpoints).
+One training loop (`fit`) serves both.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -189,32 +196,45 @@ def train_tiny_model(model: Any, processor: Any, seed: int = 0, steps: int = TRA
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fit(model, data, rng, steps, batch_size)
+        return fit(model, data, lambda n: rng.choice(n, size=min(batch_size, n), replace=False), steps, lr=1e-2,
+                   schedule=True, clip=1.0, trim=True)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(model: Any, data: Dict[str, Any], rng: np.random.Generator, steps: int, batch_size: int) -> Dict[str, float]:
+def fit(model: Any, data: Dict[str, Any], pick: Callable[[int], np.ndarray], steps: int, lr: float,
+        forward: Optional[Callable[..., Any]] = None, params: Optional[Iterable[Any]] = None,
+        schedule: bool = False, clip: Optional[float] = None, trim: bool = False) -> Dict[str, float]:
+    """The one training loop: `steps` of Adam on batches `pick(n)` of `data` (tensors, first axis = example).
+
+    `forward` (default: the model) takes a batch as keyword arguments and returns `.loss`; `params`
+    (default: all) are trained. `schedule`: one-cycle learning rate; `clip`: gradient norm limit;
+    `trim`: drop the batch's shared right padding (cheaper short batches).
+    """
     import torch
 
     n = data["input_ids"].shape[0]
+    forward = forward or model
+    params = list(params if params is not None else model.parameters())
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) if schedule else None
     t0 = time.perf_counter()
     first = last = float("nan")
     for step in range(steps):
-        idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
+        idx = torch.from_numpy(pick(n))
         batch = {k: v[idx] for k, v in data.items()}
-        # Trim shared right padding so short batches cost less.
-        width = int(batch["attention_mask"].sum(dim=1).max())
-        batch = {k: (v[:, :width] if k != "pixel_values" else v) for k, v in batch.items()}
-        loss = model(**batch).loss
+        if trim:
+            width = int(batch["attention_mask"].sum(dim=1).max())
+            batch = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
+        loss = forward(**batch).loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         last = float(loss.detach())
         if step == 0:
             first = last
@@ -267,3 +287,73 @@ def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], seed: int = 0, full_
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+# -- a toy trained on referring expressions only ---------------------------------------------------
+EXPRESSIONS = ("the cup", "the red mug", "the laptop", "the blue box", "the dog", "the person",
+               "the green ball", "the door")
+
+
+def toy_image(seed: int, size: int = 96) -> np.ndarray:
+    """A random RGB frame; its brightness class (dark / bright) changes the trained answer."""
+    rng = np.random.RandomState(seed)
+    base = 40 if seed % 2 == 0 else 200
+    return np.clip(rng.randint(-40, 40, (size, size + 16, 3)) + base, 0, 255).astype(np.uint8)
+
+
+def _toy_target(vocab: Any, expr_index: int, bright: int) -> List[int]:
+    k = expr_index * 2 + bright
+    first = vocab.first_patch
+    a = (37 * k + 5) % 512
+    b = a + 33 + (k % 7) * 32 + k % 5
+    out = [vocab.object_open, first + a, first + min(b, 1023)]
+    if k % 5 == 3:  # some answers have two boxes
+        out += [vocab.delimiter, first + (a + 100) % 512, first + min(b + 200, 1023)]
+    return out + [vocab.object_close, vocab.eos]
+
+
+def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100, seed: int = 0) -> Path:
+    """Load `src_dir` (a tiny checkpoint), train its text decoder briefly on referring expressions, save to `out_dir`."""
+    import torch
+    from PIL import Image
+    from transformers import Kosmos2ForConditionalGeneration
+
+    from .loading import TextCodec, load_processor
+
+    torch.manual_seed(seed)
+    processor = load_processor(src_dir)
+    codec = TextCodec(processor)
+    vocab = codec.vocab
+    model = Kosmos2ForConditionalGeneration.from_pretrained(src_dir, dtype=torch.float32)
+    model.train()
+    pixels = {}
+    for s in range(8):
+        img = Image.fromarray(toy_image(s))
+        pixels[s] = torch.from_numpy(processor.image_processor(images=img, return_tensors="np")["pixel_values"])
+    examples: List[Tuple[List[int], List[int], int, int]] = []
+    for e, expr in enumerate(EXPRESSIONS):
+        p = codec.encode(f"<grounding><phrase> {expr}</phrase>")
+        for s in range(8):
+            tgt = _toy_target(vocab, e, s % 2)
+            examples.append((p.input_ids + tgt, p.image_mask + [0] * len(tgt), len(p.input_ids), s))
+    width = max(len(x[0]) for x in examples)
+    ids = torch.full((len(examples), width), vocab.pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    att = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (seq, m, plen, _) in enumerate(examples):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(m)] = torch.tensor(m)
+        att[i, :len(seq)] = 1
+        labels[i, plen:len(seq)] = torch.tensor(seq[plen:])
+    with torch.no_grad():  # the vision side stays as built: train only the text decoder
+        embeds = {s: model.get_image_features(pv, return_dict=True).pooler_output for s, pv in pixels.items()}
+    data = dict(input_ids=ids, image_embeds=torch.cat([embeds[x[3]] for x in examples]),
+                image_embeds_position_mask=mask, attention_mask=att, labels=labels)
+    gen = np.random.RandomState(seed)
+    fit(model, data, lambda n: gen.choice(n, 32, replace=False), steps, lr=3e-3, forward=model.text_model,
+        params=model.text_model.parameters())
+    out_path = Path(out_dir)
+    model.save_pretrained(out_path)
+    processor.save_pretrained(out_path)
+    return out_path

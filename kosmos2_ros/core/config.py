@@ -13,9 +13,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-DECODING = ("free", "constrained")
+from .backends.registry import AUTO
+from .backends.registry import CHOICES as BACKENDS
+from .decoding import DecodingMode
+from .defaults import ARTIFACTS_DIR, DEFAULT_MODEL, PRECISIONS
+
+DECODING = tuple(m.value for m in DecodingMode)
 QOS = ("auto", "sensor_data", "reliable")
 MAX_NGRAM = 64          # largest no_repeat_ngram_size accepted
 
@@ -41,19 +44,19 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Kosmos2Config:
     # Model
-    model: str = "microsoft/kosmos-2-patch14-224"   # hub id or local directory
-    backend: str = "torch"                           # torch | onnxruntime | tensorrt
+    model: str = DEFAULT_MODEL                       # hub id or local directory
+    backend: str = AUTO                              # auto | tensorrt | onnxruntime | torch (backends.registry)
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
     precision: str = "fp32"                          # fp32 | fp16 | bf16 (tensorrt default fp16)
     allow_download: bool = True                      # may fetch the model from the hub
     allow_pickle_weights: bool = False               # refuse *.bin/*.pt weights unless true
-    artifacts_dir: str = "~/.cache/kosmos2_ros"      # ONNX graphs and TensorRT engines
+    artifacts_dir: str = ARTIFACTS_DIR               # ONNX graphs and TensorRT engines
     build_engines: bool = False                      # the node may build missing engines itself
     cuda_graph: bool = True                          # tensorrt: replay the decode step as a CUDA graph
     # Generation
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused
-    decoding: str = "constrained"                    # default for refer/phrase grounding
+    decoding: str = DecodingMode.CONSTRAINED.value   # free | constrained: default for refer/phrase grounding
     no_repeat_ngram_size: int = -1                   # -1 = the checkpoint's generation config; 0 = off
     score_threshold: float = 0.0                     # boxes scoring below are dropped
     max_prompt_chars: int = 1000

@@ -152,17 +152,29 @@ def choose(logits: np.ndarray, ids: Sequence[int], processors: Sequence[LogitsPr
     return tok
 
 
+class Phase(enum.Enum):
+    """Where a row is in its output: free text, or inside a box constrained decoding writes."""
+    FREE = enum.auto()      # plain greedy decoding (free mode, or a row that is not constrained)
+    OPEN = enum.auto()      # `<object>` is forced next
+    FIRST = enum.auto()     # the upper-left location token
+    SECOND = enum.auto()    # the lower-right location token
+    CLOSE = enum.auto()     # `</object>`, or the delimiter before another box
+
+
+#: The phase after a token in a box: open -> first -> second -> close (-> first for another box).
+_NEXT_IN_BOX = {Phase.OPEN: Phase.FIRST, Phase.FIRST: Phase.SECOND, Phase.SECOND: Phase.CLOSE}
+
+
 class _RowState:
-    def __init__(self, row: Row, vocab: GroundingVocab) -> None:
+    def __init__(self, index: int, row: Row, vocab: GroundingVocab) -> None:
+        self.index = index      # the row's place in the batch (for on_token)
         self.row = row
         self.vocab = vocab
         self.gen = Generation()
         self.cache: Any = None
         self.logits: Optional[np.ndarray] = None
         self.done = row.max_new_tokens <= 0
-        self.phase = "free"  # constrained: open (<object> forced) -> p1 -> p2 -> close
-        if row.constrained:
-            self.phase = "open"
+        self.phase = Phase.OPEN if row.constrained else Phase.FREE
 
     def sequence(self) -> List[int]:
         """Prompt and generated ids so far (a forced `<object>` is among the generated)."""
@@ -170,9 +182,9 @@ class _RowState:
 
     def allowed(self) -> Optional[np.ndarray]:
         v = self.vocab
-        if self.phase in ("p1", "p2"):
+        if self.phase in (Phase.FIRST, Phase.SECOND):
             return np.arange(*v.patch_ids())
-        if self.phase == "close":
+        if self.phase is Phase.CLOSE:
             # Another box needs the delimiter, two locations and </object>.
             if self.row.max_new_tokens - len(self.gen.token_ids) >= 4:
                 return np.array([v.object_close, v.delimiter])
@@ -185,23 +197,20 @@ class _RowState:
         self.gen.forced.append(forced)
         v = self.vocab
         budget_left = self.row.max_new_tokens - len(self.gen.token_ids)
-        if self.phase == "free":
+        if self.phase is Phase.FREE:
             if token == v.eos:
                 self.done, self.gen.stop_reason = True, "eos"
-        elif self.phase == "open":
-            self.phase = "p1"
-        elif self.phase == "p1":
-            self.phase = "p2"
-        elif self.phase == "p2":
-            self.phase = "close"
-            if budget_left <= 1:  # room only for </object>: close the box without asking the model
-                self.take(v.object_close, 1.0, forced=True)
-                return
-        elif self.phase == "close":
+        elif self.phase is Phase.CLOSE:
             if token == v.object_close:
                 self.done, self.gen.stop_reason = True, "box"
                 return
-            self.phase = "p1"
+            self.phase = Phase.FIRST
+        else:
+            self.phase = _NEXT_IN_BOX[self.phase]
+            if self.phase is Phase.CLOSE and budget_left <= 1:
+                # room only for </object>: close the box without asking the model
+                self.take(v.object_close, 1.0, forced=True)
+                return
         if not self.done and len(self.gen.token_ids) >= self.row.max_new_tokens:
             self.done = True
             self.gen.stop_reason = self.gen.stop_reason or "length"
@@ -211,7 +220,7 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
              on_token: Optional[Callable[[int, Generation], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> List[Generation]:
     """Decode every row greedily; rows advance together so backends can batch decode steps."""
-    states = [_RowState(r, vocab) for r in rows]
+    states = [_RowState(i, r, vocab) for i, r in enumerate(rows)]
     prompts = []
     for st in states:
         if st.done:
@@ -253,7 +262,7 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
             st.take(tok, token_prob(st.logits, tok))
             tokens.append(tok)
             if on_token is not None:
-                on_token(states.index(st), st.gen)
+                on_token(st.index, st.gen)
         stepping = [(st, tok) for st, tok in zip(active, tokens) if not st.done]
         if not stepping:
             continue

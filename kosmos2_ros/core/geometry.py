@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-Box = Tuple[float, float, float, float]
+from .grounding import Box
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .vocab import PATCH_TOKEN_RE
 
+#: (x0, y0, x1, y1): normalised on the model input, or pixels (the one box type of the package).
 Box = Tuple[float, float, float, float]
 
 EOI = "</image>"

@@ -6,6 +6,7 @@ must turn a malformed buffer into a clear error rather than a crash; keeping the
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
@@ -158,8 +159,6 @@ def decode_compressed(fmt: str, data: Any) -> np.ndarray:
             raise ImageError(f"cannot decode compressed image (format {fmt!r}, {buf.size} bytes)")
         return np.ascontiguousarray(decoded[:, :, ::-1])
     except ImportError:  # pragma: no cover - OpenCV is a dependency here
-        import io
-
         from PIL import Image, UnidentifiedImageError
 
         try:

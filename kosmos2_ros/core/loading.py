@@ -5,6 +5,7 @@ says what was tried and how to point the package at a local copy.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from .vocab import GroundingVocab
 
-DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 MODEL_ENV = "KOSMOS2_MODEL"
 _HOW_TO_POINT = (f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "
                  f"model.safetensors, processor files), given as --model DIR, the `model` parameter, or "
@@ -97,8 +97,6 @@ def _check_safe(path: Path, allow_pickle: bool) -> None:
 
 def _check_no_remote_code(path: Path) -> None:
     """A config naming custom classes (`auto_map`) needs remote code, which is never run here."""
-    import json
-
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -154,8 +152,6 @@ def checkpoint_no_repeat_ngram_size(model_dir: str) -> int:
     builds its generation config from the model config), yet the authors decode with it
     (microsoft/kosmos-2-patch14-224 ships 3).
     """
-    import json
-
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return 0

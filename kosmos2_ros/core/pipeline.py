@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -16,21 +15,20 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import grounding
-from .backends import create_backend
 from .backends.base import Backend, BackendError
+from .backends.registry import AUTO, choose_backend, create_backend
 from .config import MAX_NGRAM, Kosmos2Config
 from .decoding import Cancelled, DecodingMode, Generation, Row, generate, logits_processors
 from .frames import Frame, FrameEncoding
 from .geometry import InputGeometry, box_point_3d
+from .grounding import Box
 from .loading import PromptIds, TextCodec, checkpoint_no_repeat_ngram_size, load_processor, resolve_model
-from .tasks import Prompt, PromptError, Task, TaskRequest, build_prompts, sanitize_text, split_marked_phrases
+from .tasks import TASKS, Output, Prompt, PromptError, Task, TaskRequest, TaskSpec, build_prompts, sanitize_text
 from .vocab import PATCH_TOKEN_RE
-
-Box = Tuple[float, float, float, float]
 
 
 class Status(enum.IntEnum):
-    """Mirrors GroundingResult.STATUS_*."""
+    """GroundingResult.STATUS_*, for a core without ROS (test_convert checks they agree)."""
     OK = 0
     BUSY = 1
     NO_FRAME = 2
@@ -107,25 +105,26 @@ class Result:
 
 @dataclass
 class _Plan:
-    """A validated command: its prompts as ids and how to decode them."""
+    """A validated command: its task, prompts as ids and how to decode them."""
     command: Command
-    task: Task
+    spec: TaskSpec
+    text: str                  # the command's text, sanitised (what the task's merge reads)
     prompts: List[Prompt]
     ids: List[PromptIds]
     max_new_tokens: int
     mode: DecodingMode
     no_repeat_ngram_size: int
-    caption: str = ""          # phrase grounding: the caption without brackets
-    phrases: List[str] = field(default_factory=list)   # phrase grounding: the marked phrases
 
 
 class Pipeline:
     def __init__(self, config: Kosmos2Config, backend: Backend, processor: Any,
-                 checkpoint_no_repeat_ngram_size: int = 0) -> None:
+                 checkpoint_no_repeat_ngram_size: int = 0, backend_reason: str = "") -> None:
         """`checkpoint_no_repeat_ngram_size`: the checkpoint's own setting, used where the config
-        says -1 (`Pipeline.load` reads it from the checkpoint's generation_config.json)."""
+        says -1 (`Pipeline.load` reads it from the checkpoint's generation_config.json).
+        `backend_reason`: why this backend runs (which `backend: auto` chose and why)."""
         self.config = config
         self.backend = backend
+        self.backend_reason = backend_reason or f"backend {backend.name} (configured)"
         self.processor = processor
         self.checkpoint_no_repeat_ngram_size = int(checkpoint_no_repeat_ngram_size)
         self.codec = TextCodec(processor)
@@ -141,8 +140,11 @@ class Pipeline:
                        allow_pickle=config.allow_pickle_weights, artifacts_dir=config.artifacts_dir,
                        build_engines=config.build_engines, cuda_graph=config.cuda_graph)
         options.update(backend_options)
-        backend = create_backend(config.backend, model_dir, **options)
-        return cls(config, backend, processor, checkpoint_no_repeat_ngram_size(model_dir))
+        name, reason = config.backend, ""
+        if name == AUTO:
+            name, reason = choose_backend(model_dir, options)
+        backend = create_backend(name, model_dir, **options)
+        return cls(config, backend, processor, checkpoint_no_repeat_ngram_size(model_dir), reason)
 
     def close(self) -> None:
         self.backend.close()
@@ -177,10 +179,11 @@ class Pipeline:
             raise PromptError(f"max_new_tokens {max_new} outside [1, {limit}] (parameter max_new_tokens_limit)")
         mode = DecodingMode.parse(command.decoding or self.config.decoding)
         ngram = self.no_repeat_ngram_size(command)
+        spec = TASKS[task]
         region_norm = None
-        if task is Task.REGION:
+        if spec.needs_region:
             if command.region_px is None:
-                raise PromptError("task 'region' needs a region (use_region and region in pixels)")
+                raise PromptError(f"task {task.value!r} needs a region (use_region and region in pixels)")
             geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
             try:
                 region_norm = geometry.to_normalized(command.region_px)
@@ -192,12 +195,8 @@ class Pipeline:
         request = TaskRequest(task=task, text=command.text, region_norm=region_norm)
         prompts = build_prompts(request, sorted(self.vocab.control_strings), self.config.max_prompt_chars)
         ids = [self.codec.encode(p.text, p.bboxes) for p in prompts]
-        caption, phrases = "", []
-        if task is Task.PHRASE_GROUNDING:
-            text = sanitize_text(command.text, (), self.config.max_prompt_chars)
-            caption = " ".join(re.sub(r"\[([^\[\]]*)\]", r"\1", text).split())
-            phrases = [p for _, p in split_marked_phrases(text)]
-        return _Plan(command, task, prompts, ids, max_new, mode, ngram, caption, phrases)
+        text = sanitize_text(command.text, (), self.config.max_prompt_chars)
+        return _Plan(command, spec, text, prompts, ids, max_new, mode, ngram)
 
     def no_repeat_ngram_size(self, command: Optional[Command] = None) -> int:
         """The n-gram size a command decodes with: its own, else the config's, else the checkpoint's."""
@@ -307,25 +306,20 @@ class Pipeline:
 
     def _result(self, plan: _Plan, gens: List[Generation], frame: Frame, enc: FrameEncoding) -> Result:
         cmd = plan.command
-        res = Result(id=cmd.id, task=plan.task.value, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
+        res = Result(id=cmd.id, task=plan.spec.task.value, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
                      width=frame.width, height=frame.height, no_repeat_ngram_size=plan.no_repeat_ngram_size)
-        parsed_all = []
+        outputs = []
         for pids, gen in zip(plan.ids, gens):
             full = pids.input_ids + gen.token_ids
             raw = self.codec.decode(full)
             parsed = grounding.parse_generation(raw, self.vocab.patches_per_side)
             grounding.attach_scores(parsed, self._patch_probs(pids.input_ids, gen, raw))
-            parsed_all.append((raw, parsed, self.codec.decode(pids.input_ids)))
+            outputs.append(Output(raw, parsed, self.codec.decode(pids.input_ids)))
             res.token_ids.extend(gen.token_ids)
             res.prompt_ids.extend(pids.input_ids)
             res.model_calls += gen.model_calls
-        if plan.task is Task.PHRASE_GROUNDING:
-            res.text, res.entities = self._merge_phrases(plan.caption, plan.phrases, parsed_all)
-            res.raw_text = "\n".join(raw.split(grounding.EOI)[-1] for raw, _, _ in parsed_all)
-        else:
-            raw, parsed, _ = parsed_all[0]
-            res.text, res.entities = parsed.text, parsed.entities
-            res.raw_text = raw.split(grounding.EOI)[-1]
+        merged = plan.spec.merge(plan.text, outputs)
+        res.text, res.raw_text, res.entities = merged.text, merged.raw_text, merged.entities
         self._place(res, frame, enc.geometry)
         return res
 
@@ -336,23 +330,6 @@ class Pipeline:
         probs += [p for t, p in zip(gen.token_ids, gen.probs) if self.vocab.is_patch(t)]
         in_text = len(PATCH_TOKEN_RE.findall(raw.split(grounding.EOI)[-1]))
         return probs if in_text == len(probs) else []
-
-    @staticmethod
-    def _merge_phrases(caption: str, phrases: List[str], parsed_all: list) -> Tuple[str, List[grounding.Entity]]:
-        """One entity per asked phrase, named and placed as the user wrote it in the caption."""
-        entities: List[grounding.Entity] = []
-        cursor = 0
-        for phrase, (_, parsed, prompt_raw) in zip(phrases, parsed_all):
-            ent = grounding.prompt_phrase_entity(parsed, prompt_raw)
-            if ent is None:
-                continue
-            ent.phrase = phrase
-            start = caption.find(phrase, cursor)
-            if start >= 0:
-                ent.span = (start, start + len(phrase))
-                cursor = start + len(phrase)
-            entities.append(ent)
-        return caption, entities
 
     def _place(self, res: Result, frame: Frame, geometry: InputGeometry) -> None:
         """Boxes to pixels, threshold, 3D points; flatten into objects."""

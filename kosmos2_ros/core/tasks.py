@@ -1,4 +1,8 @@
-"""The Kosmos-2 tasks as prompt builders, and the guard that keeps user text plain text.
+"""The Kosmos-2 tasks as specs (`TASKS`), and the guard that keeps user text plain text.
+
+Each task is one `TaskSpec`: whether it needs text or a region, its prompts (one or several
+generations), and how their outputs merge into one result. The pipeline has no per-task
+branch, so a new task is one entry here plus its message constant.
 
 Prompt formats follow the paper's evaluation and the transformers documentation. The
 model sees `<grounding>` (ask for boxes) and phrase/object tags; user text must never be
@@ -10,7 +14,9 @@ import enum
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .grounding import EOI, Box, Entity, ParsedText, prompt_phrase_entity
 
 DEFAULT_MAX_PROMPT_CHARS = 1000
 # Generic look of a control token (`<phrase>`, `</object>`, `<patch_index_0042>`, `</delimiter_of_multi_objects/>`)
@@ -41,9 +47,6 @@ class Task(str, enum.Enum):
             raise PromptError(f"unknown task {value!r}; expected one of: {names}") from None
 
 
-TASKS_NEEDING_TEXT = {Task.REFER, Task.PHRASE_GROUNDING, Task.VQA, Task.RAW}
-
-
 class PromptError(ValueError):
     """A command that cannot become a prompt (empty, too long, control tokens, bad region)."""
 
@@ -53,7 +56,7 @@ class Prompt:
     """What the processor turns into token ids: text with tags, and boxes to insert after phrases."""
     text: str
     # One entry per <phrase> in `text`: a normalised (x0, y0, x1, y1) on the model's input image.
-    bboxes: Optional[List[Tuple[float, float, float, float]]] = None
+    bboxes: Optional[List[Box]] = None
     # Decoding hint: the prompt ends in an open </phrase> whose box the model should produce.
     expects_box: bool = False
 
@@ -63,7 +66,7 @@ class TaskRequest:
     task: Task
     text: str = ""
     # Region (REGION task) in normalised model-input coordinates, already mapped from pixels.
-    region_norm: Optional[Tuple[float, float, float, float]] = None
+    region_norm: Optional[Box] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -94,16 +97,25 @@ def sanitize_text(text: str, control_strings: Iterable[str] = (),
     return cleaned
 
 
+_MARKED = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _marked_parts(caption: str) -> List[str]:
+    """[outside, phrase, outside, phrase, ..., outside]; PromptError for nested or unbalanced brackets."""
+    parts = _MARKED.split(caption)
+    # Text outside the [phrases] must hold no brackets: nested or unbalanced ones are a mistake.
+    if any("[" in part or "]" in part for part in parts[0::2]):
+        raise PromptError("unbalanced or nested [brackets] in phrase_grounding text")
+    return parts
+
+
 def split_marked_phrases(caption: str) -> List[Tuple[str, str]]:
     """'A man [walking a dog] on [the beach]' -> [('A man', 'walking a dog'), (' on', 'the beach')].
 
     Each pair is (text before the phrase since the previous phrase, the phrase). Text without
     brackets is one phrase.
     """
-    parts = re.split(r"\[([^\[\]]*)\]", caption)
-    # Text outside the [phrases] must hold no brackets: nested or unbalanced ones are a mistake.
-    if any("[" in part or "]" in part for part in parts[0::2]):
-        raise PromptError("unbalanced or nested [brackets] in phrase_grounding text")
+    parts = _marked_parts(caption)
     if len(parts) == 1:
         return [("", caption.strip())]
     pairs = []
@@ -114,42 +126,110 @@ def split_marked_phrases(caption: str) -> List[Tuple[str, str]]:
     return pairs
 
 
+def unmarked_caption(caption: str) -> str:
+    """'A man [walking a dog] on [the beach].' -> 'A man walking a dog on the beach.' (spaces collapsed)."""
+    return " ".join("".join(_marked_parts(caption)).split())
+
+
 def phrase_prompt(expression: str, context: str = "") -> Prompt:
     """`<grounding>{context}<phrase> {expression}</phrase>`: the model answers with its box."""
     context = context.rstrip()
     return Prompt(text=f"<grounding>{context}<phrase> {expression}</phrase>", expects_box=True)
 
 
+# -- the tasks ------------------------------------------------------------------------------------
+@dataclass
+class Output:
+    """One prompt's generation, parsed: what a task's merge combines into the result."""
+    raw: str                # prompt + generation as text, image tokens dropped (after `</image>`)
+    parsed: ParsedText      # clean text and entities of `raw`
+    prompt: str             # the prompt's own text (tags kept), after `</image>`
+
+
+@dataclass
+class Merged:
+    text: str
+    raw_text: str
+    entities: List[Entity]
+
+
+def _region_prompts(text: str, region: Optional[Box]) -> List[Prompt]:
+    if region is None:
+        raise PromptError("task 'region' needs a region (use_region and region in pixels)")
+    x0, y0, x1, y1 = region
+    if not (x1 > x0 and y1 > y0):
+        raise PromptError("region is empty after clipping to the image")
+    return [Prompt(text="<grounding><phrase> It</phrase> is", bboxes=[(float(x0), float(y0), float(x1), float(y1))])]
+
+
+def _phrase_prompts(text: str, region: Optional[Box]) -> List[Prompt]:
+    """One prompt per marked phrase, each after the caption so far (brackets removed, spaces as written)."""
+    prompts = []
+    caption = ""
+    for before, phrase in split_marked_phrases(text):
+        caption += before
+        prompts.append(phrase_prompt(phrase, " ".join(caption.split())))
+        caption += phrase
+    return prompts
+
+
+def merge_single(text: str, outputs: List[Output]) -> Merged:
+    """A one-prompt task: the generation's own clean text and entities."""
+    out = outputs[0]
+    return Merged(out.parsed.text, out.raw.split(EOI)[-1], out.parsed.entities)
+
+
+def merge_phrases(text: str, outputs: List[Output]) -> Merged:
+    """One entity per asked phrase, named and placed as the user wrote it in the caption."""
+    caption = unmarked_caption(text)
+    phrases = [p for _, p in split_marked_phrases(text)]
+    entities: List[Entity] = []
+    cursor = 0
+    for phrase, out in zip(phrases, outputs):
+        ent = prompt_phrase_entity(out.parsed, out.prompt)
+        if ent is None:
+            continue
+        ent.phrase = phrase
+        start = caption.find(phrase, cursor)
+        if start >= 0:
+            ent.span = (start, start + len(phrase))
+            cursor = start + len(phrase)
+        entities.append(ent)
+    return Merged(caption, "\n".join(out.raw.split(EOI)[-1] for out in outputs), entities)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything one task is: what it needs, its prompts, how their outputs merge."""
+    task: Task
+    prompts: Callable[[str, Optional[Box]], List[Prompt]]   # (sanitised text, region on the model input)
+    needs_text: bool = False
+    needs_region: bool = False
+    merge: Callable[[str, List[Output]], Merged] = merge_single   # (the command's sanitised text, outputs)
+
+
+def _fixed(text: str) -> Callable[[str, Optional[Box]], List[Prompt]]:
+    return lambda _text, _region: [Prompt(text=text)]
+
+
+TASKS: Dict[Task, TaskSpec] = {spec.task: spec for spec in (
+    TaskSpec(Task.REFER, lambda text, _: [phrase_prompt(text)], needs_text=True),
+    TaskSpec(Task.PHRASE_GROUNDING, _phrase_prompts, needs_text=True, merge=merge_phrases),
+    TaskSpec(Task.CAPTION, _fixed("<grounding>An image of")),
+    TaskSpec(Task.DESCRIBE, _fixed("<grounding>Describe this image in detail:")),
+    TaskSpec(Task.REGION, _region_prompts, needs_region=True),
+    TaskSpec(Task.VQA, lambda text, _: [Prompt(text=f"<grounding> Question: {text} Answer:")], needs_text=True),
+    TaskSpec(Task.RAW, lambda text, _: [Prompt(text=f"<grounding>{text}")], needs_text=True),
+)}
+#: Tasks whose command must carry text.
+TASKS_NEEDING_TEXT = frozenset(t for t, spec in TASKS.items() if spec.needs_text)
+
+
 def build_prompts(request: TaskRequest, control_strings: Sequence[str] = (),
                   max_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> List[Prompt]:
     """One prompt per generation the task needs (phrase grounding: one per marked phrase)."""
-    task = request.task
+    spec = TASKS[request.task]
     text = sanitize_text(request.text or "", control_strings, max_chars)
-    if task in TASKS_NEEDING_TEXT and not text:
-        raise PromptError(f"task {task.value!r} needs non-empty text")
-    if task is Task.REFER:
-        return [phrase_prompt(text)]
-    if task is Task.PHRASE_GROUNDING:
-        prompts = []
-        caption = ""   # the caption up to here, brackets removed, spaces as the user wrote them
-        for before, phrase in split_marked_phrases(text):
-            caption += before
-            prompts.append(phrase_prompt(phrase, " ".join(caption.split())))
-            caption += phrase
-        return prompts
-    if task is Task.CAPTION:
-        return [Prompt(text="<grounding>An image of")]
-    if task is Task.DESCRIBE:
-        return [Prompt(text="<grounding>Describe this image in detail:")]
-    if task is Task.VQA:
-        return [Prompt(text=f"<grounding> Question: {text} Answer:")]
-    if task is Task.REGION:
-        if request.region_norm is None:
-            raise PromptError("task 'region' needs a region (use_region and region in pixels)")
-        x0, y0, x1, y1 = request.region_norm
-        if not (x1 > x0 and y1 > y0):
-            raise PromptError("region is empty after clipping to the image")
-        return [Prompt(text="<grounding><phrase> It</phrase> is", bboxes=[(float(x0), float(y0), float(x1), float(y1))])]
-    if task is Task.RAW:
-        return [Prompt(text=f"<grounding>{text}")]
-    raise PromptError(f"unhandled task {task}")  # pragma: no cover - Task.parse guards this
+    if spec.needs_text and not text:
+        raise PromptError(f"task {request.task.value!r} needs non-empty text")
+    return spec.prompts(text, request.region_norm)

@@ -27,13 +27,16 @@ from ..cli import (
     add_ngram_argument,
     load_pipeline,
 )
-from ..core.loading import DEFAULT_MODEL, MODEL_ENV
+from ..core.defaults import ARTIFACTS_DIR, DEFAULT_MODEL
+from ..core.loading import MODEL_ENV
 
 PROG = "kosmos2-eval"
 
 
 def _parser() -> _Parser:
-    from ..core.config import BACKENDS, DECODING, PRECISIONS
+    from ..core.backends.registry import CHOICES
+    from ..core.config import DECODING, PRECISIONS
+    from ..core.decoding import DecodingMode
 
     p = _Parser(prog=PROG, description="Kosmos-2 grounding benchmarks: RefCOCO/RefCOCO+/RefCOCOg (accuracy at "
                                        "IoU 0.5) and Flickr30k Entities (Recall@1/5/10).")
@@ -45,13 +48,14 @@ def _parser() -> _Parser:
     p.add_argument("--name", default="", help="dataset name (default: the file's dataset_name or its file name)")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json, summary.md, pictures")
     p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL))
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--backend", default="torch", choices=CHOICES,
+                   help="torch (default: the reference), or the backend to check against the paper's figures")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--decoding", default="constrained", choices=DECODING)
+    p.add_argument("--decoding", default=DecodingMode.CONSTRAINED.value, choices=DECODING)
     p.add_argument("--max-new-tokens", type=int, default=32)
     add_ngram_argument(p)
-    p.add_argument("--artifacts-dir", default="~/.cache/kosmos2_ros", help="ONNX graphs and TensorRT engines")
+    p.add_argument("--artifacts-dir", default=ARTIFACTS_DIR, help="ONNX graphs and TensorRT engines")
     p.add_argument("--no-download", action="store_true", help="never fetch the model from the hub")
     p.add_argument("--limit", type=int, default=0, help="only the first N samples of the split (0 = all)")
     p.add_argument("--batch", type=int, default=8, help="samples of one image decoded together")

@@ -11,6 +11,7 @@ instead re-decides whenever the publishers change, the same way on every distro.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterable, Optional
 
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -62,6 +63,9 @@ class MatchedSubscription:
                  group: Any) -> None:
         self._node, self._msg_type, self._callback, self._mode, self._group = node, msg_type, callback, mode, group
         self._topic = topic
+        # activate and the node's one-second timer rematch from two threads: one at a time, or
+        # both destroy the same subscription (seen on Jazzy: "cannot use Destroyable ...").
+        self._lock = threading.Lock()
         self.sub: Any = None
         self.reliability: Optional[ReliabilityPolicy] = None
         self._make(None)
@@ -81,12 +85,13 @@ class MatchedSubscription:
         """auto: subscribe anew when the publishers call for the other reliability; says so."""
         if self._mode != "auto":
             return None
-        infos = self._node.get_publishers_info_by_topic(self.sub.topic_name)
-        want = matching_reliability(info.qos_profile.reliability for info in infos)
-        if want == self.reliability:
-            return None
-        self._node.destroy_subscription(self.sub)
-        self._make(want)
+        with self._lock:
+            infos = self._node.get_publishers_info_by_topic(self.sub.topic_name)
+            want = matching_reliability(info.qos_profile.reliability for info in infos)
+            if want == self.reliability:
+                return None
+            self._node.destroy_subscription(self.sub)
+            self._make(want)
         offered = sorted({reliability_name(info.qos_profile.reliability) for info in infos}) or ["none yet"]
         return (f"{self.sub.topic_name}: publishers offer {', '.join(offered)}; "
                 f"subscribing {reliability_name(want)} (image_qos: auto)")
@@ -99,4 +104,5 @@ class MatchedSubscription:
             throttle_duration_sec=10.0)
 
     def destroy(self) -> None:
-        self._node.destroy_subscription(self.sub)
+        with self._lock:
+            self._node.destroy_subscription(self.sub)

@@ -12,38 +12,27 @@ backend failure is a MODEL_ERROR result plus a diagnostics entry, and the next c
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import signal
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import fields
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import (
-    FloatingPointRange,
-    IntegerRange,
-    ParameterDescriptor,
-    ParameterType,
-    SetParametersResult,
-)
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
-from visualization_msgs.msg import MarkerArray
 
 from kosmos2_ros.action import GroundTask
-from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
+from kosmos2_ros.core.config import ConfigError, Kosmos2Config
 from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
 from kosmos2_ros.core.grounding import parse_generation
 from kosmos2_ros.core.loading import quiet_libraries
@@ -52,7 +41,9 @@ from kosmos2_ros.msg import GroundingCommand, GroundingResult
 from kosmos2_ros.srv import Ground
 
 from . import convert, visualize
-from .camera_qos import MatchedSubscription, image_qos
+from .camera_qos import MatchedSubscription
+from .parameters import ParametersMixin
+from .publishing import ResultPublishers
 from .topics import camera_info_for, compressed_for
 from .worker import FrameRejected, Job, Worker
 
@@ -64,9 +55,6 @@ except ImportError:  # pragma: no cover
 NODE_NAME = "kosmos2"
 # Depth and colour frames are paired by stamp; a depth image this close to the colour frame counts.
 DEPTH_SYNC_S = 0.5
-# Result publisher history: reliable KEEP_LAST drops unacknowledged samples past this depth, so it
-# is far above what a burst of BUSY answers can produce before the subscriber acknowledges them.
-RESULT_HISTORY = 1000
 COMMAND_HISTORY = 1000
 # The worker's Python decode loop holds the GIL; with the default 5 ms switch interval every GIL
 # hand-off to an executor thread can wait that long, and a command callback needs several, so
@@ -75,66 +63,8 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # How long deactivate/cleanup/shutdown wait for the running command to stop at its next token.
 STOP_WAIT_S = 10.0
 
-PARAMETER_DOCS: Dict[str, str] = {
-    "model": "Hugging Face hub id or local directory saved with save_pretrained",
-    "backend": "inference backend: torch | onnxruntime | tensorrt",
-    "device": "auto | cpu | cuda | cuda:N",
-    "precision": "fp32 | fp16 | bf16",
-    "allow_download": "may fetch the model from the hub when it is not cached",
-    "allow_pickle_weights": "accept *.bin / *.pt weights (pickle); refused by default",
-    "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
-    "build_engines": "the node may build missing ONNX/TensorRT artifacts itself on configure",
-    "cuda_graph": "tensorrt: replay each decode step as one CUDA graph launch",
-    "max_new_tokens": "default generation limit for a command (commands may ask for another)",
-    "max_new_tokens_limit": "commands asking for more tokens are refused (STATUS_INVALID)",
-    "decoding": "default decoding for refer/phrase grounding: constrained (always a box) | free",
-    "no_repeat_ngram_size": "no n-gram of this many tokens twice in a sequence; -1 = the checkpoint's "
-                            "generation config (3 for microsoft/kosmos-2-patch14-224), 0 = off",
-    "score_threshold": "boxes scoring below this are dropped, in [0, 1]",
-    "max_prompt_chars": "longest accepted command text",
-    "max_frame_age_s": "a newest frame older than this gives STATUS_STALE_FRAME; 0 = no limit",
-    "frame_cache_size": "recent frames kept so a command can name its frame by stamp",
-    "queue_size": "pending commands; past this a command gets STATUS_BUSY at once",
-    "image_qos": "QoS of the camera subscriptions (depth 1): auto (reliable when every publisher is, else best "
-                 "effort; follows publishers as they change) | sensor_data (best effort) | reliable",
-    "use_compressed": "also subscribe to image/compressed (sensor_msgs/CompressedImage)",
-    "enable_3d": "compute a 3D point per box from depth/image + camera_info",
-    "depth_inner_fraction": "central fraction of a box whose median depth gives its 3D point",
-    "min_depth_m": "depth readings below this are ignored (metres)",
-    "max_depth_m": "depth readings above this are ignored (metres)",
-    "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
-    "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
-}
-# Changing these at runtime is accepted and validated, but takes effect on the next configure
-# (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
-DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
-                                 "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph",
-                                 "image_qos", "use_compressed"})
-CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 
-
-def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
-    """Type, description and (where the config has one) range, as `ros2 param describe` shows them."""
-    doc = PARAMETER_DOCS.get(name, name)
-    if name in DEFERRED_PARAMETERS:
-        doc += " (a change applies on the next configure)"
-    low_high = RANGES.get(name)
-    if isinstance(default, float):
-        # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
-        descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
-        if low_high:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low_high[0]),
-                                                                  to_value=float(low_high[1]), step=0.0)]
-        return descriptor
-    kind = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-            str: ParameterType.PARAMETER_STRING}[type(default)]
-    descriptor = ParameterDescriptor(description=doc, type=kind)
-    if low_high and isinstance(default, int):
-        descriptor.integer_range = [IntegerRange(from_value=int(low_high[0]), to_value=int(low_high[1]), step=1)]
-    return descriptor
-
-
-class GroundingNode(LifecycleNode):
+class GroundingNode(ParametersMixin, LifecycleNode):
     """Kosmos-2 grounding as a managed node (see the module docstring for the threading)."""
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
@@ -169,17 +99,7 @@ class GroundingNode(LifecycleNode):
 
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
-        reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RESULT_HISTORY,
-                              reliability=ReliabilityPolicy.RELIABLE)
-        self._result_pub = self.create_publisher(GroundingResult, "~/result", reliable)
-        self._debug_pub = self.create_publisher(Image, "~/debug_image", image_qos("reliable"))
-        self._marker_pub = self.create_publisher(MarkerArray, "~/markers", 10)
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._detections_pub = None
-        if convert.HAVE_VISION_MSGS:  # pragma: no cover - vision_msgs absent here
-            from vision_msgs.msg import Detection2DArray
-
-            self._detections_pub = self.create_publisher(Detection2DArray, "~/detections", 10)
+        self.outputs = ResultPublishers(self, self.stats)
         self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, COMMAND_HISTORY,
                                                      callback_group=self._commands_group)
         self.create_subscription(String, "~/refer", self._on_refer, COMMAND_HISTORY, callback_group=self._commands_group)
@@ -191,64 +111,6 @@ class GroundingNode(LifecycleNode):
         self.worker = Worker(lambda: self._pipeline if self._active else None, self._resolve, self._finish,
                              capacity=lambda: self.config.queue_size)
         self.create_timer(1.0, self._every_second, callback_group=self._sensor_group)
-
-    # -- parameters ------------------------------------------------------------------------
-    def _declare_parameters(self) -> None:
-        defaults = Kosmos2Config()
-        for name in CONFIG_FIELDS:
-            default = getattr(defaults, name)
-            descriptor = parameter_descriptor(name, default)
-            try:
-                self.declare_parameter(name, default, descriptor)
-            except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
-                low_high = RANGES.get(name)
-                why = f"must be in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else str(exc)
-                self._refused_at_start[name] = f"{name}: start-up value refused ({why}); set it to configure"
-                self.declare_parameter(name, default, descriptor, ignore_override=True)
-
-    def _parameter_values(self) -> Dict[str, Any]:
-        return {name: self.get_parameter(name).value for name in CONFIG_FIELDS}
-
-    def _on_set_parameters(self, params: List[Any]) -> SetParametersResult:
-        changes = {p.name: p.value for p in params if p.name in CONFIG_FIELDS}
-        if not changes:
-            return SetParametersResult(successful=True)
-        try:
-            new, problem = self._config_after(changes)
-        except ConfigError as exc:
-            return SetParametersResult(successful=False, reason=str(exc))
-        for name in changes:
-            self._refused_at_start.pop(name, None)
-        self.param_error = self._parameter_problems(problem)
-        self.config = new
-        self.frames.capacity = new.frame_cache_size
-        pipeline = self._pipeline
-        if pipeline is not None:
-            pipeline.config = new     # generation settings apply from the next command
-        deferred = sorted(set(changes) & DEFERRED_PARAMETERS)
-        if deferred and self.state_label != "unconfigured":
-            self.get_logger().info(f"{', '.join(deferred)} changed: applies on the next configure "
-                                   "(lifecycle cleanup + configure)")
-        return SetParametersResult(successful=True)
-
-    def _config_after(self, changes: Dict[str, Any]) -> Tuple[Kosmos2Config, str]:
-        """The config with `changes` applied, and what is still wrong with the parameters ("" = nothing).
-
-        While the parameters are wrong (given so at start-up), they are judged with the change
-        applied, so a set that makes them valid is accepted and configure can then succeed; a set
-        that is valid in itself but leaves another parameter wrong is accepted too, and the node
-        still will not configure. ConfigError: the change itself is wrong.
-        """
-        if not self.param_error:
-            return self.config.with_changes(changes), ""
-        try:
-            return Kosmos2Config.from_dict({**self._parameter_values(), **changes}), ""
-        except ConfigError as exc:
-            Kosmos2Config().with_changes(changes)
-            return self.config, str(exc)
-
-    def _parameter_problems(self, config_problem: str) -> str:
-        return "; ".join([p for p in [config_problem] if p] + list(self._refused_at_start.values()))
 
     # -- lifecycle -------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -266,7 +128,7 @@ class GroundingNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         with self._lock:
             self._pipeline = pipeline
-        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s")
+        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s; {pipeline.backend_reason}")
         self._make_sensor_subscriptions(cfg)
         self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS
@@ -324,8 +186,6 @@ class GroundingNode(LifecycleNode):
             self.worker.wait_idle(30.0)
             pipeline.close()
             del pipeline
-            import gc
-
             gc.collect()
             self.get_logger().info("model released")
         self.frames.clear()
@@ -484,38 +344,21 @@ class GroundingNode(LifecycleNode):
 
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
         """Publish a command's one result (and debug image, markers, detections)."""
-        msg = convert.result_to_msg(result, queue_ms)
-        job.message = msg
-        self._result_pub.publish(msg)
-        self.stats.result(msg.status, msg.total_ms)
-        if result.status is Status.MODEL_ERROR:
-            self.get_logger().error(f"command {result.id!r}: model error: {result.error}",
-                                    throttle_duration_sec=1.0)
-        if frame is None or result.status is not Status.OK:
-            return
-        try:
-            if self._detections_pub is not None:  # pragma: no cover - vision_msgs absent here
-                self._detections_pub.publish(convert.detections_from(msg))
-            if self.config.publish_debug_image and self._debug_pub.get_subscription_count() > 0:
-                self._debug_pub.publish(visualize.debug_image(frame.rgb, result, msg.header))
-            if self.config.enable_3d and any(o.point_valid for o in msg.objects):
-                self._marker_pub.publish(visualize.markers(msg))
-        except Exception as exc:  # noqa: BLE001 - visualisation must not lose the result
-            self.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
+        job.message = self.outputs.publish(result, frame, queue_ms, self.config)
 
     def _every_second(self) -> None:
         self._rematch_sensor_qos()
         self._publish_diagnostics()
 
     def _publish_diagnostics(self) -> None:
+        pipeline = self._pipeline
         extra = [("queue_depth", self.worker.depth()), ("frames_replaced_unused", self.frames.replaced_unused),
-                 ("image_error_now", self._image_error is not None), ("backend", self.config.backend),
+                 ("image_error_now", self._image_error is not None),
+                 ("backend", pipeline.backend.name if pipeline is not None else self.config.backend),
                  ("queue_size", self.config.queue_size), ("model_errors", self.worker.model_errors),
                  ("last_model_error", self.worker.last_model_error),
                  ("results_unpublished", self.worker.finish_errors)]
-        self._diag_pub.publish(visualize.diagnostics(self.stats, self.get_clock().now().to_msg(), self.state_label,
-                                                     self.config.model, extra,
-                                                     name=f"{self.get_fully_qualified_name()}: grounding"))
+        self.outputs.publish_diagnostics(self.state_label, self.config.model, extra)
 
     def destroy_node(self) -> None:
         self.worker.stop()

@@ -1,24 +1,11 @@
-"""Backends: one module per implementation behind `base.Backend`.
+"""Backends: one folder per implementation behind `base.Backend`, listed once in `registry`.
 
-Heavy imports (torch, onnxruntime, tensorrt) happen inside the module that needs them, so
-choosing a backend by name never imports the others.
+`torch/` (transformers, the reference), `onnx/` (ONNX export + onnxruntime), `tensorrt/`
+(engine build and cache + TensorRT). Heavy imports (torch, onnxruntime, tensorrt) happen inside
+the folder that needs them, so choosing a backend by name never imports the others.
 """
 from __future__ import annotations
 
-from typing import Any
+from .registry import AUTO, BACKENDS, CHOICES, REGISTRY, choose_backend, create_backend
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-def create_backend(name: str, model_dir: str, **options: Any):
-    """Build the named backend for a local model directory (see `core.loading.resolve_model`)."""
-    if name == "torch":
-        from .torch_backend import TorchBackend
-        return TorchBackend(model_dir, **options)
-    if name == "onnxruntime":
-        from .onnx_backend import OnnxBackend
-        return OnnxBackend(model_dir, **options)
-    if name == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend
-        return TensorRTBackend(model_dir, **options)
-    raise ValueError(f"unknown backend {name!r}; expected one of: {', '.join(BACKENDS)}")
+__all__ = ["AUTO", "BACKENDS", "CHOICES", "REGISTRY", "choose_backend", "create_backend"]

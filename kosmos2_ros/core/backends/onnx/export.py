@@ -47,27 +47,29 @@ length. Tests prove it equal to transformers on the prefill, suffix-prefill and 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .backends.base import Backend, position_ids
-from .backends.kv_cache import KVCache
+from ...defaults import DTYPE_NAMES, PRECISIONS
+from ..base import Backend, position_ids
+from ..kv_cache import KVCache
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
 #: 4: fp16 / bf16 graph variants (strongly typed: precision lives in the graph).
 EXPORT_VERSION = "4"
-#: Graph precisions: fp32 (the reference onnxruntime runs) and the reduced-precision variants
-#: TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: Graph precisions (`defaults.PRECISIONS`): fp32 (the reference onnxruntime runs) and the reduced-precision
+#: variants TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
 #: ONNX / numpy element type names of each precision's compute dtype (and KV cache).
-ONNX_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ONNX_TYPES = DTYPE_NAMES
 #: What the fp16 / bf16 graphs compute in which type, and why (the README's precision table;
 #: the peaks behind it come from `fp16_headroom`, which `kosmos2-build-engines` runs first).
 REDUCED_PRECISION = (
@@ -184,8 +186,6 @@ def read_manifest(out_dir: Path) -> Optional[dict]:
 # -- the modules that get traced -------------------------------------------------------------------
 def _modules():
     """torch modules are defined lazily so importing this file does not import torch."""
-    import copy
-
     import torch
     from torch import nn
 
@@ -437,7 +437,6 @@ def export_model(model_dir: str, out_dir: Path, model: Any = None, allow_pickle:
     manifest["variants"] = {"fp32": variant}
     _write_manifest(tmp, manifest)
     if out_dir.exists():
-        import shutil
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return manifest
@@ -459,7 +458,6 @@ def export_variant(model_dir: str, out_dir: Path, precision: str, model: Any = N
         variant = _export_graphs(model, tmp, precision, log)
     final = out_dir / precision
     if final.exists():
-        import shutil
         shutil.rmtree(final)
     tmp.rename(final)
     variant["files"] = {g: f"{precision}/{f}" for g, f in variant["files"].items()}

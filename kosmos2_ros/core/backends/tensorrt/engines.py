@@ -5,7 +5,7 @@ builder flags (`BuilderFlag.FP16`, `BF16`, ...), every network is strongly typed
 tensor's type comes from the graph. JetPack 6 stays on TensorRT 10.3, where strong typing is
 opted into with `NetworkDefinitionCreationFlag.STRONGLY_TYPED` (TensorRT 11 keeps that flag,
 deprecated and ignored). So engines are built from graphs that already carry their precision
-(`core.export`: fp32, or the fp16 / bf16 variants), always as strongly typed networks, with no
+(`onnx.export`: fp32, or the fp16 / bf16 variants), always as strongly typed networks, with no
 precision flag: the same code on both. `test/test_tensorrt_api.py` holds the code to the API
 both versions have.
 
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from .backends.base import BackendUnavailable
+from ...defaults import PRECISIONS
+from ..base import BackendUnavailable
+from ..onnx import export
 
-PRECISIONS = ("fp16", "bf16", "fp32")
 #: The oldest TensorRT the engines are built and run with: JetPack 6's (strongly typed ONNX
 #: parsing with bf16 and the name-based I/O API of 10.x; the API guard test checks against it).
 MIN_TENSORRT = (10, 3)
@@ -136,8 +137,6 @@ def engine_key(model_hash: str, trt_version: str, compute_capability: Tuple[int,
 
 def engine_dir(artifacts_dir: str, model_dir: str, precision: str, trt_version: str,
                compute_capability: Tuple[int, int], limits: EngineLimits = EngineLimits()) -> Path:
-    from . import export
-
     root = Path(os.path.expanduser(artifacts_dir))
     key = engine_key(export.model_hash(model_dir, str(root)), trt_version, compute_capability, precision,
                      export.EXPORT_VERSION, limits)
@@ -242,8 +241,6 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
     """Engines for this model/GPU/TensorRT/precision, built from the ONNX graphs if allowed."""
     trt = require_tensorrt()
     torch = require_cuda_torch()
-    from . import export
-
     cc = tuple(torch.cuda.get_device_capability(device_index))
     check_precision(precision, cc)
     out = engine_dir(artifacts_dir, model_dir, precision, trt.__version__, cc, limits)

@@ -1,12 +1,12 @@
 """TensorRT backend: engines built from the exported ONNX graphs, run on torch CUDA tensors.
 
 tensorrt and a CUDA build of torch are imported lazily; when either is missing the backend
-raises `BackendUnavailable` naming it. Engines come from `core.engines` (cache keyed by model,
+raises `BackendUnavailable` naming it. Engines come from `engines`, beside it (cache keyed by model,
 TensorRT version, GPU compute capability and precision) and are built only when
 `build_engines` allows it (else: run `kosmos2-build-engines`). Every buffer is bound with the
 dtype the engine gives its tensor (`engines.io_dtypes`): the fp16 / bf16 engines take fp32
 pixels and image embeddings, give fp32 logits and keep the KV cache in fp16 / bf16, as their
-strongly typed graphs say (`core.export`); the arena is allocated in the cache's dtype.
+strongly typed graphs say (`onnx.export`); the arena is allocated in the cache's dtype.
 
 Prefill packs rows as the onnxruntime backend does (holes masked by `attention_mask`, explicit
 positions), so results match it row for row. Decode steps run on a static arena
@@ -19,12 +19,15 @@ context, so one step graph is live at a time; switching arenas recaptures.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable
-from .kv_cache import ArenaPool, ArrayOps, KVArena, KVCache, StepFeeds, appended, pack_appends, packed_past, standalone, truncated
+from ...defaults import ARTIFACTS_DIR
+from ..base import BackendError, BackendUnavailable
+from ..graph import GraphBackend
+from ..kv_cache import ArenaPool, ArrayOps, KVArena, KVCache, StepFeeds, appended, pack_appends, packed_past
+from . import engines
 
 #: The cache type of this backend (kept for callers that name it).
 TrtCache = KVCache
@@ -65,15 +68,13 @@ class _StepBuffers:
         self.arena.kv.scatter_(3, self.index, self.new)
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     name = "tensorrt"
-    can_truncate = True
+    nonfinite_error = "the engine produced non-finite logits (fp16 overflow? try precision: bf16 or fp32)"
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp16",
-                 artifacts_dir: str = "~/.cache/kosmos2_ros", build_engines: bool = False,
-                 cuda_graph: bool = True, **_: Any) -> None:
-        from .. import engines
-
+                 artifacts_dir: str = ARTIFACTS_DIR, build_engines: bool = False,
+                 cuda_graph: bool = True) -> None:
         trt = engines.require_tensorrt()
         torch = engines.require_cuda_torch()
         if device not in ("auto", "cuda") and not str(device).startswith("cuda"):
@@ -123,20 +124,6 @@ class TensorRTBackend(Backend):
         self._execute(self._vision_ctx, {"pixel_values": pv}, {"image_embeds": out})
         return out
 
-    def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
-                cache: Optional[KVCache] = None) -> Tuple[np.ndarray, KVCache]:
-        if cache is not None or image_embeds is None:
-            image_embeds, image_mask = None, [0] * len(input_ids)
-        logits, caches = self._append([cache], [list(input_ids)], image_embeds, [list(image_mask)])
-        return logits[0], caches[0]
-
-    def prefill_batch(self, caches: List[Any], chunks: List[List[int]]) -> Tuple[np.ndarray, List[Any]]:
-        return self._append(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
-
-    def decode(self, cache: KVCache, token_id: int) -> Tuple[np.ndarray, KVCache]:
-        logits, caches = self.decode_batch([cache], [int(token_id)])
-        return logits[0], caches[0]
-
     def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
         torch = self._torch
         arena, rows = self._arenas.arena_for(caches)
@@ -156,12 +143,6 @@ class TensorRTBackend(Backend):
             logits = step.logits[feeds.active].float().cpu().numpy()
         self._check(logits)
         return logits, arena.advance(feeds)
-
-    def truncate(self, cache: KVCache, length: int) -> KVCache:
-        return truncated(cache, length, self._ops)
-
-    def fork(self, cache: KVCache) -> KVCache:
-        return standalone(cache, self._ops)   # standalone tensors are never written in place
 
     def close(self) -> None:
         self._step = None
@@ -228,11 +209,6 @@ class TensorRTBackend(Backend):
         if not ctx.execute_async_v3(self._stream.cuda_stream):
             raise BackendError("TensorRT execution failed")
         self._stream.synchronize()
-
-    @staticmethod
-    def _check(logits: np.ndarray) -> None:
-        if not np.isfinite(logits).all():
-            raise BackendError("the engine produced non-finite logits (fp16 overflow? try precision: bf16 or fp32)")
 
     def _append(self, caches: List[Optional[KVCache]], chunks: List[List[int]], image_embeds: Any,
                 masks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:

@@ -1,4 +1,4 @@
-"""onnxruntime backend: the exported graphs (`core.export`) behind the `Backend` interface.
+"""onnxruntime backend: the exported graphs (`export`, beside it) behind the `Backend` interface.
 
 CPU here; CUDA when onnxruntime-gpu is installed. The graphs are exported into
 `artifacts_dir` on first use (keyed by the model's hash and the export version). fp32 only:
@@ -17,8 +17,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable
-from .kv_cache import NUMPY, ArenaPool, KVCache, appended, pack_appends, packed_past, standalone, truncated
+from ...defaults import ARTIFACTS_DIR
+from ..base import BackendError, BackendUnavailable
+from ..graph import GraphBackend
+from ..kv_cache import NUMPY, ArenaPool, KVCache, appended, pack_appends, packed_past
+from . import export
 
 #: The cache type of this backend (kept for callers that name it).
 OrtCache = KVCache
@@ -37,12 +40,12 @@ def providers_for(device: str, available: Sequence[str]) -> List[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
-                 artifacts_dir: str = "~/.cache/kosmos2_ros", build_engines: bool = False,
-                 allow_pickle: bool = False, model: Any = None, threads: int = 0, **_: Any) -> None:
+                 artifacts_dir: str = ARTIFACTS_DIR, allow_pickle: bool = False, model: Any = None,
+                 threads: int = 0) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -51,8 +54,6 @@ class OnnxBackend(Backend):
         if precision != "fp32":
             raise BackendUnavailable(f"the onnxruntime backend runs the fp32 graphs; precision {precision!r} "
                                      "needs backend: tensorrt (or use precision: fp32)")
-        from .. import export
-
         self.graph_dir, self.manifest = export.ensure_exported(
             model_dir, artifacts_dir, allow_export=True, model=model, allow_pickle=allow_pickle)
         m = self.manifest
@@ -72,27 +73,13 @@ class OnnxBackend(Backend):
         self._kv_names = list(m["inputs"]["decoder"][5:])
         self._no_image = np.zeros((1, 1, self.embed_dim), dtype=np.float32)
         self._limit = self.max_positions - self.pad_token_id - 2
+        self._ops = NUMPY
         self._arenas = ArenaPool(NUMPY, len(self._kv_names), self.heads, self.head_dim, self._limit)
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
         return self._vision.run(["image_embeds"], {"pixel_values": pv})[0]
-
-    def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
-                cache: Optional[KVCache] = None) -> Tuple[np.ndarray, KVCache]:
-        if cache is not None or image_embeds is None:
-            image_embeds, image_mask = None, [0] * len(input_ids)   # as transformers: no image after a past
-        logits, caches = self._append([cache], [list(input_ids)], image_embeds, [list(image_mask)])
-        return logits[0], caches[0]
-
-    def prefill_batch(self, caches: List[Optional[KVCache]], chunks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:
-        """Text chunks (no image) appended to several caches in one call."""
-        return self._append(list(caches), [list(c) for c in chunks], None, [[0] * len(c) for c in chunks])
-
-    def decode(self, cache: KVCache, token_id: int) -> Tuple[np.ndarray, KVCache]:
-        logits, caches = self.decode_batch([cache], [int(token_id)])
-        return logits[0], caches[0]
 
     def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
         """One step for every row on its arena: the past is fed as is, one column written per row."""
@@ -111,14 +98,6 @@ class OnnxBackend(Backend):
         arena.write_host(feeds, out[1:])
         return logits, arena.advance(feeds)
 
-    can_truncate = True
-
-    def truncate(self, cache: KVCache, length: int) -> KVCache:
-        return truncated(cache, length, NUMPY)
-
-    def fork(self, cache: KVCache) -> KVCache:
-        return standalone(cache, NUMPY)   # standalone arrays are never written in place
-
     def close(self) -> None:
         if self._decoder is not None:
             self._arenas.clear()
@@ -133,18 +112,8 @@ class OnnxBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime decoder failed: {exc}") from exc
 
-    @staticmethod
-    def _check(logits: np.ndarray) -> None:
-        if not np.isfinite(logits).all():
-            raise BackendError("the model produced non-finite logits")
-
     def _append(self, caches: List[Optional[KVCache]], chunks: List[List[int]], image_embeds: Any,
                 masks: List[List[int]]) -> Tuple[np.ndarray, List[KVCache]]:
-        """Append chunk b to cache b for every row at once; returns standalone caches.
-
-        Row layout in the batch: [its past | hole up to the longest past | left padding | chunk].
-        Holes and padding have attention_mask 0 and the pad position (a zero position vector).
-        """
         bsz = len(chunks)
         rows = pack_appends(caches, chunks, masks, self.pad_token_id, self._limit)
         pmax, smax, lens = rows.pmax, rows.smax, rows.lens
@@ -162,11 +131,3 @@ class OnnxBackend(Backend):
         self._check(logits)
         return logits, appended(caches, lens, smax, new, NUMPY)
 
-
-def available() -> bool:
-    """Whether onnxruntime can be imported here."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True

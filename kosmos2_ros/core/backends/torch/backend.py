@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendUnavailable
+from ...defaults import DTYPE_NAMES
+from ..base import Backend, BackendError, BackendUnavailable, position_ids
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = DTYPE_NAMES
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
-                 allow_pickle: bool = False, model: Any = None, **_: Any) -> None:
+                 allow_pickle: bool = False, model: Any = None) -> None:
         import torch
         from transformers import Kosmos2ForConditionalGeneration
 
@@ -60,6 +61,10 @@ class TorchBackend(Backend):
         self._torch = torch
         params = inspect.signature(self.model.text_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # The lm_head on the last position only, as `generate` does: a prompt's other positions'
+        # logits are never read, and over a 65k vocabulary they cost more than the prompt's layers.
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self._last_only = {keep: 1} if keep else {}
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> Any:
@@ -86,7 +91,7 @@ class TorchBackend(Backend):
             out = self.model.text_model(
                 input_ids=ids, attention_mask=torch.ones((1, past + ids.shape[1]), dtype=torch.long,
                                                          device=self.device),
-                use_cache=True, **kwargs)
+                use_cache=True, **kwargs, **self._last_only)
         return self._last_logits(out), TorchCache(getattr(out, self._cache_kw, None) or kv, past + ids.shape[1])
 
     def decode(self, cache: TorchCache, token_id: int) -> Tuple[np.ndarray, TorchCache]:
@@ -109,8 +114,6 @@ class TorchBackend(Backend):
             return super().decode_batch(caches, token_ids)
         torch = self._torch
         from transformers import DynamicCache
-
-        from .base import position_ids
 
         lengths = [int(c.length) for c in caches]
         longest = max(lengths)

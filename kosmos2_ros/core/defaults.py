@@ -1,0 +1,16 @@
+"""Names and defaults shared by the config, the backends and the command-line tools (defined once).
+
+A leaf module: it imports nothing of the package, so every layer may read it.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+#: The checkpoint every interface loads unless told otherwise.
+DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+#: Where ONNX graphs and TensorRT engines are cached (expanded with `os.path.expanduser`).
+ARTIFACTS_DIR = "~/.cache/kosmos2_ros"
+#: Numeric precisions of weights and compute, fp32 first (the reference).
+PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", "bf16")
+#: torch / numpy dtype names of each precision.
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

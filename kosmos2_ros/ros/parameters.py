@@ -1,0 +1,148 @@
+"""The node's parameters: one per config field, with descriptions, ranges and runtime changes.
+
+Every value goes through `Kosmos2Config` (validated in one place). A start-up value rclpy itself
+refuses (outside a descriptor's range) leaves the parameter at its default and the node unable to
+configure until it is set; a runtime change that makes the parameters valid is accepted.
+`ParametersMixin` is the node's parameter handling; it expects the node's `config`, `frames`,
+`_pipeline` and `state_label`.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Dict, List, Tuple
+
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+
+from kosmos2_ros.core.backends import registry as backend_registry
+from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
+from kosmos2_ros.core.defaults import PRECISIONS
+
+PARAMETER_DOCS: Dict[str, str] = {
+    "model": "Hugging Face hub id or local directory saved with save_pretrained",
+    "backend": backend_registry.describe(),
+    "device": "auto | cpu | cuda | cuda:N",
+    "precision": " | ".join(PRECISIONS),
+    "allow_download": "may fetch the model from the hub when it is not cached",
+    "allow_pickle_weights": "accept *.bin / *.pt weights (pickle); refused by default",
+    "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
+    "build_engines": "the node may build missing ONNX/TensorRT artifacts itself on configure",
+    "cuda_graph": "tensorrt: replay each decode step as one CUDA graph launch",
+    "max_new_tokens": "default generation limit for a command (commands may ask for another)",
+    "max_new_tokens_limit": "commands asking for more tokens are refused (STATUS_INVALID)",
+    "decoding": "default decoding for refer/phrase grounding: constrained (always a box) | free",
+    "no_repeat_ngram_size": "no n-gram of this many tokens twice in a sequence; -1 = the checkpoint's "
+                            "generation config (3 for microsoft/kosmos-2-patch14-224), 0 = off",
+    "score_threshold": "boxes scoring below this are dropped, in [0, 1]",
+    "max_prompt_chars": "longest accepted command text",
+    "max_frame_age_s": "a newest frame older than this gives STATUS_STALE_FRAME; 0 = no limit",
+    "frame_cache_size": "recent frames kept so a command can name its frame by stamp",
+    "queue_size": "pending commands; past this a command gets STATUS_BUSY at once",
+    "image_qos": "QoS of the camera subscriptions (depth 1): auto (reliable when every publisher is, else best "
+                 "effort; follows publishers as they change) | sensor_data (best effort) | reliable",
+    "use_compressed": "also subscribe to image/compressed (sensor_msgs/CompressedImage)",
+    "enable_3d": "compute a 3D point per box from depth/image + camera_info",
+    "depth_inner_fraction": "central fraction of a box whose median depth gives its 3D point",
+    "min_depth_m": "depth readings below this are ignored (metres)",
+    "max_depth_m": "depth readings above this are ignored (metres)",
+    "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
+    "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
+}
+# Changing these at runtime is accepted and validated, but takes effect on the next configure
+# (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
+DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
+                                 "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph",
+                                 "image_qos", "use_compressed"})
+CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
+
+
+def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
+    """Type, description and (where the config has one) range, as `ros2 param describe` shows them."""
+    doc = PARAMETER_DOCS.get(name, name)
+    if name in DEFERRED_PARAMETERS:
+        doc += " (a change applies on the next configure)"
+    low_high = RANGES.get(name)
+    if isinstance(default, float):
+        # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
+        descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
+        if low_high:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low_high[0]),
+                                                                  to_value=float(low_high[1]), step=0.0)]
+        return descriptor
+    kind = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+            str: ParameterType.PARAMETER_STRING}[type(default)]
+    descriptor = ParameterDescriptor(description=doc, type=kind)
+    if low_high and isinstance(default, int):
+        descriptor.integer_range = [IntegerRange(from_value=int(low_high[0]), to_value=int(low_high[1]), step=1)]
+    return descriptor
+
+
+class ParametersMixin:
+    """Declaring the parameters, reading them into the config, and accepting or refusing changes."""
+
+    config: Kosmos2Config
+    param_error: str
+    _refused_at_start: Dict[str, str]
+
+    def _declare_parameters(self) -> None:
+        defaults = Kosmos2Config()
+        for name in CONFIG_FIELDS:
+            default = getattr(defaults, name)
+            descriptor = parameter_descriptor(name, default)
+            try:
+                self.declare_parameter(name, default, descriptor)
+            except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
+                low_high = RANGES.get(name)
+                why = f"must be in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else str(exc)
+                self._refused_at_start[name] = f"{name}: start-up value refused ({why}); set it to configure"
+                self.declare_parameter(name, default, descriptor, ignore_override=True)
+
+    def _parameter_values(self) -> Dict[str, Any]:
+        return {name: self.get_parameter(name).value for name in CONFIG_FIELDS}
+
+    def _on_set_parameters(self, params: List[Any]) -> SetParametersResult:
+        changes = {p.name: p.value for p in params if p.name in CONFIG_FIELDS}
+        if not changes:
+            return SetParametersResult(successful=True)
+        try:
+            new, problem = self._config_after(changes)
+        except ConfigError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        for name in changes:
+            self._refused_at_start.pop(name, None)
+        self.param_error = self._parameter_problems(problem)
+        self.config = new
+        self.frames.capacity = new.frame_cache_size
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.config = new     # generation settings apply from the next command
+        deferred = sorted(set(changes) & DEFERRED_PARAMETERS)
+        if deferred and self.state_label != "unconfigured":
+            self.get_logger().info(f"{', '.join(deferred)} changed: applies on the next configure "
+                                   "(lifecycle cleanup + configure)")
+        return SetParametersResult(successful=True)
+
+    def _config_after(self, changes: Dict[str, Any]) -> Tuple[Kosmos2Config, str]:
+        """The config with `changes` applied, and what is still wrong with the parameters ("" = nothing).
+
+        While the parameters are wrong (given so at start-up), they are judged with the change
+        applied, so a set that makes them valid is accepted and configure can then succeed; a set
+        that is valid in itself but leaves another parameter wrong is accepted too, and the node
+        still will not configure. ConfigError: the change itself is wrong.
+        """
+        if not self.param_error:
+            return self.config.with_changes(changes), ""
+        try:
+            return Kosmos2Config.from_dict({**self._parameter_values(), **changes}), ""
+        except ConfigError as exc:
+            Kosmos2Config().with_changes(changes)
+            return self.config, str(exc)
+
+    def _parameter_problems(self, config_problem: str) -> str:
+        return "; ".join([p for p in [config_problem] if p] + list(self._refused_at_start.values()))
