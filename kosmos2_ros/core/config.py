@@ -219,7 +219,10 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
                 raise TypeError
             return value
         if type_name.startswith("Tuple[str"):
-            # A ROS string array; an empty array arrives as whatever type rclpy gave `[]`.
+            # A ROS string array. An empty one arrives as whatever rclpy made of `[]`: an empty
+            # byte array, or no value at all (`[]` in a parameters file).
+            if value is None:
+                return ()
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return tuple(value)

@@ -5,6 +5,10 @@ A lifecycle node. Camera and command callbacks only convert and enqueue; one wor
 frames (only the newest few are kept). The service and the action wait for the worker's
 future in a reentrant callback group under a multi-threaded executor, so they cannot deadlock.
 
+Several cameras share the one model (parameter `cameras`; one `camera.Camera` each, in
+`self.cameras`). When no command waits, the worker grounds each camera's standing queries on
+its newest frame (~/tracks) and encodes frames ahead (`live.LiveWork`).
+
 Reliability: every accepted command gets exactly one result on ~/result (see worker.py);
 at most `queue_size` wait, past that BUSY at once. Deactivate, cleanup and shutdown answer
 what is queued (NOT_ACTIVE) and stop what runs (CANCELLED) before the model is freed; a
@@ -17,9 +21,8 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import fields
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -34,26 +37,26 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import String
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
 from kosmos2_ros.action import GroundTask
-from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
-from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config, check_queries
+from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.grounding import parse_generation
 from kosmos2_ros.core.loading import quiet_libraries
 from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
-from kosmos2_ros.msg import GroundingCommand, GroundingResult
-from kosmos2_ros.srv import Ground
+from kosmos2_ros.msg import GroundingCommand, GroundingResult, Tracks
+from kosmos2_ros.srv import Ground, SetQueries
 
 from . import convert, visualize
-from .camera_qos import MatchedSubscription, image_qos
-from .topics import camera_info_for, compressed_for
+from .camera import Camera
+from .camera_qos import image_qos
+from .live import LiveWork
 from .worker import FrameRejected, Job, Worker
 
 try:  # Humble and later
@@ -62,8 +65,6 @@ except ImportError:  # pragma: no cover
     ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
 
 NODE_NAME = "kosmos2"
-# Depth and colour frames are paired by stamp; a depth image this close to the colour frame counts.
-DEPTH_SYNC_S = 0.5
 # Result publisher history: reliable KEEP_LAST drops unacknowledged samples past this depth, so it
 # is far above what a burst of BUSY answers can produce before the subscriber acknowledges them.
 RESULT_HISTORY = 1000
@@ -104,12 +105,19 @@ PARAMETER_DOCS: Dict[str, str] = {
     "max_depth_m": "depth readings above this are ignored (metres)",
     "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
     "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
+    "cameras": "camera names served by the one model: [front, wrist] reads front/image, front/camera_info, "
+               "front/depth/image, ... ; empty = one camera on image, camera_info, depth/image",
+    "queries": "standing referring expressions grounded on every camera's newest frame (~/tracks); "
+               "~/set_queries replaces them per camera",
+    "query_rate_hz": "most standing-query frames per second per camera; 0 = as fast as the model allows",
+    "encode_ahead_hz": "most frames per second encoded (vision encoder + prompt head) while idle, so a command "
+                       "pays only its own suffix and decode; 0 = off",
 }
 # Changing these at runtime is accepted and validated, but takes effect on the next configure
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
                                  "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph",
-                                 "image_qos", "use_compressed"})
+                                 "image_qos", "use_compressed", "cameras"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 
 
@@ -119,6 +127,9 @@ def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
     if name in DEFERRED_PARAMETERS:
         doc += " (a change applies on the next configure)"
     low_high = RANGES.get(name)
+    if isinstance(default, tuple):
+        # A string array; dynamic typing lets `[]` (which rclpy types as a byte array) through too.
+        return ParameterDescriptor(description=doc + " (string array)", dynamic_typing=True)
     if isinstance(default, float):
         # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
         descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
@@ -159,13 +170,10 @@ class GroundingNode(LifecycleNode):
         self._pipeline: Optional[Pipeline] = None
         self._active = False
         self.state_label = "unconfigured"
-        self.frames = FrameStore(self.config.frame_cache_size)
-        self._image_error: Optional[Tuple[int, str, str]] = None   # (stamp_ns, frame_id, reason)
-        self._depths: Deque[Tuple[int, Any]] = deque(maxlen=8)
-        self._intrinsics = None
         self._ids = itertools.count(1)
-        self.stats = visualize.Stats()
-        self._sensor_subs: List[MatchedSubscription] = []
+        self.cameras: Dict[str, Camera] = {}
+        self._make_cameras()
+        self.live = LiveWork(self)
 
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
@@ -174,6 +182,7 @@ class GroundingNode(LifecycleNode):
         self._result_pub = self.create_publisher(GroundingResult, "~/result", reliable)
         self._debug_pub = self.create_publisher(Image, "~/debug_image", image_qos("reliable"))
         self._marker_pub = self.create_publisher(MarkerArray, "~/markers", 10)
+        self._tracks_pub = self.create_publisher(Tracks, "~/tracks", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._detections_pub = None
         if convert.HAVE_VISION_MSGS:  # pragma: no cover - vision_msgs absent here
@@ -184,12 +193,13 @@ class GroundingNode(LifecycleNode):
                                                      callback_group=self._commands_group)
         self.create_subscription(String, "~/refer", self._on_refer, COMMAND_HISTORY, callback_group=self._commands_group)
         self.create_service(Ground, "~/ground", self._on_ground, callback_group=self._commands_group)
+        self.create_service(SetQueries, "~/set_queries", self._on_set_queries, callback_group=self._commands_group)
         self._action = ActionServer(self, GroundTask, "~/ground_task", execute_callback=self._on_goal,
                                     goal_callback=lambda _goal: GoalResponse.ACCEPT,
                                     cancel_callback=lambda _goal: CancelResponse.ACCEPT,
                                     callback_group=self._commands_group)
-        self.worker = Worker(lambda: self._pipeline if self._active else None, self._resolve, self._finish,
-                             capacity=lambda: self.config.queue_size)
+        self.worker = Worker(self.active_pipeline, self._resolve, self._finish,
+                             capacity=lambda: self.config.queue_size, idle=self.live.idle)
         self.create_timer(1.0, self._every_second, callback_group=self._sensor_group)
 
     # -- parameters ------------------------------------------------------------------------
@@ -198,6 +208,8 @@ class GroundingNode(LifecycleNode):
         for name in CONFIG_FIELDS:
             default = getattr(defaults, name)
             descriptor = parameter_descriptor(name, default)
+            if isinstance(default, tuple):
+                default = list(default)
             try:
                 self.declare_parameter(name, default, descriptor)
             except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
@@ -221,7 +233,10 @@ class GroundingNode(LifecycleNode):
             self._refused_at_start.pop(name, None)
         self.param_error = self._parameter_problems(problem)
         self.config = new
-        self.frames.capacity = new.frame_cache_size
+        for cam in self.cameras.values():
+            cam.frames.capacity = new.frame_cache_size
+            cam.standing.follow_parameter(new.queries)
+        self.worker.poke()
         pipeline = self._pipeline
         if pipeline is not None:
             pipeline.config = new     # generation settings apply from the next command
@@ -267,7 +282,9 @@ class GroundingNode(LifecycleNode):
         with self._lock:
             self._pipeline = pipeline
         self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s")
-        self._make_sensor_subscriptions(cfg)
+        self._make_cameras()
+        for cam in self.cameras.values():
+            cam.subscribe(cfg, self._sensor_group)
         self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
@@ -275,10 +292,11 @@ class GroundingNode(LifecycleNode):
         self.worker.resume()
         self._active = True
         self.state_label = "active"
-        image_topic = self._sensor_subs[0].topic_name if self._sensor_subs else "image"
+        image_topics = [cam.subs[0].topic_name for cam in self.cameras.values() if cam.subs] or ["image"]
         self._rematch_sensor_qos()
-        self.get_logger().info(f"active: waiting for images on {image_topic} and commands on "
+        self.get_logger().info(f"active: waiting for images on {', '.join(image_topics)} and commands on "
                                f"{self._command_sub.topic_name}")
+        self.worker.poke()
         return super().on_activate(state)
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
@@ -314,9 +332,8 @@ class GroundingNode(LifecycleNode):
     def _release(self) -> None:
         self._active = False
         self._stop_commands("node is not active")
-        for sub in self._sensor_subs:
-            sub.destroy()
-        self._sensor_subs = []
+        for cam in self.cameras.values():
+            cam.unsubscribe()
         with self._lock:
             pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
@@ -328,77 +345,40 @@ class GroundingNode(LifecycleNode):
 
             gc.collect()
             self.get_logger().info("model released")
-        self.frames.clear()
-        self._image_error = None
+        for cam in self.cameras.values():
+            cam.clear()
 
-    def _make_sensor_subscriptions(self, cfg: Kosmos2Config) -> None:
-        """Image, camera_info, depth (and compressed), with camera_info and compressed named
-        after the image topic unless remapped themselves (image_transport's convention)."""
-        def subscribe(msg_type: Any, topic: str, callback: Any) -> MatchedSubscription:
-            return MatchedSubscription(self, msg_type, topic, callback, cfg.image_qos, self._sensor_group)
+    def _make_cameras(self) -> None:
+        """One Camera per name in `cameras` (the unnamed one when empty); made anew on configure."""
+        cfg = self.config
+        self.cameras = {name: Camera(self, name, cfg, on_frame=self._on_frame) for name in cfg.camera_names}
+        for cam in self.cameras.values():
+            cam.standing.follow_parameter(cfg.queries)
 
-        image = subscribe(Image, "image", self._on_image)
-        subs = [image, subscribe(CameraInfo, self._named_after_image("camera_info", camera_info_for(image.topic_name)),
-                                 self._on_camera_info)]
-        if cfg.enable_3d:
-            subs.append(subscribe(Image, "depth/image", self._on_depth))
-        if cfg.use_compressed:
-            subs.append(subscribe(CompressedImage,
-                                  self._named_after_image("image/compressed", compressed_for(image.topic_name)),
-                                  self._on_compressed))
-        self._sensor_subs = subs
+    def _on_frame(self, cam: Camera) -> None:
+        if cam.standing.queries or self.config.encode_ahead_hz > 0:
+            self.worker.poke()
 
-    def _named_after_image(self, name: str, convention: str) -> str:
-        """`name` where a remap rule names it, else the image topic's sibling or child."""
-        expanded = expand_topic_name(name, self.get_name(), self.get_namespace())
-        if hasattr(self, "resolve_topic_name"):
-            resolved = self.resolve_topic_name(name)
-        else:  # pragma: no cover - an rclpy without Node.resolve_topic_name
-            probe = self.create_subscription(String, name, lambda _msg: None, 1)
-            resolved = probe.topic_name
-            self.destroy_subscription(probe)
-        return resolved if resolved != expanded else convention
+    def active_pipeline(self) -> Optional[Pipeline]:
+        """The loaded pipeline while the node is active, else None."""
+        return self._pipeline if self._active else None
+
+    def camera_of(self, command: Command) -> Camera:
+        """The command's camera (empty: the first), or FrameRejected INVALID naming the cameras."""
+        name = command.camera or next(iter(self.cameras))
+        cam = self.cameras.get(name)
+        if cam is None:
+            known = ", ".join(repr(n) for n in self.cameras if n) or "one unnamed camera (leave camera empty)"
+            raise FrameRejected(Result.failure(command, Status.INVALID,
+                                               f"unknown camera {command.camera!r}; this node has: {known} "
+                                               "(parameter cameras)"))
+        return cam
 
     def _rematch_sensor_qos(self) -> None:
         """image_qos auto: follow the publishers' reliability (checked on activate and every second)."""
-        for sub in list(self._sensor_subs):
-            change = sub.rematch()
-            if change:
+        for cam in list(self.cameras.values()):
+            for change in cam.rematch():
                 self.get_logger().info(change)
-
-    # -- sensors ---------------------------------------------------------------------------
-    def _on_image(self, msg: Image) -> None:
-        self._take_frame(msg.header, lambda: convert.image_to_rgb(msg))
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._take_frame(msg.header, lambda: convert.compressed_to_rgb(msg))
-
-    def _take_frame(self, header: Any, decode: Any) -> None:
-        stamp = convert.stamp_to_ns(header.stamp)
-        try:
-            frame = Frame(rgb=decode(), stamp_ns=stamp, frame_id=header.frame_id)
-        except Exception as exc:  # noqa: BLE001 - a bad image must never kill the node
-            reason = str(exc) or type(exc).__name__
-            self._image_error = (stamp, header.frame_id, reason)
-            self.stats.frame(False, reason)
-            self.get_logger().warning(f"image rejected: {reason}", throttle_duration_sec=5.0)
-            return
-        self.frames.put(frame)
-        self._image_error = None
-        self.stats.frame(True)
-
-    def _on_depth(self, msg: Image) -> None:
-        try:
-            depth = convert.depth_to_m(msg)
-        except Exception as exc:  # noqa: BLE001
-            self.get_logger().warning(f"depth image rejected: {exc}", throttle_duration_sec=5.0)
-            return
-        self._depths.append((convert.stamp_to_ns(msg.header.stamp), depth))
-
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        intr = convert.intrinsics_from(msg)
-        if intr is not None:
-            self._intrinsics = intr
 
     # -- commands --------------------------------------------------------------------------
     def _on_command(self, msg: GroundingCommand) -> None:
@@ -443,6 +423,8 @@ class GroundingNode(LifecycleNode):
         """Queue a command; not active or a full queue is answered at once. Returns its job."""
         if not command.id:
             command.id = f"{self.get_name()}-{next(self._ids)}"
+        if not command.camera:
+            command.camera = next(iter(self.cameras))
         job = Job(command, on_token=on_token, should_stop=should_stop)
         if not self._active or self._pipeline is None:
             self.worker.complete(job, Result.failure(command, Status.NOT_ACTIVE,
@@ -454,52 +436,61 @@ class GroundingNode(LifecycleNode):
         return job
 
     def _resolve(self, command: Command) -> Frame:
-        """The frame a command runs on, or FrameRejected with its result (no frame, stale, bad image)."""
-        error = self._image_error
-        if error is not None and command.image_stamp_ns in (0, error[0]):
-            res = Result.failure(command, Status.INVALID, f"last image was rejected: {error[2]}")
-            res.stamp_ns, res.frame_id = error[0], error[1]
-            raise FrameRejected(res)
-        try:
-            frame = self.frames.select(command.image_stamp_ns, self.config.max_frame_age_s)
-        except FrameUnavailable as exc:
-            status = Status.STALE_FRAME if exc.status == "stale_frame" else Status.NO_FRAME
-            res = Result.failure(command, status, str(exc))
-            newest = self.frames.newest()
-            if status is Status.STALE_FRAME and newest is not None:
-                res.stamp_ns, res.frame_id = newest.stamp_ns, newest.frame_id
-            raise FrameRejected(res) from None
-        self._attach_depth(frame)
-        return frame
+        """The frame a command runs on, or FrameRejected with its result (unknown camera, no frame,
+        stale, bad image)."""
+        return self.camera_of(command).resolve(command, self.config)
 
-    def _attach_depth(self, frame: Frame) -> None:
-        if not self.config.enable_3d or self._intrinsics is None:
-            return
-        if frame.intrinsics is None:
-            frame.intrinsics = self._intrinsics
-        if frame.depth_m is None and self._depths:
-            stamp, depth = min(list(self._depths), key=lambda sd: abs(sd[0] - frame.stamp_ns))
-            if abs(stamp - frame.stamp_ns) <= DEPTH_SYNC_S * 1e9:
-                frame.depth_m = depth
+    def _on_set_queries(self, request: SetQueries.Request, response: SetQueries.Response) -> SetQueries.Response:
+        """Set, replace or clear a camera's standing queries (every camera's with camera empty)."""
+        if request.camera and request.camera not in self.cameras:
+            known = ", ".join(repr(n) for n in self.cameras if n) or "one unnamed camera (leave camera empty)"
+            response.success, response.error = False, f"unknown camera {request.camera!r}; this node has: {known}"
+            return response
+        pipeline = self._pipeline
+        controls = tuple(sorted(pipeline.vocab.control_strings)) if pipeline is not None else ()
+        try:
+            queries = check_queries(list(request.queries), self.config.max_prompt_chars, controls)
+        except ConfigError as exc:
+            response.success, response.error = False, str(exc)
+            return response
+        targets = [self.cameras[request.camera]] if request.camera else list(self.cameras.values())
+        for cam in targets:
+            cam.standing.override(queries)
+        self.worker.poke()
+        response.success, response.queries = True, list(queries)
+        return response
+
+    def publish_tracks(self, msg: Tracks, frame: Frame, combined: Result) -> None:
+        """A frame's standing-query answers: ~/tracks, and the usual views (worker thread)."""
+        self._tracks_pub.publish(msg)
+        try:
+            self._publish_views(convert.result_to_msg(combined), combined, frame)
+        except Exception as exc:  # noqa: BLE001 - visualisation must not lose the tracks
+            self.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
+
+    def _publish_views(self, msg: GroundingResult, result: Result, frame: Frame) -> None:
+        if self._detections_pub is not None:  # pragma: no cover - vision_msgs absent here
+            self._detections_pub.publish(convert.detections_from(msg))
+        if self.config.publish_debug_image and self._debug_pub.get_subscription_count() > 0:
+            self._debug_pub.publish(visualize.debug_image(frame.rgb, result, msg.header))
+        if self.config.enable_3d and any(o.point_valid for o in msg.objects):
+            self._marker_pub.publish(visualize.markers(msg, ns=f"kosmos2/{result.camera}" if result.camera
+                                                       else "kosmos2"))
 
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
         """Publish a command's one result (and debug image, markers, detections)."""
         msg = convert.result_to_msg(result, queue_ms)
         job.message = msg
         self._result_pub.publish(msg)
-        self.stats.result(msg.status, msg.total_ms)
+        cam = self.cameras.get(result.camera) or next(iter(self.cameras.values()))
+        cam.stats.result(msg.status, msg.total_ms)
         if result.status is Status.MODEL_ERROR:
             self.get_logger().error(f"command {result.id!r}: model error: {result.error}",
                                     throttle_duration_sec=1.0)
         if frame is None or result.status is not Status.OK:
             return
         try:
-            if self._detections_pub is not None:  # pragma: no cover - vision_msgs absent here
-                self._detections_pub.publish(convert.detections_from(msg))
-            if self.config.publish_debug_image and self._debug_pub.get_subscription_count() > 0:
-                self._debug_pub.publish(visualize.debug_image(frame.rgb, result, msg.header))
-            if self.config.enable_3d and any(o.point_valid for o in msg.objects):
-                self._marker_pub.publish(visualize.markers(msg))
+            self._publish_views(msg, result, frame)
         except Exception as exc:  # noqa: BLE001 - visualisation must not lose the result
             self.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
 
@@ -508,14 +499,21 @@ class GroundingNode(LifecycleNode):
         self._publish_diagnostics()
 
     def _publish_diagnostics(self) -> None:
-        extra = [("queue_depth", self.worker.depth()), ("frames_replaced_unused", self.frames.replaced_unused),
-                 ("image_error_now", self._image_error is not None), ("backend", self.config.backend),
-                 ("queue_size", self.config.queue_size), ("model_errors", self.worker.model_errors),
-                 ("last_model_error", self.worker.last_model_error),
-                 ("results_unpublished", self.worker.finish_errors)]
-        self._diag_pub.publish(visualize.diagnostics(self.stats, self.get_clock().now().to_msg(), self.state_label,
-                                                     self.config.model, extra,
-                                                     name=f"{self.get_fully_qualified_name()}: grounding"))
+        """One status per camera: its frames, its commands' results, and the node's queue and model."""
+        common = [("queue_depth", self.worker.depth()), ("backend", self.config.backend),
+                  ("queue_size", self.config.queue_size), ("model_errors", self.worker.model_errors),
+                  ("last_model_error", self.worker.last_model_error),
+                  ("results_unpublished", self.worker.finish_errors),
+                  ("frames_encoded_ahead", self.live.frames_encoded_ahead),
+                  ("idle_work_errors", self.worker.idle_errors), ("last_idle_work_error", self.worker.last_idle_error)]
+        stamp = self.get_clock().now().to_msg()
+        out = DiagnosticArray(header=Header(stamp=stamp))
+        for cam in list(self.cameras.values()):
+            suffix = f" ({cam.name})" if cam.name else ""
+            out.status.extend(visualize.diagnostics(cam.stats, stamp, self.state_label, self.config.model,
+                                                    cam.diagnostics() + common,
+                                                    name=f"{self.get_fully_qualified_name()}: grounding{suffix}").status)
+        self._diag_pub.publish(out)
 
     def destroy_node(self) -> None:
         self.worker.stop()

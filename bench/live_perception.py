@@ -1,0 +1,384 @@
+"""Live perception benchmark (issue 12): a live camera, standing queries, two cameras on one model.
+
+  scripts/ros-env python bench/live_perception.py            # full-size architecture, random weights (~10 min)
+  scripts/ros-env python bench/live_perception.py --small    # tiny checkpoint: a smoke run of the same code
+
+1. Command latency with a live camera. A camera thread puts a new frame into the node's frame
+   store every 1/--camera-hz s; referring expressions arrive at random times (exponential gaps,
+   one seed for every path), each about the newest frame. Command-to-result p50/p95 for:
+   * naive: transformers `generate` (max_new_tokens 5: `<object><p><p></object></s>`) on the
+     newest frame when the command arrives, one command after another;
+   * ours: the node's worker (`ros/worker.Worker`) and pipeline, constrained decoding, frames
+     encoded when a command needs them;
+   * ours + encode ahead: the same, and while idle the newest frame's vision encoding and
+     grounding-head KV are computed ahead (at most --camera-hz frames/s), as `encode_ahead_hz` does.
+   In-process (no DDS): what is measured is the model work and the queueing, not transport.
+2. Standing queries: grounded frames per second with 1 and 4 queries, every frame new:
+   `Pipeline.run_batch` of the frame's queries (what the node runs per frame) against
+   `generate` once per query per frame.
+3. Two cameras: one node process serving both (`cameras: [a, b]`) against two node processes
+   (one camera each), real nodes over DDS; each camera gets a closed-loop command stream (the
+   next command when the last result came). Resident memory (sum over processes, peak) and
+   commands/s over --two-cam-s seconds.
+
+Random full-size weights cost the same compute as real ones, so times are honest; boxes are not.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "test"))
+
+from node_helpers import free_domain  # noqa: E402
+from stress_node import percentile, rss_mb, start_node  # noqa: E402
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+EXPRESSIONS = ("the red mug", "the laptop", "the person on the left", "the green ball")
+
+
+def frame_pixels(seed: int, width: int = 320, height: int = 240) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+class Camera:
+    """Puts a new frame into `store` every 1/hz s (a camera driver feeding the node)."""
+
+    def __init__(self, store: Any, hz: float, on_frame: Optional[Callable[[], None]] = None) -> None:
+        from kosmos2_ros.core.frames import Frame
+
+        self._frame_cls, self._store, self._period, self._on_frame = Frame, store, 1.0 / hz, on_frame
+        self._stop = threading.Event()
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self.sent += 1
+            self._store.put(self._frame_cls(rgb=frame_pixels(self.sent), stamp_ns=time.time_ns(), frame_id="cam"))
+            if self._on_frame is not None:
+                self._on_frame()
+            next_at += self._period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def arrivals(count: int, mean_gap_s: float, seed: int = 1) -> List[float]:
+    """Command times (s from the start): exponential gaps, the same for every path."""
+    gaps = np.random.default_rng(seed).exponential(mean_gap_s, count)
+    return list(np.cumsum(np.maximum(gaps, 0.05)))
+
+
+def latency_naive(pipeline: Any, hz: float, times: List[float], warmup_s: float) -> List[float]:
+    from kosmos2_ros.core.frames import FrameStore
+    from kosmos2_ros.core.reference import reference_generate
+
+    store = FrameStore(4)
+    cam = Camera(store, hz)
+    model, processor = pipeline.backend.model, pipeline.processor
+    todo: "queue.Queue[Tuple[float, Any]]" = queue.Queue()
+    out: List[float] = []
+
+    def serve() -> None:
+        while True:
+            item = todo.get()
+            if item is None:
+                return
+            arrived, frame = item
+            reference_generate(model, processor, f"<grounding><phrase> {EXPRESSIONS[len(out) % 4]}</phrase>",
+                               frame.rgb, 5)
+            out.append(time.monotonic() - arrived)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    time.sleep(warmup_s)
+    t0 = time.monotonic()
+    for at in times:
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        todo.put((time.monotonic(), store.newest()))
+    todo.put(None)
+    server.join()
+    cam.stop()
+    return out
+
+
+def latency_ours(pipeline: Any, hz: float, times: List[float], warmup_s: float, encode_ahead_hz: float) -> List[float]:
+    from kosmos2_ros.core.frames import FrameStore
+    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.standing import RateBudget
+    from kosmos2_ros.ros.worker import Job, Worker
+
+    store = FrameStore(4)
+    budget = RateBudget()
+    done: List[float] = []
+
+    def idle(_should_stop: Callable[[], bool]) -> Optional[float]:
+        """Encoding ahead, as the node's LiveWork does it for one camera."""
+        frame = store.newest()
+        if frame is None or (frame.encoding is not None and frame.encoding.prefix_caches):
+            return None
+        now = time.monotonic()
+        wait = budget.wait(encode_ahead_hz, now)
+        if wait:
+            return wait
+        budget.spend(now)
+        pipeline.encode_ahead([frame])
+        return 0.0
+
+    def finish(job: Any, result: Any, _frame: Any, _queue_ms: float) -> None:
+        done.append(time.monotonic() - job.enqueued)
+
+    worker = Worker(lambda: pipeline, lambda _cmd: store.newest(), finish, capacity=lambda: 64,
+                    idle=idle if encode_ahead_hz > 0 else None)
+    cam = Camera(store, hz, on_frame=worker.poke)
+    time.sleep(warmup_s)
+    t0 = time.monotonic()
+    jobs = []
+    for k, at in enumerate(times):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        job = Job(Command(id=f"c{k}", task="refer", text=EXPRESSIONS[k % 4], decoding="constrained"))
+        jobs.append(job)
+        worker.submit(job)
+    for job in jobs:
+        job.future.result()
+    worker.stop()
+    cam.stop()
+    return done
+
+
+def standing_fps(pipeline: Any, queries: int, frames: int) -> Tuple[float, float]:
+    """(ours frames/s, generate-per-query frames/s), every frame new."""
+    from kosmos2_ros.core.frames import Frame
+    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.reference import reference_generate
+
+    texts = EXPRESSIONS[:queries]
+    t0 = time.perf_counter()
+    for f in range(frames):
+        frame = Frame(rgb=frame_pixels(1000 + f), stamp_ns=f + 1)
+        pipeline.run_batch([Command(task="refer", text=t, decoding="constrained") for t in texts], frame)
+    ours = frames / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for f in range(frames):
+        rgb = frame_pixels(2000 + f)
+        for t in texts:
+            reference_generate(pipeline.backend.model, pipeline.processor, f"<grounding><phrase> {t}</phrase>", rgb, 5)
+    naive = frames / (time.perf_counter() - t0)
+    return ours, naive
+
+
+# -- two cameras: real node processes ------------------------------------------------------------
+def two_cameras(model: str, seconds: float, load_timeout: float, log_dir: Path) -> Dict[str, Tuple[float, float, float]]:
+    """{"one node": (peak RSS MiB, commands/s, p50 s), "two nodes": (...)}."""
+    import rclpy
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from kosmos2_ros.msg import GroundingCommand, GroundingResult
+
+    os.environ["ROS_DOMAIN_ID"] = str(free_domain())
+    rclpy.init()
+    out = {}
+    try:
+        for label in ("one node", "two nodes"):
+            if label == "one node":
+                procs = [start_node(model, "kosmos2", ["-p", "cameras:=[a, b]", "-p", "max_frame_age_s:=0.0"],
+                                    log_dir / "one_node.log")]
+                routes = {"a": ("kosmos2", "a"), "b": ("kosmos2", "b")}
+            else:
+                procs = [start_node(model, f"kosmos2_{c}", ["-r", f"image:=/{c}/image"], log_dir / f"node_{c}.log")
+                         for c in ("a", "b")]
+                routes = {"a": ("kosmos2_a", ""), "b": ("kosmos2_b", "")}
+            node = rclpy.create_node(f"bench_two_cameras_{label.replace(' ', '_')}")
+            reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+            image_pubs = {c: node.create_publisher(Image, f"/{c}/image", reliable) for c in routes}
+            cmd_pubs = {c: node.create_publisher(GroundingCommand, f"/{n}/command", reliable) for c, (n, _) in routes.items()}
+            results: "queue.Queue[Any]" = queue.Queue()
+            for n in {n for n, _ in routes.values()}:
+                node.create_subscription(GroundingResult, f"/{n}/result", results.put, reliable)
+            stop = threading.Event()
+
+            def spin(node: Any = node) -> None:
+                while not stop.is_set():
+                    rclpy.spin_once(node, timeout_sec=0.05)
+
+            spinner = threading.Thread(target=spin, daemon=True)
+            spinner.start()
+
+            def publish_frames() -> None:
+                k = 0
+                while not stop.is_set():
+                    k += 1
+                    for c, pub in image_pubs.items():
+                        rgb = frame_pixels(k * 7 + ord(c))
+                        msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3,
+                                    data=rgb.tobytes())
+                        msg.header.stamp = node.get_clock().now().to_msg()
+                        msg.header.frame_id = f"{c}_optical"
+                        pub.publish(msg)
+                    stop.wait(1.0)
+
+            frames = threading.Thread(target=publish_frames, daemon=True)
+            frames.start()
+            peak = [0.0]
+            sent: Dict[str, float] = {}
+
+            def send(cam: str, k: int) -> None:
+                name, camera = routes[cam]
+                cid = f"{cam}-{k}"
+                sent[cid] = time.monotonic()
+                cmd_pubs[cam].publish(GroundingCommand(id=cid, task="refer", text=EXPRESSIONS[k % 4], camera=camera))
+
+            # Until both answer OK (model loaded, frames arriving).
+            deadline = time.monotonic() + load_timeout
+            ready = set()
+            k = 0
+            while ready != set(routes) and time.monotonic() < deadline:
+                for cam in set(routes) - ready:
+                    k += 1
+                    send(cam, k)
+                try:
+                    while True:
+                        msg = results.get(timeout=2.0)
+                        if msg.status == 0:
+                            ready.add(msg.id.split("-")[0])
+                except queue.Empty:
+                    pass
+            if ready != set(routes):
+                raise RuntimeError(f"{label}: nodes not ready within {load_timeout:.0f} s (logs in {log_dir})")
+            while True:   # drain stragglers of the warm-up
+                try:
+                    results.get(timeout=3.0)
+                except queue.Empty:
+                    break
+            latencies: List[float] = []
+            ok = 0
+            t0 = time.monotonic()
+            for cam in routes:
+                k += 1
+                send(cam, k)
+            while time.monotonic() - t0 < seconds:
+                peak[0] = max(peak[0], sum(rss_mb(p.pid) for p in procs))
+                try:
+                    msg = results.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                cam = msg.id.split("-")[0]
+                if msg.id in sent:
+                    latencies.append(time.monotonic() - sent.pop(msg.id))
+                    ok += msg.status == 0
+                    k += 1
+                    send(cam, k)
+            elapsed = time.monotonic() - t0
+            out[label] = (peak[0], ok / elapsed, percentile(latencies, 50))
+            stop.set()
+            spinner.join(timeout=5)
+            frames.join(timeout=5)
+            node.destroy_node()
+            for p in procs:
+                p.send_signal(2)
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    finally:
+        rclpy.shutdown()
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny checkpoint (a smoke run)")
+    ap.add_argument("--model", default="", help="a saved checkpoint to use instead of building one")
+    ap.add_argument("--camera-hz", type=float, default=0.0, help="live camera rate (default 0.25 full size, 5 small)")
+    ap.add_argument("--commands", type=int, default=0, help="commands per path (default 8 full size, 20 small)")
+    ap.add_argument("--gap-s", type=float, default=0.0, help="mean gap between commands (default 6 s full size)")
+    ap.add_argument("--frames", type=int, default=0, help="frames per standing-query row (default 2 full size)")
+    ap.add_argument("--two-cam-s", type=float, default=0.0, help="seconds of command streams (default 45 full size)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: latency,standing,cameras")
+    args = ap.parse_args(argv)
+    small = args.small
+    hz = args.camera_hz or (5.0 if small else 0.25)
+    n_cmd = args.commands or (20 if small else 8)
+    gap = args.gap_s or (0.3 if small else 6.0)
+    n_frames = args.frames or (6 if small else 2)
+    two_cam_s = args.two_cam_s or (8.0 if small else 45.0)
+    skip = set(filter(None, args.skip.split(",")))
+
+    import torch
+
+    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.loading import quiet_libraries
+    from kosmos2_ros.core.pipeline import Pipeline
+
+    quiet_libraries()
+    work = Path(tempfile.mkdtemp(prefix="kosmos2_live_"))
+    model = args.model
+    if not model:
+        t0 = time.perf_counter()
+        model = str(build_tiny_checkpoint(work / ("tiny" if small else "full_size"), full_size=not small))
+        print(f"checkpoint built in {time.perf_counter() - t0:.0f} s: {model}", flush=True)
+    print(f"{'tiny' if small else 'full-size'} checkpoint, torch fp32 on CPU, {torch.get_num_threads()} threads; "
+          f"camera {hz:g} Hz, {n_cmd} commands per path, mean gap {gap:g} s", flush=True)
+
+    rows: List[str] = []
+    if "cameras" not in skip:
+        two = two_cameras(model, two_cam_s, 600.0, work)
+        (rss1, cps1, p1), (rss2, cps2, p2) = two["one node"], two["two nodes"]
+        rows += [f"| two cameras, one node (`cameras: [a, b]`) | RSS {rss1:.0f} MiB | {cps1:.2f} commands/s | "
+                 f"p50 {p1:.2f} s |",
+                 f"| two cameras, two nodes | RSS {rss2:.0f} MiB | {cps2:.2f} commands/s | p50 {p2:.2f} s |",
+                 f"| one node / two nodes | memory {rss1 / rss2:.0%} | throughput {cps1 / cps2:.2f}x | |"]
+        print("\n".join(rows[-3:]), flush=True)
+        gc.collect()
+
+    pipeline = Pipeline.load(Kosmos2Config(model=model, device="cpu", allow_download=False))
+    if "latency" not in skip:
+        times = arrivals(n_cmd, gap)
+        warm = 2.0 / hz
+        naive = latency_naive(pipeline, hz, times, warm)
+        cold = latency_ours(pipeline, hz, times, warm, 0.0)
+        ahead = latency_ours(pipeline, hz, times, warm, hz)
+        for label, lat in (("naive node: generate on the newest frame", naive), ("ours", cold),
+                           ("ours + encode ahead", ahead)):
+            ratio = percentile(naive, 50) / percentile(lat, 50)
+            rows.append(f"| command latency, camera {hz:g} Hz: {label} | p50 {percentile(lat, 50):.2f} s | "
+                        f"p95 {percentile(lat, 95):.2f} s | {ratio:.2f}x lower p50 than naive |")
+            print(rows[-1], flush=True)
+    if "standing" not in skip:
+        for q in (1, 4):
+            ours, naive_fps = standing_fps(pipeline, q, n_frames)
+            rows.append(f"| standing queries: {q} per frame | ours {ours:.3f} frames/s | generate per query "
+                        f"{naive_fps:.3f} frames/s | {ours / naive_fps:.2f}x |")
+            print(rows[-1], flush=True)
+    print("\n| what | measure | measure | ratio |\n|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

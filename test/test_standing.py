@@ -1,0 +1,58 @@
+"""Standing-query scheduling (core/standing.py): rate, newest frame only, no starvation, duty-cycle budget."""
+from __future__ import annotations
+
+import pytest
+
+from kosmos2_ros.core.standing import QueryState, RateBudget, next_camera
+
+
+def state(*queries: str) -> QueryState:
+    st = QueryState()
+    st.follow_parameter(tuple(queries))
+    return st
+
+
+def test_a_camera_without_queries_or_a_new_frame_is_never_chosen() -> None:
+    idle, done = state(), state("the mug")
+    done.last_stamp = 5
+    assert next_camera([("a", idle, 7), ("b", done, 5), ("c", state("x"), None)], 2.0, 100.0) == (None, None)
+
+
+def test_rate_is_honoured_and_the_wait_is_reported() -> None:
+    st = state("the mug")
+    st.last_stamp, st.last_run = 1, 100.0
+    assert next_camera([("a", st, 2)], 2.0, 100.2) == (None, pytest.approx(0.3))
+    assert next_camera([("a", st, 2)], 2.0, 100.5)[0] == "a"
+    assert next_camera([("a", st, 2)], 0.0, 100.01)[0] == "a"     # 0 = as fast as the model allows
+
+
+def test_no_camera_starves_another() -> None:
+    """Served in turn: whichever due camera ran longest ago goes first, whatever the order given."""
+    a, b = state("x"), state("y")
+    served = []
+    now = 0.0
+    for stamp in range(1, 9):
+        name, _ = next_camera([("a", a, stamp), ("b", b, stamp)], 0.0, now)
+        chosen = a if name == "a" else b
+        chosen.last_stamp, chosen.last_run = stamp, now
+        served.append(name)
+        now += 1.0
+    assert served.count("a") == served.count("b") == 4
+
+
+def test_queries_from_the_service_win_over_the_parameter() -> None:
+    st = state("the mug")
+    st.override(("the cup",))
+    st.follow_parameter(("the plate",))
+    assert st.queries == ("the cup",)
+    st.override(())
+    assert st.queries == () and st.overridden
+
+
+def test_rate_budget() -> None:
+    budget = RateBudget()
+    assert budget.wait(0.0, 10.0) is None          # off
+    assert budget.wait(4.0, 10.0) == 0.0
+    budget.spend(10.0)
+    assert abs(budget.wait(4.0, 10.1) - 0.15) < 1e-9
+    assert budget.wait(4.0, 10.3) == 0.0
