@@ -52,6 +52,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 EXPRESSIONS = ("the red mug", "the laptop", "the person on the left", "the green ball")
+# Every path's token budget: `<object><p><p></object></s>`, one box and eos (as bench_refer.py).
+# Random weights never choose eos; constrained decoding stops at `</object>` or at this budget.
+MAX_NEW = 5
 
 
 def frame_pixels(seed: int, width: int = 320, height: int = 240) -> np.ndarray:
@@ -98,7 +101,7 @@ def latency_naive(pipeline: Any, hz: float, times: List[float], warmup_s: float)
     store = FrameStore(4)
     cam = Camera(store, hz)
     model, processor = pipeline.backend.model, pipeline.processor
-    todo: "queue.Queue[Tuple[float, Any]]" = queue.Queue()
+    todo: queue.Queue = queue.Queue()
     out: List[float] = []
 
     def serve() -> None:
@@ -108,7 +111,7 @@ def latency_naive(pipeline: Any, hz: float, times: List[float], warmup_s: float)
                 return
             arrived, frame = item
             reference_generate(model, processor, f"<grounding><phrase> {EXPRESSIONS[len(out) % 4]}</phrase>",
-                               frame.rgb, 5)
+                               frame.rgb, MAX_NEW)
             out.append(time.monotonic() - arrived)
 
     server = threading.Thread(target=serve, daemon=True)
@@ -158,7 +161,8 @@ def latency_ours(pipeline: Any, hz: float, times: List[float], warmup_s: float, 
     jobs = []
     for k, at in enumerate(times):
         time.sleep(max(0.0, t0 + at - time.monotonic()))
-        job = Job(Command(id=f"c{k}", task="refer", text=EXPRESSIONS[k % 4], decoding="constrained"))
+        job = Job(Command(id=f"c{k}", task="refer", text=EXPRESSIONS[k % 4], decoding="constrained",
+                          max_new_tokens=MAX_NEW))
         jobs.append(job)
         worker.submit(job)
     for job in jobs:
@@ -178,13 +182,14 @@ def standing_fps(pipeline: Any, queries: int, frames: int) -> Tuple[float, float
     t0 = time.perf_counter()
     for f in range(frames):
         frame = Frame(rgb=frame_pixels(1000 + f), stamp_ns=f + 1)
-        pipeline.run_batch([Command(task="refer", text=t, decoding="constrained") for t in texts], frame)
+        pipeline.run_batch([Command(task="refer", text=t, decoding="constrained", max_new_tokens=MAX_NEW)
+                            for t in texts], frame)
     ours = frames / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for f in range(frames):
         rgb = frame_pixels(2000 + f)
         for t in texts:
-            reference_generate(pipeline.backend.model, pipeline.processor, f"<grounding><phrase> {t}</phrase>", rgb, 5)
+            reference_generate(pipeline.backend.model, pipeline.processor, f"<grounding><phrase> {t}</phrase>", rgb, MAX_NEW)
     naive = frames / (time.perf_counter() - t0)
     return ours, naive
 
@@ -193,120 +198,124 @@ def standing_fps(pipeline: Any, queries: int, frames: int) -> Tuple[float, float
 def two_cameras(model: str, seconds: float, load_timeout: float, log_dir: Path) -> Dict[str, Tuple[float, float, float]]:
     """{"one node": (peak RSS MiB, commands/s, p50 s), "two nodes": (...)}."""
     import rclpy
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
-
-    from kosmos2_ros.msg import GroundingCommand, GroundingResult
 
     os.environ["ROS_DOMAIN_ID"] = str(free_domain())
     rclpy.init()
     out = {}
     try:
-        for label in ("one node", "two nodes"):
-            if label == "one node":
-                procs = [start_node(model, "kosmos2", ["-p", "cameras:=[a, b]", "-p", "max_frame_age_s:=0.0"],
-                                    log_dir / "one_node.log")]
-                routes = {"a": ("kosmos2", "a"), "b": ("kosmos2", "b")}
-            else:
-                procs = [start_node(model, f"kosmos2_{c}", ["-r", f"image:=/{c}/image"], log_dir / f"node_{c}.log")
-                         for c in ("a", "b")]
-                routes = {"a": ("kosmos2_a", ""), "b": ("kosmos2_b", "")}
-            node = rclpy.create_node(f"bench_two_cameras_{label.replace(' ', '_')}")
-            reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-            image_pubs = {c: node.create_publisher(Image, f"/{c}/image", reliable) for c in routes}
-            cmd_pubs = {c: node.create_publisher(GroundingCommand, f"/{n}/command", reliable) for c, (n, _) in routes.items()}
-            results: "queue.Queue[Any]" = queue.Queue()
-            for n in {n for n, _ in routes.values()}:
-                node.create_subscription(GroundingResult, f"/{n}/result", results.put, reliable)
-            stop = threading.Event()
-
-            def spin(node: Any = node) -> None:
-                while not stop.is_set():
-                    rclpy.spin_once(node, timeout_sec=0.05)
-
-            spinner = threading.Thread(target=spin, daemon=True)
-            spinner.start()
-
-            def publish_frames() -> None:
-                k = 0
-                while not stop.is_set():
-                    k += 1
-                    for c, pub in image_pubs.items():
-                        rgb = frame_pixels(k * 7 + ord(c))
-                        msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3,
-                                    data=rgb.tobytes())
-                        msg.header.stamp = node.get_clock().now().to_msg()
-                        msg.header.frame_id = f"{c}_optical"
-                        pub.publish(msg)
-                    stop.wait(1.0)
-
-            frames = threading.Thread(target=publish_frames, daemon=True)
-            frames.start()
-            peak = [0.0]
-            sent: Dict[str, float] = {}
-
-            def send(cam: str, k: int) -> None:
-                name, camera = routes[cam]
-                cid = f"{cam}-{k}"
-                sent[cid] = time.monotonic()
-                cmd_pubs[cam].publish(GroundingCommand(id=cid, task="refer", text=EXPRESSIONS[k % 4], camera=camera))
-
-            # Until both answer OK (model loaded, frames arriving).
-            deadline = time.monotonic() + load_timeout
-            ready = set()
-            k = 0
-            while ready != set(routes) and time.monotonic() < deadline:
-                for cam in set(routes) - ready:
-                    k += 1
-                    send(cam, k)
-                try:
-                    while True:
-                        msg = results.get(timeout=2.0)
-                        if msg.status == 0:
-                            ready.add(msg.id.split("-")[0])
-                except queue.Empty:
-                    pass
-            if ready != set(routes):
-                raise RuntimeError(f"{label}: nodes not ready within {load_timeout:.0f} s (logs in {log_dir})")
-            while True:   # drain stragglers of the warm-up
-                try:
-                    results.get(timeout=3.0)
-                except queue.Empty:
-                    break
-            latencies: List[float] = []
-            ok = 0
-            t0 = time.monotonic()
-            for cam in routes:
-                k += 1
-                send(cam, k)
-            while time.monotonic() - t0 < seconds:
-                peak[0] = max(peak[0], sum(rss_mb(p.pid) for p in procs))
-                try:
-                    msg = results.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                cam = msg.id.split("-")[0]
-                if msg.id in sent:
-                    latencies.append(time.monotonic() - sent.pop(msg.id))
-                    ok += msg.status == 0
-                    k += 1
-                    send(cam, k)
-            elapsed = time.monotonic() - t0
-            out[label] = (peak[0], ok / elapsed, percentile(latencies, 50))
-            stop.set()
-            spinner.join(timeout=5)
-            frames.join(timeout=5)
-            node.destroy_node()
-            for p in procs:
-                p.send_signal(2)
-            for p in procs:
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        procs = [start_node(model, "kosmos2", ["-p", "cameras:=[a, b]", "-p", "max_frame_age_s:=0.0"],
+                            log_dir / "one_node.log")]
+        out["one node"] = command_streams(procs, {"a": ("kosmos2", "a"), "b": ("kosmos2", "b")}, seconds,
+                                          load_timeout, log_dir)
+        procs = [start_node(model, f"kosmos2_{c}", ["-r", f"image:=/{c}/image", "-p", "max_frame_age_s:=0.0"],
+                            log_dir / f"node_{c}.log") for c in ("a", "b")]
+        out["two nodes"] = command_streams(procs, {"a": ("kosmos2_a", ""), "b": ("kosmos2_b", "")}, seconds,
+                                           load_timeout, log_dir)
     finally:
         rclpy.shutdown()
     return out
+
+
+def command_streams(procs: List[subprocess.Popen], routes: Dict[str, Tuple[str, str]], seconds: float,
+                    load_timeout: float, log_dir: Path) -> Tuple[float, float, float]:
+    """Frames to /<camera>/image at 1 Hz and a closed-loop command stream per camera (routes:
+    camera -> (node name, the command's camera field)); (peak RSS MiB, OK commands/s, p50 s).
+    The node processes are stopped at the end."""
+    import rclpy
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from kosmos2_ros.msg import GroundingCommand, GroundingResult
+
+    node = rclpy.create_node(f"bench_two_cameras_{len(procs)}")
+    reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    image_pubs = {c: node.create_publisher(Image, f"/{c}/image", reliable) for c in routes}
+    cmd_pubs = {c: node.create_publisher(GroundingCommand, f"/{n}/command", reliable) for c, (n, _) in routes.items()}
+    results: queue.Queue = queue.Queue()
+    for name in {n for n, _ in routes.values()}:
+        node.create_subscription(GroundingResult, f"/{name}/result", results.put, reliable)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            rclpy.spin_once(node, timeout_sec=0.05)
+
+    def publish_frames() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            for c, pub in image_pubs.items():
+                rgb = frame_pixels(k * 7 + ord(c))
+                msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3,
+                            data=rgb.tobytes())
+                msg.header.stamp = node.get_clock().now().to_msg()
+                msg.header.frame_id = f"{c}_optical"
+                pub.publish(msg)
+            stop.wait(1.0)
+
+    threads = [threading.Thread(target=spin, daemon=True), threading.Thread(target=publish_frames, daemon=True)]
+    for t in threads:
+        t.start()
+    sent: Dict[str, float] = {}
+    count = [0]
+
+    def send(cam: str) -> None:
+        count[0] += 1
+        cid = f"{cam}-{count[0]}"
+        sent[cid] = time.monotonic()
+        cmd_pubs[cam].publish(GroundingCommand(id=cid, task="refer", text=EXPRESSIONS[count[0] % 4],
+                                               camera=routes[cam][1], max_new_tokens=MAX_NEW))
+
+    try:
+        # Until every camera is answered OK (models loaded, frames arriving), then drain the warm-up.
+        deadline = time.monotonic() + load_timeout
+        ready: set = set()
+        while ready != set(routes) and time.monotonic() < deadline:
+            for cam in set(routes) - ready:
+                send(cam)
+            try:
+                while True:
+                    msg = results.get(timeout=2.0)
+                    if msg.status == 0:
+                        ready.add(msg.id.split("-")[0])
+            except queue.Empty:
+                pass
+        if ready != set(routes):
+            raise RuntimeError(f"nodes not ready within {load_timeout:.0f} s (logs in {log_dir})")
+        while True:
+            try:
+                results.get(timeout=3.0)
+            except queue.Empty:
+                break
+        sent.clear()
+        latencies: List[float] = []
+        ok, peak = 0, 0.0
+        t0 = time.monotonic()
+        for cam in routes:
+            send(cam)
+        while time.monotonic() - t0 < seconds:
+            peak = max(peak, sum(rss_mb(p.pid) for p in procs))
+            try:
+                msg = results.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if msg.id in sent:
+                latencies.append(time.monotonic() - sent.pop(msg.id))
+                ok += msg.status == 0
+                send(msg.id.split("-")[0])
+        return peak, ok / (time.monotonic() - t0), percentile(latencies, 50)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+        node.destroy_node()
+        for p in procs:
+            p.send_signal(2)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
