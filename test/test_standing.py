@@ -8,7 +8,7 @@ from kosmos2_ros.core.standing import QueryState, RateBudget, next_camera
 
 def state(*queries: str) -> QueryState:
     st = QueryState()
-    st.follow_parameter(tuple(queries))
+    st.set(tuple(queries))
     return st
 
 
@@ -40,13 +40,14 @@ def test_no_camera_starves_another() -> None:
     assert served.count("a") == served.count("b") == 4
 
 
-def test_queries_from_the_service_win_over_the_parameter() -> None:
-    st = state("the mug")
-    st.override(("the cup",))
-    st.follow_parameter(("the plate",))
-    assert st.queries == ("the cup",)
-    st.override(())
-    assert st.queries == () and st.overridden
+def test_replacing_queries_keeps_the_tracks_of_those_still_standing() -> None:
+    st = state("the mug", "the cup")
+    mug = st.tracker.update("the mug", (0, 0, 10, 10))
+    cup = st.tracker.update("the cup", (50, 50, 60, 60))
+    st.set(("the cup", "the plate"))
+    assert st.queries == ("the cup", "the plate")
+    assert st.tracker.update("the cup", (51, 50, 61, 60)) == cup
+    assert st.tracker.update("the mug", (0, 0, 10, 10)) != mug       # dropped, then set again: a new track
 
 
 def test_rate_budget() -> None:

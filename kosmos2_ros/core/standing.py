@@ -21,23 +21,14 @@ _TRACK_IDS: Iterator[int] = itertools.count(1)   # track ids unique across the n
 class QueryState:
     """One camera's standing queries and where they stand."""
     queries: Tuple[str, ...] = ()
-    #: set by the per-camera service: the camera no longer follows the `queries` parameter
-    overridden: bool = False
     tracker: QueryTracker = field(default_factory=lambda: QueryTracker(_TRACK_IDS))
     last_stamp: Optional[int] = None        # the last frame grounded (never the same one twice)
     last_run: float = float("-inf")         # monotonic time that grounding started
     published: int = 0
 
-    def follow_parameter(self, queries: Tuple[str, ...]) -> None:
-        """The `queries` parameter changed: applies unless the service set this camera's own."""
-        if not self.overridden:
-            self._set(queries)
-
-    def override(self, queries: Tuple[str, ...]) -> None:
-        self.overridden = True
-        self._set(queries)
-
-    def _set(self, queries: Tuple[str, ...]) -> None:
+    def set(self, queries: Tuple[str, ...]) -> None:
+        """Replace the queries (the `queries` parameter for every camera, or the service for one:
+        the latest wins). Tracks of queries still standing keep their ids."""
         self.queries = tuple(queries)
         self.tracker.keep_only(self.queries)
 

@@ -235,7 +235,7 @@ class GroundingNode(LifecycleNode):
         self.config = new
         for cam in self.cameras.values():
             cam.frames.capacity = new.frame_cache_size
-            cam.standing.follow_parameter(new.queries)
+            cam.standing.set(new.queries)
         self.worker.poke()
         pipeline = self._pipeline
         if pipeline is not None:
@@ -353,7 +353,7 @@ class GroundingNode(LifecycleNode):
         cfg = self.config
         self.cameras = {name: Camera(self, name, cfg, on_frame=self._on_frame) for name in cfg.camera_names}
         for cam in self.cameras.values():
-            cam.standing.follow_parameter(cfg.queries)
+            cam.standing.set(cfg.queries)
 
     def _on_frame(self, cam: Camera) -> None:
         if cam.standing.queries or self.config.encode_ahead_hz > 0:
@@ -455,7 +455,7 @@ class GroundingNode(LifecycleNode):
             return response
         targets = [self.cameras[request.camera]] if request.camera else list(self.cameras.values())
         for cam in targets:
-            cam.standing.override(queries)
+            cam.standing.set(queries)
         self.worker.poke()
         response.success, response.queries = True, list(queries)
         return response
