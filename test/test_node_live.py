@@ -232,6 +232,9 @@ def test_per_camera_queries_via_the_service(live: LiveTester) -> None:
         assert [q.query for q in msg.queries] == ["the yellow box"]
         time.sleep(1.5)
         assert live.tracks_since(start, "front") == []      # the other camera has none
+        assert all(r.successful for r in live.t.set_parameters({"max_new_tokens": 16}))   # another parameter
+        later = time.monotonic()
+        assert [q.query for q in live.wait_tracks(later, lambda m: m.camera == "wrist").queries] == ["the yellow box"]
         assert live.set_queries("wrist", []).success
         time.sleep(1.0)
         quiet = time.monotonic()

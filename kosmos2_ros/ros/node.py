@@ -235,7 +235,8 @@ class GroundingNode(LifecycleNode):
         self.config = new
         for cam in self.cameras.values():
             cam.frames.capacity = new.frame_cache_size
-            cam.standing.set(new.queries)
+            if "queries" in changes:
+                cam.standing.set(new.queries)   # every camera, replacing what ~/set_queries set
         self.worker.poke()
         pipeline = self._pipeline
         if pipeline is not None:
