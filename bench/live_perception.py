@@ -267,26 +267,36 @@ def command_streams(procs: List[subprocess.Popen], routes: Dict[str, Tuple[str, 
                                                camera=routes[cam][1], max_new_tokens=MAX_NEW))
 
     try:
-        # Until every camera is answered OK (models loaded, frames arriving), then drain the warm-up.
+        # Until every camera is answered OK (models loaded, frames arriving): one command per
+        # camera at a time, so no backlog of warm-up commands is left queued for the measurement.
         deadline = time.monotonic() + load_timeout
+        names = {n for n, _ in routes.values()}
+        while time.monotonic() < deadline and not (
+                all(pub.get_subscription_count() for pub in cmd_pubs.values())
+                and all(node.count_publishers(f"/{n}/result") for n in names)):
+            time.sleep(0.1)
         ready: set = set()
+        for cam in routes:
+            send(cam)
         while ready != set(routes) and time.monotonic() < deadline:
-            for cam in set(routes) - ready:
-                send(cam)
             try:
-                while True:
-                    msg = results.get(timeout=2.0)
-                    if msg.status == 0:
-                        ready.add(msg.id.split("-")[0])
+                msg = results.get(timeout=1.0)
             except queue.Empty:
-                pass
+                for cid in [c for c, at in sent.items() if time.monotonic() - at > 60.0]:
+                    del sent[cid]       # lost before discovery completed: ask again
+                    send(cid.split("-")[0])
+                continue
+            if msg.id not in sent:
+                continue
+            del sent[msg.id]
+            cam = msg.id.split("-")[0]
+            if msg.status == 0:
+                ready.add(cam)
+            else:
+                time.sleep(1.0)     # not active yet, or no frame yet
+                send(cam)
         if ready != set(routes):
             raise RuntimeError(f"nodes not ready within {load_timeout:.0f} s (logs in {log_dir})")
-        while True:
-            try:
-                results.get(timeout=3.0)
-            except queue.Empty:
-                break
         sent.clear()
         latencies: List[float] = []
         ok, peak = 0, 0.0
@@ -303,6 +313,8 @@ def command_streams(procs: List[subprocess.Popen], routes: Dict[str, Tuple[str, 
                 latencies.append(time.monotonic() - sent.pop(msg.id))
                 ok += msg.status == 0
                 send(msg.id.split("-")[0])
+        if not ok:
+            raise RuntimeError(f"no command answered OK within {seconds:g} s (logs in {log_dir})")
         return peak, ok / (time.monotonic() - t0), percentile(latencies, 50)
     finally:
         stop.set()
