@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kosmos2_ros.core.standing import QueryState, RateBudget, next_camera
+from kosmos2_ros.core.standing import QueryState, RateBudget, next_camera, worth_encoding_ahead
 
 
 def state(*queries: str) -> QueryState:
@@ -57,3 +57,10 @@ def test_rate_budget() -> None:
     budget.spend(10.0)
     assert abs(budget.wait(4.0, 10.1) - 0.15) < 1e-9
     assert budget.wait(4.0, 10.3) == 0.0
+
+
+def test_encoding_ahead_only_when_it_can_finish_before_the_next_frame() -> None:
+    assert worth_encoding_ahead(None, 4.0, 0.0) and worth_encoding_ahead(2.0, None, 0.0)   # not measured yet
+    assert worth_encoding_ahead(2.0, 4.0, 1.0)           # done 1 s before the next frame
+    assert not worth_encoding_ahead(2.0, 4.0, 2.5)       # the next frame comes first
+    assert not worth_encoding_ahead(5.0, 4.0, 0.0)       # slower than the camera: never worth it

@@ -4,7 +4,8 @@ Pure Python (no ROS, no model): the node's worker asks `next_camera` whenever no
 command waits, so commands always go first. Each camera's standing queries run at most at
 `query_rate_hz` on its newest frame only (a frame already grounded is never grounded again,
 frames in between are skipped); among the cameras that are due, the one served longest ago
-goes first, so no camera starves another. `RateBudget` bounds encoding ahead the same way.
+goes first, so no camera starves another. `RateBudget` bounds encoding ahead the same way, and
+`worth_encoding_ahead` skips it when it could not finish before the next frame.
 """
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def next_camera(cameras: Sequence[Tuple[str, QueryState, Optional[int]]], rate_h
     if due:
         return min(due)[1], None
     return None, (min(waits) if waits else None)
+
+
+def worth_encoding_ahead(encode_s: Optional[float], interval_s: Optional[float], age_s: float) -> bool:
+    """Whether encoding a frame `age_s` old ahead can finish before the camera's next frame.
+
+    Work that a newer frame supersedes before it ends is wasted, and a command arriving
+    meanwhile would wait for it and then pay the full cost anyway (seen on a loaded CPU). Unknown
+    duration or frame interval: yes (the first encoding measures it).
+    """
+    if encode_s is None or interval_s is None:
+        return True
+    return encode_s < interval_s - age_s
 
 
 class RateBudget:
