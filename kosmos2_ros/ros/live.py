@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.pipeline import Command, GroundedBox, Pipeline, Result, Status
 from kosmos2_ros.core.standing import RateBudget, next_camera, worth_encoding_ahead
-from kosmos2_ros.msg import GroundingResult, TrackedQuery, Tracks
+from kosmos2_ros.msg import TrackedQuery, Tracks
 
 from . import convert
 from .camera import Camera
@@ -110,7 +110,3 @@ class LiveWork:
                 res.objects.append(GroundedBox(f"{entry.query} #{entry.track_id}", index, obj.span, obj.box_px,
                                                obj.box_norm, obj.score, obj.point))
         return res
-
-    @staticmethod
-    def as_result_message(res: Result) -> GroundingResult:
-        return convert.result_to_msg(res)
