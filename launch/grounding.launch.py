@@ -46,6 +46,20 @@ def _arguments(share: str) -> list:
                               description="Hub id or local directory of the checkpoint (empty: the YAML's value)"),
         DeclareLaunchArgument("backend", default_value="",
                               description="auto | tensorrt | onnxruntime | torch (empty: the YAML's value)"),
+        DeclareLaunchArgument("cameras", default_value="",
+                              description="Cameras served by the one model, e.g. \"[front, wrist]\": topics front/image, "
+                                          "front/camera_info, front/depth/image, ... (remap those per camera); "
+                                          "image_topic, camera_info_topic and depth_topic apply with no cameras "
+                                          "(empty: the YAML's value)"),
+        DeclareLaunchArgument("queries", default_value="",
+                              description="Standing referring expressions on every camera, e.g. \"[the red mug]\", "
+                                          "published on ~/tracks (empty: the YAML's value)"),
+        DeclareLaunchArgument("query_rate_hz", default_value="",
+                              description="Most standing-query frames per second per camera; 0 = as fast as the "
+                                          "model allows (empty: the YAML's value)"),
+        DeclareLaunchArgument("encode_ahead_hz", default_value="",
+                              description="Most frames per second encoded ahead while idle; 0 = off "
+                                          "(empty: the YAML's value)"),
         DeclareLaunchArgument("autostart", default_value="true",
                               description="Configure and activate the lifecycle node on start-up"),
         DeclareLaunchArgument("dds_profile", default_value=os.path.join(share, "config", "fastdds_large_frames.xml"),

@@ -466,6 +466,14 @@ class FaultyBackend:
         self._maybe_fail("encode")
         return self._inner.encode_image(*args, **kwargs)
 
+    def encode_images(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("encode")
+        return self._inner.encode_images(*args, **kwargs)
+
+    def prefill_images(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("prefill")
+        return self._inner.prefill_images(*args, **kwargs)
+
     def prefill(self, *args: Any, **kwargs: Any) -> Any:
         self._maybe_fail("prefill")
         logits, cache = self._inner.prefill(*args, **kwargs)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config
+from kosmos2_ros.core.config import ConfigError, Kosmos2Config, check_queries
 
 
 def test_defaults_are_valid() -> None:
@@ -186,3 +186,36 @@ def test_repository_config_file_is_valid() -> None:
     if not path.exists():
         pytest.fail(f"{path} is missing")
     Kosmos2Config.from_yaml(path)
+
+
+# -- live perception -------------------------------------------------------------------------
+def test_cameras_and_queries_are_string_arrays() -> None:
+    cfg = Kosmos2Config.from_dict({"cameras": ["front", "arm/wrist"], "queries": ["the  red\tmug"]})
+    assert cfg.cameras == ("front", "arm/wrist") and cfg.camera_names == ("front", "arm/wrist")
+    assert cfg.queries == ("the  red\tmug",)
+    assert Kosmos2Config().camera_names == ("",)
+    assert Kosmos2Config.from_dict({"cameras": b"", "queries": None}).queries == ()   # how rclpy gives `[]`
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"cameras": ["front", "front"]}, "listed twice"),
+    ({"cameras": ["/front"]}, "relative topic name"),
+    ({"cameras": ["front camera"]}, "relative topic name"),
+    ({"cameras": "front"}, "must be a"),
+    ({"cameras": [f"c{i}" for i in range(17)]}, "at most 16"),
+    ({"queries": ["a <phrase>mug"]}, "control token"),
+    ({"queries": [""]}, "empty"),
+    ({"queries": ["x" * 2000]}, "limit"),
+    ({"queries": [f"q{i}" for i in range(9)]}, "at most 8"),
+    ({"query_rate_hz": -1.0}, "query_rate_hz"),
+    ({"encode_ahead_hz": -0.5}, "encode_ahead_hz"),
+])
+def test_bad_live_parameters_are_refused(values: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        Kosmos2Config.from_dict(values)
+
+
+def test_check_queries_knows_the_tokenizers_control_strings() -> None:
+    assert check_queries(["the  mug"], 100) == ("the mug",)
+    with pytest.raises(ConfigError, match="control token"):
+        check_queries(["the [SPECIAL] mug"], 100, ("[SPECIAL]",))

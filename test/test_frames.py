@@ -121,3 +121,13 @@ def test_concurrent_puts_and_selects() -> None:
         t.join()
     assert not errors
     assert store.newest().stamp_ns == 499 and len(store._frames) == 4
+
+
+def test_store_smooths_the_interval_between_frames() -> None:
+    store = FrameStore(4)
+    assert store.interval_s is None
+    for k in range(5):
+        store.put(Frame(rgb=np.zeros((2, 2, 3), np.uint8), stamp_ns=k + 1, received=10.0 + 0.5 * k))
+    assert store.interval_s == pytest.approx(0.5)
+    store.clear()
+    assert store.interval_s is None

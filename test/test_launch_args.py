@@ -68,3 +68,15 @@ def test_shipped_dds_profiles_are_well_formed(name: str) -> None:
     assert [a.text for a in whitelist] == (["127.0.0.1"] if "localhost" in name else [])
     participant = root.find(".//d:participant", ns)
     assert participant is not None and participant.get("is_default_profile") == "true"
+
+
+def test_live_perception_arguments() -> None:
+    out = launch_args.parameter_overrides({"cameras": "[front, wrist]", "queries": "[the red mug]",
+                                           "query_rate_hz": "5", "encode_ahead_hz": ""})
+    assert out == {"cameras": ["front", "wrist"], "queries": ["the red mug"], "query_rate_hz": 5.0}
+    assert launch_args.parameter_overrides({"cameras": "front", "queries": "[]"}) == {"cameras": ["front"],
+                                                                                       "queries": []}
+    with pytest.raises(LaunchArgumentError, match="cameras must be a list of strings"):
+        launch_args.parameter_overrides({"cameras": "[front, [wrist]]"})
+    with pytest.raises(LaunchArgumentError, match="query_rate_hz must be a number"):
+        launch_args.parameter_overrides({"query_rate_hz": "fast"})

@@ -78,7 +78,8 @@ def test_launch_file_declares_its_arguments() -> None:
             described = any(k.arg == "description" for k in call.keywords)
             declared[call.args[0].value] = described
     expected = {"namespace", "image_topic", "camera_info_topic", "depth_topic", "use_compressed", "enable_3d",
-                "params_file", "model", "backend", "autostart", "dds_profile", "use_rviz", "log_level"}
+                "params_file", "model", "backend", "autostart", "dds_profile", "use_rviz", "log_level",
+                "cameras", "queries", "query_rate_hz", "encode_ahead_hz"}
     assert set(declared) == expected and all(declared.values())
     assert 'executable="grounding_node"' in source and "rviz2" in source
     compile(source, "grounding.launch.py", "exec")

@@ -17,10 +17,15 @@ from .backends.registry import AUTO
 from .backends.registry import CHOICES as BACKENDS
 from .decoding import DecodingMode
 from .defaults import ARTIFACTS_DIR, DEFAULT_MODEL, PRECISIONS
+from .tasks import PromptError, sanitize_text
 
 DECODING = tuple(m.value for m in DecodingMode)
 QOS = ("auto", "sensor_data", "reliable")
 MAX_NGRAM = 64          # largest no_repeat_ngram_size accepted
+MAX_CAMERAS = 16        # most cameras one node serves
+MAX_QUERIES = 8         # most standing queries per camera (they decode as one batch per frame)
+# A camera name is a relative ROS name: its topics are <name>/image, <name>/camera_info, ...
+CAMERA_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*")
 
 
 # Closed ranges [low, high] of numeric parameters: validated here, and shown by
@@ -34,6 +39,8 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "frame_cache_size": (1, 256),
     "queue_size": (1, 1024),
     "depth_inner_fraction": (0.0, 1.0),    # and above 0
+    "query_rate_hz": (0.0, 1000.0),        # 0 = as fast as the model allows
+    "encode_ahead_hz": (0.0, 1000.0),      # 0 = off
 }
 
 
@@ -73,6 +80,11 @@ class Kosmos2Config:
     max_depth_m: float = 20.0
     publish_debug_image: bool = True                 # only when someone subscribes
     autostart: bool = True
+    # Live perception
+    cameras: Tuple[str, ...] = ()                    # () = one camera on image, camera_info, ...
+    queries: Tuple[str, ...] = ()                    # standing referring expressions, every camera
+    query_rate_hz: float = 2.0                       # standing-query frames per second per camera; 0 = max
+    encode_ahead_hz: float = 0.0                     # most frames per second encoded while idle; 0 = off
 
     def __post_init__(self) -> None:
         # Direct construction is validated too, so no unchecked config reaches the pipeline.
@@ -152,6 +164,36 @@ class Kosmos2Config:
              "max_frame_age_s must be >= 0 (0 = no limit)")
         need(self.depth_inner_fraction > 0.0, "depth_inner_fraction must be in (0, 1]")
         need(0.0 <= self.min_depth_m < self.max_depth_m, "need 0 <= min_depth_m < max_depth_m")
+        need(len(self.cameras) <= MAX_CAMERAS, f"cameras: at most {MAX_CAMERAS}, got {len(self.cameras)}")
+        for name in self.cameras:
+            need(CAMERA_NAME_RE.fullmatch(name) is not None,
+                 f"cameras: {name!r} is not a relative topic name (letters, digits, _ and /, starting with a letter)")
+        need(len(set(self.cameras)) == len(self.cameras), f"cameras: a name is listed twice in {list(self.cameras)}")
+        check_queries(self.queries, self.max_prompt_chars)
+
+    @property
+    def camera_names(self) -> Tuple[str, ...]:
+        """The cameras' names; ("",) for the single unnamed camera on today's topics."""
+        return self.cameras or ("",)
+
+
+def check_queries(queries: Any, max_chars: int, control_strings: Tuple[str, ...] = ()) -> Tuple[str, ...]:
+    """Standing queries, validated like command text (control tokens, length) and counted.
+
+    Returns them cleaned (whitespace collapsed); ConfigError says what is wrong.
+    """
+    if len(queries) > MAX_QUERIES:
+        raise ConfigError(f"queries: at most {MAX_QUERIES} standing queries per camera, got {len(queries)}")
+    out = []
+    for text in queries:
+        try:
+            clean = sanitize_text(text, control_strings, max_chars)
+        except PromptError as exc:
+            raise ConfigError(f"queries: {text!r}: {exc}") from None
+        if not clean:
+            raise ConfigError("queries: an empty query (give a referring expression, e.g. 'the red mug')")
+        out.append(clean)
+    return tuple(out)
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:
@@ -178,6 +220,14 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             return value
+        if type_name.startswith("Tuple[str"):
+            # A ROS string array. An empty one arrives as whatever rclpy made of `[]`: an empty
+            # byte array, or no value at all (`[]` in a parameters file).
+            if value is None:
+                return ()
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
     except (TypeError, ValueError):
         raise ConfigError(f"parameter {name!r} must be a {type_name}, got {value!r}") from None
     raise ConfigError(f"parameter {name!r} has unsupported type {type_name}")  # pragma: no cover

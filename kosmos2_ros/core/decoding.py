@@ -117,6 +117,8 @@ class Row:
     export_prefix: bool = False
     # Applied in order to the logits before each choice (see `logits_processors`).
     processors: Tuple[LogitsProcessor, ...] = ()
+    # The row's own image (rows about different frames decoded together); None = generate's.
+    image_embeds: Any = None
 
 
 def token_prob(logits: np.ndarray, token: int) -> float:
@@ -242,7 +244,8 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
         r = st.row
         if r.prefix_cache is None:
             mask = list(r.image_mask) + [0] * (len(ids) - len(r.image_mask))
-            st.logits, st.cache = backend.prefill(image_embeds, ids, mask)
+            embeds = r.image_embeds if r.image_embeds is not None else image_embeds
+            st.logits, st.cache = backend.prefill(embeds, ids, mask)
             if r.export_prefix and r.prefix_len:
                 st.gen.prefix_cache = backend.truncate(st.cache, r.prefix_len)
         st.gen.model_calls += 1

@@ -69,10 +69,16 @@ class FrameStore:
         self._lock = threading.Lock()
         self.received = 0
         self.replaced_unused = 0   # frames dropped before any command used them
+        self.interval_s: Optional[float] = None   # smoothed time between frames (None: fewer than two yet)
+        self._last_put: Optional[float] = None
 
     def put(self, frame: Frame) -> None:
         with self._lock:
             self.received += 1
+            if self._last_put is not None:
+                gap = frame.received - self._last_put
+                self.interval_s = gap if self.interval_s is None else 0.8 * self.interval_s + 0.2 * gap
+            self._last_put = frame.received
             if self._newest is not None and self._newest.encoding is None:
                 self.replaced_unused += 1
             self._frames[frame.stamp_ns] = frame
@@ -85,6 +91,7 @@ class FrameStore:
         with self._lock:
             self._frames.clear()
             self._newest = None
+            self.interval_s, self._last_put = None, None
 
     def newest(self) -> Optional[Frame]:
         with self._lock:

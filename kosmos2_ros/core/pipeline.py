@@ -49,6 +49,7 @@ class Command:
     max_new_tokens: int = 0                # 0 = config default
     decoding: str = ""                     # "" = config default
     no_repeat_ngram_size: int = -1         # -1 = config default; 0 = off
+    camera: str = ""                       # which camera's frame (the node's `cameras`; "" = the only one)
 
 
 @dataclass
@@ -81,10 +82,11 @@ class Result:
     timings_ms: dict = field(default_factory=dict)
     model_calls: int = 0
     no_repeat_ngram_size: int = 0          # the value the command was decoded with
+    camera: str = ""
 
     @classmethod
     def failure(cls, command: Command, status: Status, error: str, frame: Optional[Frame] = None) -> Result:
-        res = cls(id=command.id, task=command.task, status=status, error=error)
+        res = cls(id=command.id, task=command.task, status=status, error=error, camera=command.camera)
         if frame is not None:
             res.stamp_ns, res.frame_id, res.width, res.height = frame.stamp_ns, frame.frame_id, frame.width, frame.height
         return res
@@ -168,6 +170,124 @@ class Pipeline:
             geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
             frame.encoding = FrameEncoding(pixel_values, embeds, geometry, (time.perf_counter() - t0) * 1e3)
             return frame.encoding, frame.encoding.encode_ms
+
+    def encode_frames(self, frames: Sequence[Frame]) -> List[float]:
+        """Encode every frame not yet encoded, all in one vision-encoder batch; ms each spent now.
+
+        The backend's `encode_images` batches across frames where it can; each frame's encoding
+        is what `encode` would give it alone.
+        """
+        todo = list({id(f): f for f in frames if f.encoding is None}.values())
+        spent = {id(f): 0.0 for f in frames}
+        if not todo:
+            return [0.0 for _ in frames]
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        pixels = [self.processor.image_processor(images=Image.fromarray(f.rgb), return_tensors="np")["pixel_values"]
+                  .astype(np.float32) for f in todo]
+        embeds = self.backend.encode_images(pixels)
+        each_ms = (time.perf_counter() - t0) * 1e3 / len(todo)
+        for frame, pv, emb in zip(todo, pixels, embeds):
+            with frame.lock:
+                if frame.encoding is None:
+                    geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
+                    frame.encoding = FrameEncoding(pv, emb, geometry, each_ms)
+                    spent[id(frame)] = each_ms
+        return [spent[id(f)] for f in frames]
+
+    def grounding_head(self) -> List[int]:
+        """The ids every grounding prompt about a frame starts with: `<s><image>…</image><grounding>`."""
+        ids = self.codec.encode(build_prompts(TaskRequest(task=Task.REFER, text="x"))[0].text).input_ids
+        return ids[:self._prefix_len(ids)]
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Encode frames (batched) and prefill their grounding head before any command asks.
+
+        A command about such a frame then pays only its own suffix and decode steps, with the
+        same tokens (the head's KV is exactly what its own prefill would compute). Returns how
+        many frames were prepared now.
+        """
+        frames = [f for f in frames if f.encoding is None or not f.encoding.prefix_caches]
+        if not frames:
+            return 0
+        self.encode_frames(frames)
+        head = self.grounding_head()
+        mask = self.codec.encode(build_prompts(TaskRequest(task=Task.REFER, text="x"))[0].text).image_mask[:len(head)]
+        self._prefill_heads([(f.encoding, tuple(head), mask) for f in frames])
+        return len(frames)
+
+    def _prefill_heads(self, wanted: Sequence[Tuple[FrameEncoding, Tuple[int, ...], List[int]]]) -> None:
+        """Prefix caches for (encoding, prefix ids, image mask) not cached yet, prefilled as one batch per prefix."""
+        by_key: dict = {}
+        for enc, key, mask in wanted:
+            if key not in enc.prefix_caches and all(e is not enc for e, _ in by_key.get(key, [])):
+                by_key.setdefault(key, []).append((enc, mask))
+        for key, group in by_key.items():
+            caches = self.backend.prefill_images([enc.image_embeds for enc, _ in group], list(key), group[0][1])
+            for (enc, _), cache in zip(group, caches):
+                enc.prefix_caches[key] = cache
+
+    def run_frames(self, items: Sequence[Tuple[Frame, Sequence[Command]]],
+                   should_stop: Optional[Callable[[], bool]] = None) -> List[List[Result]]:
+        """Commands about several frames (e.g. one per camera) served as one batch.
+
+        Frames are encoded in one vision batch, their grounding heads prefilled in one batch,
+        and every command's rows (suffix prefill and decode steps) run together; each row's
+        tokens are those `run` gives it alone. Results come back in the order given.
+        """
+        t_start = time.perf_counter()
+        results: List[List[Optional[Result]]] = [[None] * len(cmds) for _, cmds in items]
+        plans: List[Tuple[int, int, _Plan]] = []
+        for f, (frame, cmds) in enumerate(items):
+            for i, cmd in enumerate(cmds):
+                try:
+                    plans.append((f, i, self.plan(cmd, frame)))
+                except (PromptError, ValueError) as exc:
+                    results[f][i] = Result.failure(cmd, Status.INVALID, str(exc), frame)
+        if plans:
+            live = sorted({f for f, _, _ in plans})
+            try:
+                t0 = time.perf_counter()
+                spent = dict(zip(live, self.encode_frames([items[f][0] for f in live])))
+                heads = []
+                for f, _, plan in plans:
+                    for pids in plan.ids:
+                        plen = self._prefix_len(pids.input_ids)
+                        if plen:
+                            heads.append((items[f][0].encoding, tuple(pids.input_ids[:plen]), pids.image_mask[:plen]))
+                self._prefill_heads(heads)
+                rows, owners = [], []
+                for f, i, plan in plans:
+                    enc = items[f][0].encoding
+                    frame_rows, _ = self._rows([(i, plan)], enc)
+                    for row in frame_rows:
+                        row.image_embeds = enc.image_embeds
+                    rows.extend(frame_rows)
+                    owners.extend([(f, i)] * len(frame_rows))
+                t1 = time.perf_counter()
+                gens = generate(self.backend, None, rows, self.vocab, should_stop=should_stop)
+                gen_ms = (time.perf_counter() - t1) * 1e3
+                prep_ms = (t1 - t0) * 1e3 - sum(spent.values())
+                for f, i, plan in plans:
+                    frame = items[f][0]
+                    mine = [g for g, owner in zip(gens, owners) if owner == (f, i)]
+                    res = self._result(plan, mine, frame, frame.encoding)
+                    res.timings_ms = {"encode": spent[f], "prefix": max(prep_ms, 0.0), "generate": gen_ms}
+                    results[f][i] = res
+            except Cancelled:
+                for f, i, plan in plans:
+                    results[f][i] = Result.failure(plan.command, Status.CANCELLED, "cancelled", items[f][0])
+            except (BackendError, RuntimeError, MemoryError) as exc:
+                for f, i, plan in plans:
+                    results[f][i] = Result.failure(plan.command, Status.MODEL_ERROR,
+                                                   f"{type(exc).__name__}: {exc}", items[f][0])
+        total = (time.perf_counter() - t_start) * 1e3
+        for row_results in results:
+            for res in row_results:
+                assert res is not None
+                res.timings_ms["total"] = total
+        return results  # type: ignore[return-value]
 
     # -- commands --------------------------------------------------------------------------
     def plan(self, command: Command, frame: Frame) -> _Plan:
@@ -307,7 +427,8 @@ class Pipeline:
     def _result(self, plan: _Plan, gens: List[Generation], frame: Frame, enc: FrameEncoding) -> Result:
         cmd = plan.command
         res = Result(id=cmd.id, task=plan.spec.task.value, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
-                     width=frame.width, height=frame.height, no_repeat_ngram_size=plan.no_repeat_ngram_size)
+                     width=frame.width, height=frame.height, no_repeat_ngram_size=plan.no_repeat_ngram_size,
+                     camera=cmd.camera)
         outputs = []
         for pids, gen in zip(plan.ids, gens):
             full = pids.input_ids + gen.token_ids

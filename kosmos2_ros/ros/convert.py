@@ -108,13 +108,13 @@ def command_from_msg(msg: GroundingCommand) -> Command:
         region = (float(r.x_min), float(r.y_min), float(r.x_max), float(r.y_max))
     return Command(id=msg.id, task=msg.task or "refer", text=msg.text, region_px=region,
                    image_stamp_ns=stamp_to_ns(msg.image_stamp), max_new_tokens=int(msg.max_new_tokens),
-                   decoding=msg.decoding, no_repeat_ngram_size=int(msg.no_repeat_ngram_size))
+                   decoding=msg.decoding, no_repeat_ngram_size=int(msg.no_repeat_ngram_size), camera=msg.camera)
 
 
 def command_to_msg(cmd: Command) -> GroundingCommand:
     msg = GroundingCommand(id=cmd.id, task=cmd.task, text=cmd.text, max_new_tokens=int(cmd.max_new_tokens),
                            decoding=cmd.decoding, image_stamp=ns_to_stamp(cmd.image_stamp_ns),
-                           no_repeat_ngram_size=int(cmd.no_repeat_ngram_size))
+                           no_repeat_ngram_size=int(cmd.no_repeat_ngram_size), camera=cmd.camera)
     if cmd.region_px is not None:
         msg.use_region = True
         msg.region = PixelBox(x_min=float(cmd.region_px[0]), y_min=float(cmd.region_px[1]),
@@ -128,7 +128,7 @@ def _f32(value: float) -> float:
 
 def result_to_msg(res: Result, queue_ms: float = 0.0) -> GroundingResult:
     """A core Result -> GroundingResult; the header is the source image's, never the node clock."""
-    msg = GroundingResult(id=res.id, task=res.task, status=int(res.status), error=res.error,
+    msg = GroundingResult(id=res.id, task=res.task, camera=res.camera, status=int(res.status), error=res.error,
                           header=header_of(res.stamp_ns, res.frame_id),
                           image_width=int(res.width), image_height=int(res.height),
                           text=res.text, raw_text=res.raw_text, token_ids=[int(t) for t in res.token_ids],

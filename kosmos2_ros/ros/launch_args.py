@@ -12,7 +12,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 from .topics import camera_info_for
 
 BOOL_ARGUMENTS = ("use_compressed", "enable_3d", "autostart")
-OVERRIDE_ARGUMENTS = ("model", "backend") + BOOL_ARGUMENTS
+LIST_ARGUMENTS = ("cameras", "queries")            # a YAML list, "[front, wrist]"; a bare value is one item
+FLOAT_ARGUMENTS = ("query_rate_hz", "encode_ahead_hz")
+OVERRIDE_ARGUMENTS = ("model", "backend") + BOOL_ARGUMENTS + LIST_ARGUMENTS + FLOAT_ARGUMENTS
 # The Fast DDS settings that carry large camera frames (config/fastdds_large_frames*.xml).
 PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 FAST_DDS_2_DISTROS = ("humble", "iron", "jazzy")   # they read the FASTRTPS_ name
@@ -29,13 +31,45 @@ def parse_bool(name: str, value: str) -> bool:
     return lowered in ("true", "1")
 
 
+def parse_list(name: str, value: str) -> List[str]:
+    """`[front, wrist]` (YAML flow list) -> ["front", "wrist"]; a bare `front` -> ["front"]; `[]` -> []."""
+    import yaml
+
+    text = value.strip()
+    if not text.startswith("["):
+        return [text]
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise LaunchArgumentError(f"launch argument {name} must be a list of strings like \"[front, wrist]\", "
+                                  f"got {value!r}")
+    return items
+
+
+def parse_float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise LaunchArgumentError(f"launch argument {name} must be a number, got {value!r}") from None
+
+
 def parameter_overrides(arguments: Mapping[str, str]) -> Dict[str, object]:
     """Only the arguments actually given override the parameters file (empty = keep it)."""
     out: Dict[str, object] = {}
     for name in OVERRIDE_ARGUMENTS:
         value = arguments.get(name, "").strip()
-        if value:
-            out[name] = parse_bool(name, value) if name in BOOL_ARGUMENTS else value
+        if not value:
+            continue
+        if name in BOOL_ARGUMENTS:
+            out[name] = parse_bool(name, value)
+        elif name in LIST_ARGUMENTS:
+            out[name] = parse_list(name, value)
+        elif name in FLOAT_ARGUMENTS:
+            out[name] = parse_float(name, value)
+        else:
+            out[name] = value
     return out
 
 

@@ -5,6 +5,10 @@ A lifecycle node. Camera and command callbacks only convert and enqueue; one wor
 frames (only the newest few are kept). The service and the action wait for the worker's
 future in a reentrant callback group under a multi-threaded executor, so they cannot deadlock.
 
+Several cameras share the one model (parameter `cameras`; one `camera.Camera` each, in
+`self.cameras`). When no command waits, the worker grounds each camera's standing queries on
+its newest frame (~/tracks) and encodes frames ahead (`live.LiveWork`).
+
 Reliability: every accepted command gets exactly one result on ~/result (see worker.py);
 at most `queue_size` wait, past that BUSY at once. Deactivate, cleanup and shutdown answer
 what is queued (NOT_ACTIVE) and stop what runs (CANCELLED) before the model is freed; a
@@ -12,39 +16,35 @@ backend failure is a MODEL_ERROR result plus a diagnostics entry, and the next c
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import signal
 import sys
 import threading
 import time
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set
 
 import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from kosmos2_ros.action import GroundTask
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config
-from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.config import ConfigError, Kosmos2Config, check_queries
+from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.grounding import parse_generation
 from kosmos2_ros.core.loading import quiet_libraries
 from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
-from kosmos2_ros.msg import GroundingCommand, GroundingResult
-from kosmos2_ros.srv import Ground
+from kosmos2_ros.msg import GroundingCommand, GroundingResult, Tracks
+from kosmos2_ros.srv import Ground, SetQueries
 
-from . import convert, visualize
-from .camera_qos import MatchedSubscription
+from . import convert
+from .camera import Camera
+from .live import LiveWork
 from .parameters import ParametersMixin
 from .publishing import ResultPublishers
-from .topics import camera_info_for, compressed_for
 from .worker import FrameRejected, Job, Worker
 
 try:  # Humble and later
@@ -53,8 +53,6 @@ except ImportError:  # pragma: no cover
     ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
 
 NODE_NAME = "kosmos2"
-# Depth and colour frames are paired by stamp; a depth image this close to the colour frame counts.
-DEPTH_SYNC_S = 0.5
 COMMAND_HISTORY = 1000
 # The worker's Python decode loop holds the GIL; with the default 5 ms switch interval every GIL
 # hand-off to an executor thread can wait that long, and a command callback needs several, so
@@ -89,28 +87,38 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._pipeline: Optional[Pipeline] = None
         self._active = False
         self.state_label = "unconfigured"
-        self.frames = FrameStore(self.config.frame_cache_size)
-        self._image_error: Optional[Tuple[int, str, str]] = None   # (stamp_ns, frame_id, reason)
-        self._depths: Deque[Tuple[int, Any]] = deque(maxlen=8)
-        self._intrinsics = None
         self._ids = itertools.count(1)
-        self.stats = visualize.Stats()
-        self._sensor_subs: List[MatchedSubscription] = []
+        self.cameras: Dict[str, Camera] = {}
+        self._make_cameras()
+        self.live = LiveWork(self)
 
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
-        self.outputs = ResultPublishers(self, self.stats)
+        self.outputs = ResultPublishers(self)
         self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, COMMAND_HISTORY,
                                                      callback_group=self._commands_group)
         self.create_subscription(String, "~/refer", self._on_refer, COMMAND_HISTORY, callback_group=self._commands_group)
         self.create_service(Ground, "~/ground", self._on_ground, callback_group=self._commands_group)
+        self.create_service(SetQueries, "~/set_queries", self._on_set_queries, callback_group=self._commands_group)
         self._action = ActionServer(self, GroundTask, "~/ground_task", execute_callback=self._on_goal,
                                     goal_callback=lambda _goal: GoalResponse.ACCEPT,
                                     cancel_callback=lambda _goal: CancelResponse.ACCEPT,
                                     callback_group=self._commands_group)
-        self.worker = Worker(lambda: self._pipeline if self._active else None, self._resolve, self._finish,
-                             capacity=lambda: self.config.queue_size)
+        self.worker = Worker(self.active_pipeline, self._resolve, self._finish,
+                             capacity=lambda: self.config.queue_size, idle=self.live.idle)
         self.create_timer(1.0, self._every_second, callback_group=self._sensor_group)
+
+    # -- parameters (declared, validated and set in ParametersMixin) ---------------------------
+    def _config_changed(self, new: Kosmos2Config, changed: Set[str]) -> None:
+        """A valid parameter change: what applies at once (frames kept, standing queries, generation)."""
+        for cam in self.cameras.values():
+            cam.frames.capacity = new.frame_cache_size
+            if "queries" in changed:
+                cam.standing.set(new.queries)   # every camera, replacing what ~/set_queries set
+        self.worker.poke()
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.config = new     # generation settings apply from the next command
 
     # -- lifecycle -------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -128,8 +136,10 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         with self._lock:
             self._pipeline = pipeline
-        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s; {pipeline.backend_reason}")
-        self._make_sensor_subscriptions(cfg)
+        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s")
+        self._make_cameras()
+        for cam in self.cameras.values():
+            cam.subscribe(cfg, self._sensor_group)
         self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
@@ -137,10 +147,11 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self.worker.resume()
         self._active = True
         self.state_label = "active"
-        image_topic = self._sensor_subs[0].topic_name if self._sensor_subs else "image"
+        image_topics = [cam.subs[0].topic_name for cam in self.cameras.values() if cam.subs] or ["image"]
         self._rematch_sensor_qos()
-        self.get_logger().info(f"active: waiting for images on {image_topic} and commands on "
+        self.get_logger().info(f"active: waiting for images on {', '.join(image_topics)} and commands on "
                                f"{self._command_sub.topic_name}")
+        self.worker.poke()
         return super().on_activate(state)
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
@@ -176,9 +187,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
     def _release(self) -> None:
         self._active = False
         self._stop_commands("node is not active")
-        for sub in self._sensor_subs:
-            sub.destroy()
-        self._sensor_subs = []
+        for cam in self.cameras.values():
+            cam.unsubscribe()
         with self._lock:
             pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
@@ -186,79 +196,44 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             self.worker.wait_idle(30.0)
             pipeline.close()
             del pipeline
+            import gc
+
             gc.collect()
             self.get_logger().info("model released")
-        self.frames.clear()
-        self._image_error = None
+        for cam in self.cameras.values():
+            cam.clear()
 
-    def _make_sensor_subscriptions(self, cfg: Kosmos2Config) -> None:
-        """Image, camera_info, depth (and compressed), with camera_info and compressed named
-        after the image topic unless remapped themselves (image_transport's convention)."""
-        def subscribe(msg_type: Any, topic: str, callback: Any) -> MatchedSubscription:
-            return MatchedSubscription(self, msg_type, topic, callback, cfg.image_qos, self._sensor_group)
+    def _make_cameras(self) -> None:
+        """One Camera per name in `cameras` (the unnamed one when empty); made anew on configure."""
+        cfg = self.config
+        self.cameras = {name: Camera(self, name, cfg, on_frame=self._on_frame) for name in cfg.camera_names}
+        for cam in self.cameras.values():
+            cam.standing.set(cfg.queries)
 
-        image = subscribe(Image, "image", self._on_image)
-        subs = [image, subscribe(CameraInfo, self._named_after_image("camera_info", camera_info_for(image.topic_name)),
-                                 self._on_camera_info)]
-        if cfg.enable_3d:
-            subs.append(subscribe(Image, "depth/image", self._on_depth))
-        if cfg.use_compressed:
-            subs.append(subscribe(CompressedImage,
-                                  self._named_after_image("image/compressed", compressed_for(image.topic_name)),
-                                  self._on_compressed))
-        self._sensor_subs = subs
+    def _on_frame(self, cam: Camera) -> None:
+        if cam.standing.queries or self.config.encode_ahead_hz > 0:
+            self.worker.poke()
 
-    def _named_after_image(self, name: str, convention: str) -> str:
-        """`name` where a remap rule names it, else the image topic's sibling or child."""
-        expanded = expand_topic_name(name, self.get_name(), self.get_namespace())
-        if hasattr(self, "resolve_topic_name"):
-            resolved = self.resolve_topic_name(name)
-        else:  # pragma: no cover - an rclpy without Node.resolve_topic_name
-            probe = self.create_subscription(String, name, lambda _msg: None, 1)
-            resolved = probe.topic_name
-            self.destroy_subscription(probe)
-        return resolved if resolved != expanded else convention
+    def active_pipeline(self) -> Optional[Pipeline]:
+        """The loaded pipeline while the node is active, else None."""
+        return self._pipeline if self._active else None
+
+    def camera_of(self, command: Command) -> Camera:
+        """The command's camera (empty: the first), or FrameRejected INVALID naming the cameras."""
+        name = command.camera or next(iter(self.cameras))
+        cam = self.cameras.get(name)
+        if cam is None:
+            known = ", ".join(repr(n) for n in self.cameras if n) or "one unnamed camera (leave camera empty)"
+            raise FrameRejected(Result.failure(command, Status.INVALID,
+                                               f"unknown camera {command.camera!r}; this node has: {known} "
+                                               "(parameter cameras)"))
+        return cam
 
     def _rematch_sensor_qos(self) -> None:
         """image_qos auto: follow the publishers' reliability (checked on activate and every second)."""
-        for sub in list(self._sensor_subs):
-            change = sub.rematch()
-            if change:
+        for cam in list(self.cameras.values()):
+            for change in cam.rematch():
                 self.get_logger().info(change)
-
-    # -- sensors ---------------------------------------------------------------------------
-    def _on_image(self, msg: Image) -> None:
-        self._take_frame(msg.header, lambda: convert.image_to_rgb(msg))
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._take_frame(msg.header, lambda: convert.compressed_to_rgb(msg))
-
-    def _take_frame(self, header: Any, decode: Any) -> None:
-        stamp = convert.stamp_to_ns(header.stamp)
-        try:
-            frame = Frame(rgb=decode(), stamp_ns=stamp, frame_id=header.frame_id)
-        except Exception as exc:  # noqa: BLE001 - a bad image must never kill the node
-            reason = str(exc) or type(exc).__name__
-            self._image_error = (stamp, header.frame_id, reason)
-            self.stats.frame(False, reason)
-            self.get_logger().warning(f"image rejected: {reason}", throttle_duration_sec=5.0)
-            return
-        self.frames.put(frame)
-        self._image_error = None
-        self.stats.frame(True)
-
-    def _on_depth(self, msg: Image) -> None:
-        try:
-            depth = convert.depth_to_m(msg)
-        except Exception as exc:  # noqa: BLE001
-            self.get_logger().warning(f"depth image rejected: {exc}", throttle_duration_sec=5.0)
-            return
-        self._depths.append((convert.stamp_to_ns(msg.header.stamp), depth))
-
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        intr = convert.intrinsics_from(msg)
-        if intr is not None:
-            self._intrinsics = intr
 
     # -- commands --------------------------------------------------------------------------
     def _on_command(self, msg: GroundingCommand) -> None:
@@ -303,6 +278,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         """Queue a command; not active or a full queue is answered at once. Returns its job."""
         if not command.id:
             command.id = f"{self.get_name()}-{next(self._ids)}"
+        if not command.camera:
+            command.camera = next(iter(self.cameras))
         job = Job(command, on_token=on_token, should_stop=should_stop)
         if not self._active or self._pipeline is None:
             self.worker.complete(job, Result.failure(command, Status.NOT_ACTIVE,
@@ -314,51 +291,56 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         return job
 
     def _resolve(self, command: Command) -> Frame:
-        """The frame a command runs on, or FrameRejected with its result (no frame, stale, bad image)."""
-        error = self._image_error
-        if error is not None and command.image_stamp_ns in (0, error[0]):
-            res = Result.failure(command, Status.INVALID, f"last image was rejected: {error[2]}")
-            res.stamp_ns, res.frame_id = error[0], error[1]
-            raise FrameRejected(res)
-        try:
-            frame = self.frames.select(command.image_stamp_ns, self.config.max_frame_age_s)
-        except FrameUnavailable as exc:
-            status = Status.STALE_FRAME if exc.status == "stale_frame" else Status.NO_FRAME
-            res = Result.failure(command, status, str(exc))
-            newest = self.frames.newest()
-            if status is Status.STALE_FRAME and newest is not None:
-                res.stamp_ns, res.frame_id = newest.stamp_ns, newest.frame_id
-            raise FrameRejected(res) from None
-        self._attach_depth(frame)
-        return frame
+        """The frame a command runs on, or FrameRejected with its result (unknown camera, no frame,
+        stale, bad image)."""
+        return self.camera_of(command).resolve(command, self.config)
 
-    def _attach_depth(self, frame: Frame) -> None:
-        if not self.config.enable_3d or self._intrinsics is None:
-            return
-        if frame.intrinsics is None:
-            frame.intrinsics = self._intrinsics
-        if frame.depth_m is None and self._depths:
-            stamp, depth = min(list(self._depths), key=lambda sd: abs(sd[0] - frame.stamp_ns))
-            if abs(stamp - frame.stamp_ns) <= DEPTH_SYNC_S * 1e9:
-                frame.depth_m = depth
+    def _on_set_queries(self, request: SetQueries.Request, response: SetQueries.Response) -> SetQueries.Response:
+        """Set, replace or clear a camera's standing queries (every camera's with camera empty)."""
+        if request.camera and request.camera not in self.cameras:
+            known = ", ".join(repr(n) for n in self.cameras if n) or "one unnamed camera (leave camera empty)"
+            response.success, response.error = False, f"unknown camera {request.camera!r}; this node has: {known}"
+            return response
+        pipeline = self._pipeline
+        controls = tuple(sorted(pipeline.vocab.control_strings)) if pipeline is not None else ()
+        try:
+            queries = check_queries(list(request.queries), self.config.max_prompt_chars, controls)
+        except ConfigError as exc:
+            response.success, response.error = False, str(exc)
+            return response
+        targets = [self.cameras[request.camera]] if request.camera else list(self.cameras.values())
+        for cam in targets:
+            cam.standing.set(queries)
+        self.worker.poke()
+        response.success, response.queries = True, list(queries)
+        return response
+
+    def publish_tracks(self, msg: Tracks, frame: Frame, combined: Result) -> None:
+        """A frame's standing-query answers: ~/tracks, and the usual views (worker thread)."""
+        self.outputs.publish_tracks(msg, frame, combined, self.config)
 
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
         """Publish a command's one result (and debug image, markers, detections)."""
-        job.message = self.outputs.publish(result, frame, queue_ms, self.config)
+        cam = self.cameras.get(result.camera) or next(iter(self.cameras.values()))
+        job.message = self.outputs.publish(result, frame, queue_ms, self.config, cam.stats)
 
     def _every_second(self) -> None:
         self._rematch_sensor_qos()
         self._publish_diagnostics()
 
     def _publish_diagnostics(self) -> None:
+        """One status per camera: its frames, its commands' results, and the node's queue and model."""
         pipeline = self._pipeline
-        extra = [("queue_depth", self.worker.depth()), ("frames_replaced_unused", self.frames.replaced_unused),
-                 ("image_error_now", self._image_error is not None),
-                 ("backend", pipeline.backend.name if pipeline is not None else self.config.backend),
-                 ("queue_size", self.config.queue_size), ("model_errors", self.worker.model_errors),
-                 ("last_model_error", self.worker.last_model_error),
-                 ("results_unpublished", self.worker.finish_errors)]
-        self.outputs.publish_diagnostics(self.state_label, self.config.model, extra)
+        common = [("queue_depth", self.worker.depth()),
+                  ("backend", pipeline.backend.name if pipeline is not None else self.config.backend),
+                  ("queue_size", self.config.queue_size), ("model_errors", self.worker.model_errors),
+                  ("last_model_error", self.worker.last_model_error),
+                  ("results_unpublished", self.worker.finish_errors),
+                  ("frames_encoded_ahead", self.live.frames_encoded_ahead),
+                  ("idle_work_errors", self.worker.idle_errors), ("last_idle_work_error", self.worker.last_idle_error)]
+        self.outputs.publish_diagnostics(self.state_label, self.config.model,
+                                         [(cam.name, cam.stats, cam.diagnostics() + common)
+                                          for cam in list(self.cameras.values())])
 
     def destroy_node(self) -> None:
         self.worker.stop()

@@ -3,13 +3,13 @@
 Every value goes through `Kosmos2Config` (validated in one place). A start-up value rclpy itself
 refuses (outside a descriptor's range) leaves the parameter at its default and the node unable to
 configure until it is set; a runtime change that makes the parameters valid is accepted.
-`ParametersMixin` is the node's parameter handling; it expects the node's `config`, `frames`,
-`_pipeline` and `state_label`.
+`ParametersMixin` is the node's parameter handling; it expects the node's `config`,
+`state_label` and `_config_changed(new_config, changed_names)` (what applies at once).
 """
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 from rcl_interfaces.msg import (
     FloatingPointRange,
@@ -53,12 +53,19 @@ PARAMETER_DOCS: Dict[str, str] = {
     "max_depth_m": "depth readings above this are ignored (metres)",
     "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
     "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
+    "cameras": "camera names served by the one model: [front, wrist] reads front/image, front/camera_info, "
+               "front/depth/image, ... ; empty = one camera on image, camera_info, depth/image",
+    "queries": "standing referring expressions grounded on every camera's newest frame (~/tracks); "
+               "~/set_queries replaces them per camera",
+    "query_rate_hz": "most standing-query frames per second per camera; 0 = as fast as the model allows",
+    "encode_ahead_hz": "most frames per second encoded (vision encoder + prompt head) while idle, so a command "
+                       "pays only its own suffix and decode; 0 = off",
 }
 # Changing these at runtime is accepted and validated, but takes effect on the next configure
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
                                  "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph",
-                                 "image_qos", "use_compressed"})
+                                 "image_qos", "use_compressed", "cameras"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 
 
@@ -68,6 +75,9 @@ def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
     if name in DEFERRED_PARAMETERS:
         doc += " (a change applies on the next configure)"
     low_high = RANGES.get(name)
+    if isinstance(default, tuple):
+        # A string array; dynamic typing lets `[]` (which rclpy types as a byte array) through too.
+        return ParameterDescriptor(description=doc + " (string array)", dynamic_typing=True)
     if isinstance(default, float):
         # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
         descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
@@ -90,11 +100,16 @@ class ParametersMixin:
     param_error: str
     _refused_at_start: Dict[str, str]
 
+    def _config_changed(self, new: Kosmos2Config, changed: Set[str]) -> None:
+        raise NotImplementedError
+
     def _declare_parameters(self) -> None:
         defaults = Kosmos2Config()
         for name in CONFIG_FIELDS:
             default = getattr(defaults, name)
             descriptor = parameter_descriptor(name, default)
+            if isinstance(default, tuple):
+                default = list(default)
             try:
                 self.declare_parameter(name, default, descriptor)
             except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
@@ -118,10 +133,7 @@ class ParametersMixin:
             self._refused_at_start.pop(name, None)
         self.param_error = self._parameter_problems(problem)
         self.config = new
-        self.frames.capacity = new.frame_cache_size
-        pipeline = self._pipeline
-        if pipeline is not None:
-            pipeline.config = new     # generation settings apply from the next command
+        self._config_changed(new, set(changes))
         deferred = sorted(set(changes) & DEFERRED_PARAMETERS)
         if deferred and self.state_label != "unconfigured":
             self.get_logger().info(f"{', '.join(deferred)} changed: applies on the next configure "

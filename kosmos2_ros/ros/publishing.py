@@ -1,8 +1,9 @@
-"""What the node publishes for each result, and its diagnostics.
+"""What the node publishes for each result, for each frame of standing queries, and its diagnostics.
 
 One result message per command on ~/result (reliable, deep history), then, for a result with
-boxes, the debug image (only while someone subscribes), RViz markers (objects with 3D points) and
-vision_msgs detections where that package exists. Visualisation failing never loses the result.
+boxes, the debug image (only while someone subscribes), RViz markers (objects with 3D points,
+one namespace per camera) and vision_msgs detections where that package exists; standing
+queries' answers on ~/tracks with the same views. Visualisation failing never loses a result.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any, Iterable, Optional, Tuple
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
+from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.pipeline import Result, Status
-from kosmos2_ros.msg import GroundingResult
+from kosmos2_ros.msg import GroundingResult, Tracks
 
 from . import convert, visualize
 from .camera_qos import image_qos
@@ -27,14 +29,14 @@ RESULT_HISTORY = 1000
 
 
 class ResultPublishers:
-    """The node's output topics: ~/result, ~/debug_image, ~/markers, ~/detections and /diagnostics."""
+    """The node's output topics: ~/result, ~/tracks, ~/debug_image, ~/markers, ~/detections, /diagnostics."""
 
-    def __init__(self, node: Any, stats: visualize.Stats) -> None:
+    def __init__(self, node: Any) -> None:
         self._node = node
-        self.stats = stats
         reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RESULT_HISTORY,
                               reliability=ReliabilityPolicy.RELIABLE)
         self.result = node.create_publisher(GroundingResult, "~/result", reliable)
+        self.tracks = node.create_publisher(Tracks, "~/tracks", 10)
         self.debug = node.create_publisher(Image, "~/debug_image", image_qos("reliable"))
         self.markers = node.create_publisher(MarkerArray, "~/markers", 10)
         self.diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -44,29 +46,44 @@ class ResultPublishers:
 
             self.detections = node.create_publisher(Detection2DArray, "~/detections", 10)
 
-    def publish(self, result: Result, frame: Optional[Frame], queue_ms: float, config: Kosmos2Config) -> GroundingResult:
-        """Publish a command's one result (and debug image, markers, detections); returns its message."""
-        logger = self._node.get_logger()
+    def publish(self, result: Result, frame: Optional[Frame], queue_ms: float, config: Kosmos2Config,
+                stats: visualize.Stats) -> GroundingResult:
+        """Publish a command's one result (and its views); counts it in `stats`; returns its message."""
         msg = convert.result_to_msg(result, queue_ms)
         self.result.publish(msg)
-        self.stats.result(msg.status, msg.total_ms)
+        stats.result(msg.status, msg.total_ms)
         if result.status is Status.MODEL_ERROR:
-            logger.error(f"command {result.id!r}: model error: {result.error}", throttle_duration_sec=1.0)
-        if frame is None or result.status is not Status.OK:
-            return msg
+            self._node.get_logger().error(f"command {result.id!r}: model error: {result.error}",
+                                          throttle_duration_sec=1.0)
+        if frame is not None and result.status is Status.OK:
+            self._views(msg, result, frame, config)
+        return msg
+
+    def publish_tracks(self, msg: Tracks, frame: Frame, combined: Result, config: Kosmos2Config) -> None:
+        """A frame's standing-query answers on ~/tracks, and the usual views of them."""
+        self.tracks.publish(msg)
+        self._views(convert.result_to_msg(combined), combined, frame, config)
+
+    def _views(self, msg: GroundingResult, result: Result, frame: Frame, config: Kosmos2Config) -> None:
         try:
             if self.detections is not None:  # pragma: no cover - vision_msgs absent here
                 self.detections.publish(convert.detections_from(msg))
             if config.publish_debug_image and self.debug.get_subscription_count() > 0:
                 self.debug.publish(visualize.debug_image(frame.rgb, result, msg.header))
             if config.enable_3d and any(o.point_valid for o in msg.objects):
-                self.markers.publish(visualize.markers(msg))
+                ns = f"kosmos2/{result.camera}" if result.camera else "kosmos2"
+                self.markers.publish(visualize.markers(msg, ns=ns))
         except Exception as exc:  # noqa: BLE001 - visualisation must not lose the result
-            logger.warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
-        return msg
+            self._node.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
 
-    def publish_diagnostics(self, state_label: str, model: str, extra: Iterable[Tuple[str, Any]]) -> None:
+    def publish_diagnostics(self, state_label: str, model: str,
+                            cameras: Iterable[Tuple[str, visualize.Stats, list]]) -> None:
+        """One status per camera (name, stats, extra key/values), named by the node's full name."""
         node = self._node
-        self.diagnostics.publish(visualize.diagnostics(self.stats, node.get_clock().now().to_msg(), state_label,
-                                                       model, list(extra),
-                                                       name=f"{node.get_fully_qualified_name()}: grounding"))
+        stamp = node.get_clock().now().to_msg()
+        out = DiagnosticArray(header=Header(stamp=stamp))
+        for name, stats, extra in cameras:
+            suffix = f" ({name})" if name else ""
+            out.status.extend(visualize.diagnostics(stats, stamp, state_label, model, extra,
+                                                    name=f"{node.get_fully_qualified_name()}: grounding{suffix}").status)
+        self.diagnostics.publish(out)

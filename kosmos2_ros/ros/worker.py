@@ -7,6 +7,11 @@ hands in how to find a frame and what to do with each result.
 The guarantee: every job handed to `submit` (or `complete`) gets exactly one `finish` call.
 Queued jobs are answered by `drain`; the running one is stopped by `abort` (CANCELLED) and any
 exception out of the model, whatever its type, answers every job of the batch (MODEL_ERROR).
+
+Plain commands waiting together are served as one batch, also when they are about different
+frames (several cameras): `Pipeline.run_frames`. When no command waits, the thread does the
+node's idle work (`idle`: standing queries, encoding ahead), one frame at a time, so a command
+never waits behind more than one frame's worth of it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
@@ -48,14 +53,19 @@ class FrameRejected(Exception):
 # resolve(command) -> Frame or raise FrameRejected; finish(job, result, frame, queue_ms) publishes.
 Resolve = Callable[[Command], Frame]
 Finish = Callable[[Job, Result, Optional[Frame], float], None]
+# idle(should_stop) -> seconds until it has work again (None: until `poke`); runs on the worker thread.
+Idle = Callable[[Callable[[], bool]], Optional[float]]
+#: The longest the worker sleeps between looks at idle work, whatever `idle` said.
+IDLE_WAIT_MAX_S = 0.5
 
 
 class Worker:
     """A bounded queue of commands and a thread running them through the pipeline."""
 
     def __init__(self, get_pipeline: Callable[[], Optional[Pipeline]], resolve: Resolve, finish: Finish,
-                 capacity: Callable[[], int], max_batch: int = 8) -> None:
+                 capacity: Callable[[], int], max_batch: int = 8, idle: Optional[Idle] = None) -> None:
         self._get_pipeline = get_pipeline
+        self._idle = idle
         self._resolve = resolve
         self._finish = finish
         self._capacity = capacity
@@ -70,6 +80,8 @@ class Worker:
         self.last_model_error = ""
         self.finish_errors = 0                    # results that could not be published
         self.last_finish_error = ""
+        self.idle_errors = 0                      # idle work (standing queries, encoding ahead) that failed
+        self.last_idle_error = ""
         self._thread = threading.Thread(target=self._loop, name="kosmos2-worker", daemon=True)
         self._thread.start()
 
@@ -93,6 +105,11 @@ class Worker:
             self._queue.clear()
         for job in jobs:
             self.complete(job, Result.failure(job.command, status, error), None)
+
+    def poke(self) -> None:
+        """Wake the thread to look at its idle work (a new frame arrived, queries changed)."""
+        with self._cv:
+            self._cv.notify()
 
     def abort(self, reason: str) -> None:
         """Stop the running command at its next token (CANCELLED, `reason`); until `resume`."""
@@ -120,18 +137,30 @@ class Worker:
 
     # -- the thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        wait: Optional[float] = 0.0 if self._idle is not None else None
         while True:
             with self._cv:
-                while self._running and not self._queue:
-                    self._cv.wait()
+                if self._running and not self._queue and wait != 0.0:
+                    self._cv.wait(None if self._idle is None else min(wait or IDLE_WAIT_MAX_S, IDLE_WAIT_MAX_S))
                 if not self._running:
                     return
-                job = self._queue.popleft()
+                job = self._queue.popleft() if self._queue else None
                 self.busy = True
             try:
-                self._run(job)
-            except Exception as exc:  # noqa: BLE001 - a command must never kill the worker
-                self.complete(job, self._model_error(job.command, exc), None)
+                if job is not None:
+                    self._run(job)
+                    wait = 0.0
+                elif self._idle is not None and not self._abort_reason:
+                    wait = self._idle(self._stopper(None))
+                else:
+                    wait = None
+            except Exception as exc:  # noqa: BLE001 - a command (or idle work) must never kill the worker
+                if job is not None:
+                    self.complete(job, self._model_error(job.command, exc), None)
+                else:
+                    self.idle_errors += 1
+                    self.last_idle_error = f"{type(exc).__name__}: {exc}"[:500]
+                    wait = IDLE_WAIT_MAX_S
             finally:
                 self.busy = False
 
@@ -178,41 +207,56 @@ class Worker:
         except FrameRejected as rej:
             self.complete(job, rej.result, None)
             return
-        batch = [job] + (self._take_same_frame(frame) if job.batchable else [])
+        batch = [(job, frame)] + (self._take_batchable() if job.batchable else [])
+        frames: List[Frame] = []
+        for _, f in batch:
+            if all(f is not seen for seen in frames):
+                frames.append(f)
         raised = False
         try:
             if len(batch) == 1:
                 results = [pipeline.run(job.command, frame, on_token=job.on_token, should_stop=self._stopper(job))]
+            elif len(frames) == 1:
+                results = pipeline.run_batch([j.command for j, _ in batch], frame, should_stop=self._stopper(None))
             else:
-                results = pipeline.run_batch([j.command for j in batch], frame, should_stop=self._stopper(None))
+                per_frame = pipeline.run_frames([(f, [j.command for j, g in batch if g is f]) for f in frames],
+                                                should_stop=self._stopper(None))
+                cursor = {id(f): iter(res) for f, res in zip(frames, per_frame)}
+                results = [next(cursor[id(f)]) for _, f in batch]
         except Exception as exc:  # noqa: BLE001 - whatever the backend raised, answer the whole batch
             failure = self._model_error(job.command, exc)
             raised = True
-            results = [Result.failure(j.command, Status.MODEL_ERROR, failure.error, frame) for j in batch]
+            results = [Result.failure(j.command, Status.MODEL_ERROR, failure.error, f) for j, f in batch]
         errors = [res.error for res in results if res.status is Status.MODEL_ERROR]
         if errors and not raised:   # the pipeline caught it itself
             self.model_errors += 1
             self.last_model_error = errors[0][:500]
-        for j, res in zip(batch, results):
-            self.complete(j, self._cancelled(res), frame)
+        for (j, f), res in zip(batch, results):
+            self.complete(j, self._cancelled(res), f)
 
-    def _take_same_frame(self, frame: Frame) -> List[Job]:
-        """Queued plain commands about the same frame, removed from the queue to share its batch."""
-        taken: List[Job] = []
+    def _take_batchable(self) -> List[Tuple[Job, Frame]]:
+        """Queued plain commands with a frame to run on (any camera's), removed to share the batch.
+
+        Commands about one frame share its encoding and prompt head; commands about other frames
+        join the same decode batch (`Pipeline.run_frames`). A command whose frame is unavailable
+        stays queued and is answered in its turn.
+        """
+        taken: List[Tuple[Job, Frame]] = []
         with self._cv:
             keep: Deque[Job] = collections.deque()
             while self._queue:
                 other = self._queue.popleft()
-                if len(taken) + 1 < self.max_batch and other.batchable and self._same_frame(other.command, frame):
-                    taken.append(other)
+                frame = self._frame_of(other) if len(taken) + 1 < self.max_batch and other.batchable else None
+                if frame is not None:
+                    taken.append((other, frame))
                 else:
                     keep.append(other)
             self._queue.extend(keep)
         return taken
 
-    def _same_frame(self, command: Command, frame: Frame) -> bool:
+    def _frame_of(self, job: Job) -> Optional[Frame]:
         try:
-            return self._resolve(command) is frame
+            return self._resolve(job.command)
         except FrameRejected:
-            return False
+            return None
 

@@ -82,6 +82,21 @@ class Backend(abc.ABC):
     def encode_image(self, pixel_values: np.ndarray) -> Any:
         """(1, 3, H, W) float32 pixels -> the 64 projected image embeddings, backend-native."""
 
+    def encode_images(self, pixel_values: Sequence[np.ndarray]) -> List[Any]:
+        """Several frames' (1, 3, H, W) pixels -> their image embeddings (frames of several cameras).
+
+        Backends that can run the vision encoder on a batch override this; the default runs them in turn.
+        """
+        return [self.encode_image(pv) for pv in pixel_values]
+
+    def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
+                       image_mask: Sequence[int]) -> List[Any]:
+        """The same prompt head on several frames' images -> a cache for each (logits not needed).
+
+        Backends that can batch the prefill override this; the default runs them in turn.
+        """
+        return [self.prefill(emb, input_ids, image_mask)[1] for emb in image_embeds]
+
     @abc.abstractmethod
     def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
                 cache: Any = None) -> Tuple[np.ndarray, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -73,6 +73,38 @@ class TorchBackend(Backend):
             pv = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
             out = self.model.get_image_features(pv, return_dict=True)
             return out.pooler_output
+
+    def encode_images(self, pixel_values: Sequence[np.ndarray]) -> List[Any]:
+        """One vision-encoder forward for several frames (of several cameras)."""
+        if len(pixel_values) < 2:
+            return super().encode_images(pixel_values)
+        batch = self.encode_image(np.concatenate([np.asarray(pv) for pv in pixel_values]))
+        return [batch[b:b + 1] for b in range(batch.shape[0])]
+
+    def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
+                       image_mask: Sequence[int]) -> List[TorchCache]:
+        """The same prompt head on several images in one forward; each row's cache split out."""
+        if len(image_embeds) < 2:
+            return super().prefill_images(image_embeds, input_ids, image_mask)
+        torch = self._torch
+        from transformers import DynamicCache
+
+        n, length = len(image_embeds), len(input_ids)
+        kv = DynamicCache(config=self.model.config.text_config)
+        with torch.inference_mode():
+            self.model.text_model(
+                input_ids=torch.tensor([list(input_ids)] * n, dtype=torch.long, device=self.device),
+                attention_mask=torch.ones((n, length), dtype=torch.long, device=self.device),
+                image_embeds=torch.cat(list(image_embeds)),
+                image_embeds_position_mask=torch.tensor([list(image_mask)] * n, dtype=torch.long, device=self.device),
+                use_cache=True, **{self._cache_kw: kv})
+            out = []
+            for b in range(n):
+                row = DynamicCache(config=self.model.config.text_config)
+                for i, layer in enumerate(kv.layers):
+                    row.update(layer.keys[b:b + 1].clone(), layer.values[b:b + 1].clone(), i)
+                out.append(TorchCache(row, length))
+        return out
 
     def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
                 cache: Optional[TorchCache] = None) -> Tuple[np.ndarray, TorchCache]:
