@@ -96,6 +96,12 @@ if [ -z "\${FASTDDS_DEFAULT_PROFILES_FILE:-}" ]; then
   fi
 fi
 ENV
+if [ "$DISTRO" = jazzy ]; then
+  # Jazzy's Fast DDS (2.x) reads only the older name (checked: with FASTDDS_ alone the profile was
+  # not applied); Kilted's (3.x) warns that the older name is deprecated, so it gets the new one only.
+  echo 'export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$FASTDDS_DEFAULT_PROFILES_FILE}"' \
+    >> "$VENV/kosmos2_env.sh"
+fi
 
 step "console scripts (kosmos2-ground, kosmos2-demo, kosmos2-build-engines, grounding_node)"
 "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
