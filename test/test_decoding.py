@@ -142,6 +142,34 @@ def test_torch_decode_batch_equals_decode(toy):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
 
 
+def test_torch_prefill_batch_equals_prefill(toy):
+    """Suffixes of different lengths on caches of different lengths in one torch forward: logits
+    and caches as each row's own prefill, and the given caches untouched."""
+    backend, codec = toy["torch"], toy["codec"]
+    pv = toy["processor"].image_processor(images=toy_image(6), return_tensors="np")["pixel_values"]
+    embeds = backend.encode_image(pv.astype(np.float32))
+    head = codec.encode("<grounding><phrase> x</phrase>")
+    split = head.input_ids.index(codec.vocab.grounding) + 1
+    _, short = backend.prefill(embeds, head.input_ids[:split], head.image_mask[:split])
+    longer_ids = codec.encode("<grounding>An image of a dog and").input_ids
+    _, longer = backend.prefill(embeds, longer_ids, codec.encode("<grounding>An image of a dog and").image_mask)
+    caches = [short, longer, short]
+    chunks = [codec.encode(t).input_ids[split:] for t in ("<grounding><phrase> the cup</phrase>",
+                                                           "<grounding><phrase> a man walking a dog</phrase>")]
+    chunks = [chunks[0], codec.encode("<grounding>x<phrase> a cat</phrase>").input_ids[split:], chunks[1]]
+    before = [c.kv.layers[0].keys.clone() for c in caches]
+    batched, new = backend.prefill_batch(caches, chunks)
+    assert len({len(c) for c in chunks}) == 3 and len({c.length for c in caches}) == 2
+    for c, k, chunk, row_logits, nc in zip(caches, before, chunks, batched, new):
+        single, sc = backend.prefill(None, chunk, [0] * len(chunk), cache=c)
+        np.testing.assert_allclose(row_logits, single, atol=1e-5, rtol=0)
+        assert nc.length == sc.length == c.length + len(chunk)
+        for a, b in zip(nc.kv.layers, sc.kv.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c.kv.layers[0].keys, k, atol=0, rtol=0)
+
+
 def test_token_prob_matches_a_float64_softmax():
     from kosmos2_ros.core.decoding import token_prob
 

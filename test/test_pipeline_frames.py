@@ -20,12 +20,14 @@ from kosmos2_ros.core.scenes import draw_scene
 MAX_NEW = 16
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir: Any) -> Any:
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def setup(request: Any, tiny_model_dir: Any, tmp_path_factory: Any) -> Any:
+    """A pipeline on each backend that batches across frames, with transformers' model beside it."""
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
-    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", device="cpu",
-                                       decoding="free", allow_download=False))
+    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend=request.param, device="cpu",
+                                       decoding="free", allow_download=False,
+                                       artifacts_dir=str(tmp_path_factory.mktemp("artifacts"))))
     model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
     images = [draw_scene(320 + 16 * i, 240, np.random.default_rng(10 + i), count=3)[0] for i in range(3)]
@@ -69,7 +71,7 @@ def test_batched_backend_calls_equal_single_calls(setup: Any) -> None:
     pipe.encode_frames(frames)
     singles = [pipe.backend.encode_image(f.encoding.pixel_values) for f in frames]
     for f, single in zip(frames, singles):
-        np.testing.assert_allclose(f.encoding.image_embeds.numpy(), single.numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(f.encoding.image_embeds), np.asarray(single), atol=1e-5)
     head = pipe.grounding_head()
     mask = pipe.codec.encode("<grounding><phrase> x</phrase>").image_mask[:len(head)]
     caches = pipe.backend.prefill_images([f.encoding.image_embeds for f in frames], head, mask)

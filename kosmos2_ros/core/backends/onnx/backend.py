@@ -10,6 +10,8 @@ batch, with holes in the key/value tensors masked out by `attention_mask` and po
 passed explicitly, so each row computes what it would alone (masked keys get exactly zero
 attention weight). Decode steps run on a static arena (`kv_cache`): the past is fed as is and
 only the new column is written, the same scheme the TensorRT backend replays as a CUDA graph.
+Frames of several cameras run together too: the vision graph takes a batch of images, and the
+decoder takes one image per row (`image_embeds` [rows, 64, D]).
 """
 from __future__ import annotations
 
@@ -80,6 +82,23 @@ class OnnxBackend(GraphBackend):
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
         return self._vision.run(["image_embeds"], {"pixel_values": pv})[0]
+
+    def encode_images(self, pixel_values: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """One vision-graph run for several frames (of several cameras)."""
+        if len(pixel_values) < 2:
+            return super().encode_images(pixel_values)
+        batch = self.encode_image(np.concatenate([np.asarray(pv, dtype=np.float32) for pv in pixel_values]))
+        return [batch[b:b + 1] for b in range(batch.shape[0])]
+
+    def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
+                       image_mask: Sequence[int]) -> List[KVCache]:
+        """The same prompt head on several frames' images in one decoder run, one image per row."""
+        if len(image_embeds) < 2:
+            return super().prefill_images(image_embeds, input_ids, image_mask)
+        n = len(image_embeds)
+        embeds = np.concatenate([np.asarray(e, dtype=np.float32) for e in image_embeds])
+        _, caches = self._append([None] * n, [list(input_ids)] * n, embeds, [list(image_mask)] * n)
+        return caches
 
     def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
         """One step for every row on its arena: the past is fed as is, one column written per row."""

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...defaults import DTYPE_NAMES
-from ..base import Backend, BackendError, BackendUnavailable, position_ids
+from ..base import Backend, BackendError, BackendUnavailable, pack_rows, position_ids
 
 DTYPES = DTYPE_NAMES
 
@@ -178,6 +178,53 @@ class TorchBackend(Backend):
                     row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, -1:]], dim=2),
                                torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, -1:]], dim=2), i)
                 new.append(TorchCache(row, n + 1))
+        return logits.cpu().numpy(), new
+
+    def prefill_batch(self, caches: list, chunks: list) -> Tuple[np.ndarray, list]:
+        """Text chunks appended to several caches in one forward (a frame's standing queries).
+
+        Rows are packed as the graph backends pack them (`base.pack_rows`): each row's past, a
+        masked hole up to the longest past, masked left padding, then its chunk, with explicit
+        positions; each row computes what `prefill` computes for it alone. The given caches are
+        not modified.
+        """
+        if len(caches) < 2 or any(c is None or c.length == 0 for c in caches):
+            return super().prefill_batch(caches, chunks)
+        torch = self._torch
+        from transformers import DynamicCache
+
+        lengths = [int(c.length) for c in caches]
+        rows = pack_rows(lengths, chunks, [[0] * len(c) for c in chunks], self.pad_token_id)
+        pmax, smax = rows.pmax, rows.smax
+        packed = DynamicCache(config=self.model.config.text_config)
+        for i in range(len(caches[0].kv.layers)):
+            keys, values = [], []
+            for c, n in zip(caches, lengths):
+                layer = c.kv.layers[i]
+                pad = (0, 0, 0, pmax - n)
+                keys.append(torch.nn.functional.pad(layer.keys[:, :, :n], pad))
+                values.append(torch.nn.functional.pad(layer.values[:, :, :n], pad))
+            packed.update(torch.cat(keys), torch.cat(values), i)
+
+        def tensor(arr: np.ndarray) -> Any:
+            return torch.from_numpy(arr).to(self.device)
+
+        with torch.inference_mode():
+            out = self.model.text_model(
+                input_ids=tensor(rows.input_ids), attention_mask=tensor(rows.attention_mask),
+                position_ids=tensor(rows.position_ids), use_cache=True, **{self._cache_kw: packed},
+                **self._last_only)
+            logits = out.logits[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):
+                raise BackendError("the model produced non-finite logits (overflow in this precision?)")
+            new = []
+            for b, (n, k) in enumerate(zip(lengths, rows.lens)):
+                row = DynamicCache(config=self.model.config.text_config)
+                for i, layer in enumerate(packed.layers):
+                    row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, pmax + smax - k:]], dim=2),
+                               torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, pmax + smax - k:]],
+                                         dim=2), i)
+                new.append(TorchCache(row, n + k))
         return logits.cpu().numpy(), new
 
     can_truncate = True
