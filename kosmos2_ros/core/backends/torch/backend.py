@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...defaults import DTYPE_NAMES
-from ..base import Backend, BackendError, BackendUnavailable, pack_rows, position_ids
+from ..base import Backend, BackendError, BackendUnavailable, pack_rows
 
 DTYPES = DTYPE_NAMES
 
@@ -137,95 +137,16 @@ class TorchBackend(Backend):
         return self._last_logits(out), TorchCache(cache.kv, cache.length + 1)
 
     def decode_batch(self, caches: list, token_ids: list) -> Tuple[np.ndarray, list]:
-        """One step for several rows in one forward: caches right-padded to a common length.
-
-        Padding keys are masked (exactly zero attention weight) and positions are passed
-        explicitly, so each row computes what `decode` computes for it alone.
-        """
+        """One step for several rows in one forward (`_packed_forward` with one token per row)."""
         if len(caches) < 2:
             return super().decode_batch(caches, token_ids)
-        torch = self._torch
-        from transformers import DynamicCache
-
-        lengths = [int(c.length) for c in caches]
-        longest = max(lengths)
-        packed = DynamicCache(config=self.model.config.text_config)
-        for i in range(len(caches[0].kv.layers)):
-            keys, values = [], []
-            for c, n in zip(caches, lengths):
-                layer = c.kv.layers[i]
-                pad = (0, 0, 0, longest - n)
-                keys.append(torch.nn.functional.pad(layer.keys[:, :, :n], pad))
-                values.append(torch.nn.functional.pad(layer.values[:, :, :n], pad))
-            packed.update(torch.cat(keys), torch.cat(values), i)
-        mask = torch.zeros((len(caches), longest + 1), dtype=torch.long, device=self.device)
-        for b, n in enumerate(lengths):
-            mask[b, :n] = 1
-        mask[:, -1] = 1
-        pos = [int(position_ids([t], n, self.pad_token_id)[0]) for t, n in zip(token_ids, lengths)]
-        ids = torch.tensor([[int(t)] for t in token_ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            out = self.model.text_model(
-                input_ids=ids, attention_mask=mask, position_ids=torch.tensor([[p] for p in pos], device=self.device),
-                use_cache=True, **{self._cache_kw: packed})
-            logits = out.logits[:, -1].float()
-            if not bool(torch.isfinite(logits).all()):
-                raise BackendError("the model produced non-finite logits (overflow in this precision?)")
-            new = []
-            for b, n in enumerate(lengths):
-                row = DynamicCache(config=self.model.config.text_config)
-                for i, layer in enumerate(packed.layers):
-                    row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, -1:]], dim=2),
-                               torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, -1:]], dim=2), i)
-                new.append(TorchCache(row, n + 1))
-        return logits.cpu().numpy(), new
+        return self._packed_forward(caches, [[int(t)] for t in token_ids])
 
     def prefill_batch(self, caches: list, chunks: list) -> Tuple[np.ndarray, list]:
-        """Text chunks appended to several caches in one forward (a frame's standing queries).
-
-        Rows are packed as the graph backends pack them (`base.pack_rows`): each row's past, a
-        masked hole up to the longest past, masked left padding, then its chunk, with explicit
-        positions; each row computes what `prefill` computes for it alone. The given caches are
-        not modified.
-        """
+        """Text chunks appended to several caches in one forward (a frame's standing queries)."""
         if len(caches) < 2 or any(c is None or c.length == 0 for c in caches):
             return super().prefill_batch(caches, chunks)
-        torch = self._torch
-        from transformers import DynamicCache
-
-        lengths = [int(c.length) for c in caches]
-        rows = pack_rows(lengths, chunks, [[0] * len(c) for c in chunks], self.pad_token_id)
-        pmax, smax = rows.pmax, rows.smax
-        packed = DynamicCache(config=self.model.config.text_config)
-        for i in range(len(caches[0].kv.layers)):
-            keys, values = [], []
-            for c, n in zip(caches, lengths):
-                layer = c.kv.layers[i]
-                pad = (0, 0, 0, pmax - n)
-                keys.append(torch.nn.functional.pad(layer.keys[:, :, :n], pad))
-                values.append(torch.nn.functional.pad(layer.values[:, :, :n], pad))
-            packed.update(torch.cat(keys), torch.cat(values), i)
-
-        def tensor(arr: np.ndarray) -> Any:
-            return torch.from_numpy(arr).to(self.device)
-
-        with torch.inference_mode():
-            out = self.model.text_model(
-                input_ids=tensor(rows.input_ids), attention_mask=tensor(rows.attention_mask),
-                position_ids=tensor(rows.position_ids), use_cache=True, **{self._cache_kw: packed},
-                **self._last_only)
-            logits = out.logits[:, -1].float()
-            if not bool(torch.isfinite(logits).all()):
-                raise BackendError("the model produced non-finite logits (overflow in this precision?)")
-            new = []
-            for b, (n, k) in enumerate(zip(lengths, rows.lens)):
-                row = DynamicCache(config=self.model.config.text_config)
-                for i, layer in enumerate(packed.layers):
-                    row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, pmax + smax - k:]], dim=2),
-                               torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, pmax + smax - k:]],
-                                         dim=2), i)
-                new.append(TorchCache(row, n + k))
-        return logits.cpu().numpy(), new
+        return self._packed_forward(caches, [list(c) for c in chunks])
 
     can_truncate = True
 
@@ -245,6 +166,49 @@ class TorchBackend(Backend):
             self._torch.cuda.empty_cache()
 
     # -- helpers ---------------------------------------------------------------------------
+    def _packed_forward(self, caches: List[TorchCache], chunks: List[List[int]]) -> Tuple[np.ndarray, list]:
+        """Chunk b appended to cache b for every row in one forward -> (rows of last logits, new caches).
+
+        Rows are laid out as the graph backends lay them out (`base.pack_rows`): the row's past,
+        a masked hole up to the longest past, masked left padding, then its chunk, with explicit
+        positions. Masked keys get exactly zero attention weight, so each row computes what it
+        computes alone. The given caches are not modified.
+        """
+        torch = self._torch
+        from transformers import DynamicCache
+
+        lengths = [int(c.length) for c in caches]
+        rows = pack_rows(lengths, chunks, [[0] * len(c) for c in chunks], self.pad_token_id)
+        pmax, width = rows.pmax, rows.pmax + rows.smax
+        packed = DynamicCache(config=self.model.config.text_config)
+        for i in range(len(caches[0].kv.layers)):
+            keys, values = [], []
+            for c, n in zip(caches, lengths):
+                layer, pad = c.kv.layers[i], (0, 0, 0, pmax - n)
+                keys.append(torch.nn.functional.pad(layer.keys[:, :, :n], pad))
+                values.append(torch.nn.functional.pad(layer.values[:, :, :n], pad))
+            packed.update(torch.cat(keys), torch.cat(values), i)
+
+        def tensor(arr: np.ndarray) -> Any:
+            return torch.from_numpy(arr).to(self.device)
+
+        with torch.inference_mode():
+            out = self.model.text_model(
+                input_ids=tensor(rows.input_ids), attention_mask=tensor(rows.attention_mask),
+                position_ids=tensor(rows.position_ids), use_cache=True, **{self._cache_kw: packed},
+                **self._last_only)
+            logits = out.logits[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):
+                raise BackendError("the model produced non-finite logits (overflow in this precision?)")
+            new = []
+            for b, (n, k) in enumerate(zip(lengths, rows.lens)):
+                row = DynamicCache(config=self.model.config.text_config)
+                for i, layer in enumerate(packed.layers):
+                    row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, width - k:]], dim=2),
+                               torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, width - k:]], dim=2), i)
+                new.append(TorchCache(row, n + k))
+        return logits.cpu().numpy(), new
+
     def _last_logits(self, out: Any) -> np.ndarray:
         logits = out.logits[0, -1].float()
         if not bool(self._torch.isfinite(logits).all()):
