@@ -251,6 +251,29 @@ def test_refer_topic_gets_a_result_with_generated_id(node: tuple) -> None:
     assert res.status == OK and res.task == "refer" and res.header.frame_id == "refer_cam"
 
 
+def test_best_effort_command_publisher_is_warned_about(node: tuple) -> None:
+    """The command subscriptions carry no QoS-event waitable (command_intake): the node still says,
+    naming the publisher, when a best-effort command publisher can never reach it."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from kosmos2_ros.msg import GroundingCommand
+
+    proc, t = node
+    pub = t.node.create_publisher(GroundingCommand, "/kosmos2/command",
+                                  QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    try:
+        expected = f"{t.node.get_fully_qualified_name()} publishes /kosmos2/command best effort"
+        deadline = time.monotonic() + 15
+        while expected not in proc.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert expected in proc.log()
+        assert "publish commands with reliable QoS" in proc.log()
+        time.sleep(2.5)   # two more checks: warned once, not every second
+        assert proc.log().count(expected) == 1
+    finally:
+        t.node.destroy_publisher(pub)
+
+
 def test_service_returns_the_result_and_publishes_it(node: tuple) -> None:
     from kosmos2_ros.srv import Ground
 

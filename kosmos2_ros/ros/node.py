@@ -42,6 +42,7 @@ from kosmos2_ros.srv import Ground, SetQueries
 
 from . import convert
 from .camera import Camera
+from .command_intake import CommandPublisherCheck, without_event_waitables
 from .live import LiveWork
 from .parameters import ParametersMixin
 from .publishing import ResultPublishers
@@ -95,9 +96,15 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self.outputs = ResultPublishers(self)
+        # No QoS-event waitables on the command topics (they slowed command intake many-fold under
+        # load; command_intake explains); `_command_publishers` gives their warning instead.
         self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, COMMAND_HISTORY,
-                                                     callback_group=self._commands_group)
-        self.create_subscription(String, "~/refer", self._on_refer, COMMAND_HISTORY, callback_group=self._commands_group)
+                                                     callback_group=self._commands_group,
+                                                     event_callbacks=without_event_waitables())
+        refer_sub = self.create_subscription(String, "~/refer", self._on_refer, COMMAND_HISTORY,
+                                             callback_group=self._commands_group,
+                                             event_callbacks=without_event_waitables())
+        self._command_publishers = CommandPublisherCheck([self._command_sub.topic_name, refer_sub.topic_name])
         self.create_service(Ground, "~/ground", self._on_ground, callback_group=self._commands_group)
         self.create_service(SetQueries, "~/set_queries", self._on_set_queries, callback_group=self._commands_group)
         self._action = ActionServer(self, GroundTask, "~/ground_task", execute_callback=self._on_goal,
@@ -326,6 +333,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
 
     def _every_second(self) -> None:
         self._rematch_sensor_qos()
+        self._command_publishers.check(self)
         self._publish_diagnostics()
 
     def _publish_diagnostics(self) -> None:
