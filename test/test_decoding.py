@@ -151,12 +151,12 @@ def test_torch_prefill_batch_equals_prefill(toy):
     head = codec.encode("<grounding><phrase> x</phrase>")
     split = head.input_ids.index(codec.vocab.grounding) + 1
     _, short = backend.prefill(embeds, head.input_ids[:split], head.image_mask[:split])
-    longer_ids = codec.encode("<grounding>An image of a dog and").input_ids
-    _, longer = backend.prefill(embeds, longer_ids, codec.encode("<grounding>An image of a dog and").image_mask)
-    caches = [short, longer, short]
+    longer = codec.encode("<grounding>An image of a dog and")
+    _, longer_cache = backend.prefill(embeds, longer.input_ids, longer.image_mask)
+    caches = [short, longer_cache, short]
     chunks = [codec.encode(t).input_ids[split:] for t in ("<grounding><phrase> the cup</phrase>",
+                                                           "<grounding>x<phrase> a cat</phrase>",
                                                            "<grounding><phrase> a man walking a dog</phrase>")]
-    chunks = [chunks[0], codec.encode("<grounding>x<phrase> a cat</phrase>").input_ids[split:], chunks[1]]
     before = [c.kv.layers[0].keys.clone() for c in caches]
     batched, new = backend.prefill_batch(caches, chunks)
     assert len({len(c) for c in chunks}) == 3 and len({c.length for c in caches}) == 2

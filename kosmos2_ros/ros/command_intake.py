@@ -50,9 +50,7 @@ class CommandPublisherCheck:
                 if (topic, name) in self.warned:
                     continue
                 self.warned.add((topic, name))
-                messages.append(
-                    f"{name} publishes {topic} best effort; the node reads commands reliably, so none of "
-                    "them will arrive: publish commands with reliable QoS (the default)")
-        for text in messages:
-            node.get_logger().warning(text)
+                messages.append(f"{name} publishes {topic} best effort; the node reads commands reliably, so "
+                                "none of them will arrive: publish commands with reliable QoS (the default)")
+                node.get_logger().warning(messages[-1])
         return messages

@@ -82,12 +82,19 @@ class Backend(abc.ABC):
     def encode_image(self, pixel_values: np.ndarray) -> Any:
         """(1, 3, H, W) float32 pixels -> the 64 projected image embeddings, backend-native."""
 
+    #: whether `encode_image` takes several frames in one (N, 3, H, W) call
+    encodes_batches: bool = False
+
     def encode_images(self, pixel_values: Sequence[np.ndarray]) -> List[Any]:
         """Several frames' (1, 3, H, W) pixels -> their image embeddings (frames of several cameras).
 
-        Backends that can run the vision encoder on a batch override this; the default runs them in turn.
+        One `encode_image` call on the stacked frames where the backend `encodes_batches`,
+        else one call per frame.
         """
-        return [self.encode_image(pv) for pv in pixel_values]
+        if len(pixel_values) < 2 or not self.encodes_batches:
+            return [self.encode_image(pv) for pv in pixel_values]
+        batch = self.encode_image(np.concatenate([np.asarray(pv, dtype=np.float32) for pv in pixel_values]))
+        return [batch[b:b + 1] for b in range(batch.shape[0])]
 
     def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
                        image_mask: Sequence[int]) -> List[Any]:

@@ -44,6 +44,7 @@ def providers_for(device: str, available: Sequence[str]) -> List[str]:
 
 class OnnxBackend(GraphBackend):
     name = "onnxruntime"
+    encodes_batches = True     # the vision graph has a batch axis
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
                  artifacts_dir: str = ARTIFACTS_DIR, allow_pickle: bool = False, model: Any = None,
@@ -82,13 +83,6 @@ class OnnxBackend(GraphBackend):
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
         return self._vision.run(["image_embeds"], {"pixel_values": pv})[0]
-
-    def encode_images(self, pixel_values: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """One vision-graph run for several frames (of several cameras)."""
-        if len(pixel_values) < 2:
-            return super().encode_images(pixel_values)
-        batch = self.encode_image(np.concatenate([np.asarray(pv, dtype=np.float32) for pv in pixel_values]))
-        return [batch[b:b + 1] for b in range(batch.shape[0])]
 
     def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
                        image_mask: Sequence[int]) -> List[KVCache]:

@@ -38,6 +38,7 @@ def resolve_device(device: str) -> str:
 
 class TorchBackend(Backend):
     name = "torch"
+    encodes_batches = True
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
                  allow_pickle: bool = False, model: Any = None) -> None:
@@ -73,13 +74,6 @@ class TorchBackend(Backend):
             pv = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
             out = self.model.get_image_features(pv, return_dict=True)
             return out.pooler_output
-
-    def encode_images(self, pixel_values: Sequence[np.ndarray]) -> List[Any]:
-        """One vision-encoder forward for several frames (of several cameras)."""
-        if len(pixel_values) < 2:
-            return super().encode_images(pixel_values)
-        batch = self.encode_image(np.concatenate([np.asarray(pv) for pv in pixel_values]))
-        return [batch[b:b + 1] for b in range(batch.shape[0])]
 
     def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
                        image_mask: Sequence[int]) -> List[TorchCache]:
@@ -197,9 +191,7 @@ class TorchBackend(Backend):
                 input_ids=tensor(rows.input_ids), attention_mask=tensor(rows.attention_mask),
                 position_ids=tensor(rows.position_ids), use_cache=True, **{self._cache_kw: packed},
                 **self._last_only)
-            logits = out.logits[:, -1].float()
-            if not bool(torch.isfinite(logits).all()):
-                raise BackendError("the model produced non-finite logits (overflow in this precision?)")
+            logits = self._finite(out.logits[:, -1])
             new = []
             for b, (n, k) in enumerate(zip(lengths, rows.lens)):
                 row = DynamicCache(config=self.model.config.text_config)
@@ -207,10 +199,14 @@ class TorchBackend(Backend):
                     row.update(torch.cat([layer.keys[b:b + 1, :, :n], layer.keys[b:b + 1, :, width - k:]], dim=2),
                                torch.cat([layer.values[b:b + 1, :, :n], layer.values[b:b + 1, :, width - k:]], dim=2), i)
                 new.append(TorchCache(row, n + k))
-        return logits.cpu().numpy(), new
+        return logits, new
 
     def _last_logits(self, out: Any) -> np.ndarray:
-        logits = out.logits[0, -1].float()
+        return self._finite(out.logits[0, -1])
+
+    def _finite(self, logits: Any) -> np.ndarray:
+        """float32 logits on the host, or BackendError when any is not finite."""
+        logits = logits.float()
         if not bool(self._torch.isfinite(logits).all()):
             raise BackendError("the model produced non-finite logits (overflow in this precision?)")
         return logits.cpu().numpy()
