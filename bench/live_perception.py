@@ -136,29 +136,19 @@ def latency_naive(model: Any, processor: Any, hz: float, times: List[float], war
 def latency_ours(pipeline: Any, hz: float, times: List[float], warmup_s: float, encode_ahead_hz: float) -> List[float]:
     from kosmos2_ros.core.frames import FrameStore
     from kosmos2_ros.core.pipeline import Command
-    from kosmos2_ros.core.standing import RateBudget, worth_encoding_ahead
+    from kosmos2_ros.core.standing import EncodeAhead
     from kosmos2_ros.ros.worker import Job, Worker
 
     store = FrameStore(4)
-    budget = RateBudget()
-    took: List[Optional[float]] = [None]
+    ahead = EncodeAhead()
     done: List[float] = []
 
     def idle(_should_stop: Callable[[], bool]) -> Optional[float]:
         """Encoding ahead, as the node's LiveWork does it for one camera."""
         frame = store.newest()
-        now = time.monotonic()
-        if frame is None or (frame.encoding is not None and frame.encoding.prefix_caches) or \
-                not worth_encoding_ahead(took[0], store.interval_s, now - frame.received):
+        if frame is None:
             return None
-        wait = budget.wait(encode_ahead_hz, now)
-        if wait:
-            return wait
-        budget.spend(now)
-        pipeline.encode_ahead([frame])
-        spent = time.monotonic() - now
-        took[0] = spent if took[0] is None else 0.7 * took[0] + 0.3 * spent
-        return 0.0
+        return ahead.run(pipeline, [(frame, store.interval_s)], encode_ahead_hz, time.monotonic())
 
     def finish(job: Any, result: Any, _frame: Any, _queue_ms: float) -> None:
         done.append(time.monotonic() - job.enqueued)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kosmos2_ros.core.standing import QueryState, RateBudget, next_camera, worth_encoding_ahead
+from kosmos2_ros.core.standing import EncodeAhead, QueryState, RateBudget, next_camera, worth_encoding_ahead
 
 
 def state(*queries: str) -> QueryState:
@@ -64,3 +64,31 @@ def test_encoding_ahead_only_when_it_can_finish_before_the_next_frame() -> None:
     assert worth_encoding_ahead(2.0, 4.0, 1.0)           # done 1 s before the next frame
     assert not worth_encoding_ahead(2.0, 4.0, 2.5)       # the next frame comes first
     assert not worth_encoding_ahead(5.0, 4.0, 0.0)       # slower than the camera: never worth it
+
+
+def test_encode_ahead_paces_real_encodings(tiny_model_dir) -> None:
+    """The oldest unprepared frame first, never one twice, within the rate; its duration measured."""
+    import time
+
+    import numpy as np
+
+    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.frames import Frame
+    from kosmos2_ros.core.pipeline import Pipeline
+
+    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", device="cpu", allow_download=False))
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    now = time.monotonic()
+    old, new = Frame(rgb=rgb, stamp_ns=1, received=now - 0.2), Frame(rgb=rgb, stamp_ns=2, received=now - 0.1)
+    ahead = EncodeAhead()
+    assert ahead.run(pipe, [(new, None), (old, None)], 0.0, now) is None          # rate 0: off
+    assert ahead.run(pipe, [(new, None), (old, None)], 2.0, now) == 0.0
+    assert old.encoding is not None and old.encoding.prefix_caches and new.encoding is None
+    assert ahead.frames == 1 and ahead.encode_s is not None and ahead.encode_s > 0
+    assert abs(ahead.run(pipe, [(new, None)], 2.0, now + 0.1) - 0.4) < 1e-9      # the budget: 1 frame per 0.5 s
+    assert ahead.run(pipe, [(new, None)], 2.0, now + 0.5) == 0.0 and new.encoding.prefix_caches
+    assert ahead.run(pipe, [(new, None), (old, None)], 2.0, now + 5.0) is None    # both prepared: nothing to do
+    late = Frame(rgb=rgb, stamp_ns=3, received=now + 5.0 - 0.9)
+    ahead.encode_s = 0.5
+    assert ahead.run(pipe, [(late, 1.0)], 2.0, now + 5.0) is None                 # cannot finish before the next frame
+    assert ahead.frames == 2 and late.encoding is None

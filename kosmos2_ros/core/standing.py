@@ -4,14 +4,16 @@ Pure Python (no ROS, no model): the node's worker asks `next_camera` whenever no
 command waits, so commands always go first. Each camera's standing queries run at most at
 `query_rate_hz` on its newest frame only (a frame already grounded is never grounded again,
 frames in between are skipped); among the cameras that are due, the one served longest ago
-goes first, so no camera starves another. `RateBudget` bounds encoding ahead the same way, and
-`worth_encoding_ahead` skips it when it could not finish before the next frame.
+goes first, so no camera starves another. `EncodeAhead` paces encoding ahead: `RateBudget`
+bounds its duty cycle, and `worth_encoding_ahead` skips it when it could not finish before the
+next frame.
 """
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from .tracking import QueryTracker
 
@@ -87,3 +89,35 @@ class RateBudget:
 
     def spend(self, now: float) -> None:
         self._last = now
+
+
+class EncodeAhead:
+    """Encoding ahead, paced: at most `rate_hz` frames a second, each a frame not prepared yet
+    that can be finished before its camera's next frame (by the measured, smoothed duration).
+
+    The node's idle work (`ros.live`) and the live-perception benchmark both run it.
+    """
+
+    def __init__(self) -> None:
+        self.budget = RateBudget()
+        self.encode_s: Optional[float] = None     # smoothed duration of one frame's encoding ahead
+        self.frames = 0                           # frames encoded ahead so far
+
+    def run(self, pipeline: Any, frames: Sequence[Tuple[Any, Optional[float]]], rate_hz: float,
+            now: float) -> Optional[float]:
+        """Encode the oldest wanted frame of `frames` ((frame, its camera's frame interval or None))
+        if the budget allows: 0.0 after one was encoded, else seconds until the budget allows one,
+        None when no frame is wanted or the rate is 0."""
+        todo = [f for f, interval_s in frames
+                if (f.encoding is None or not f.encoding.prefix_caches)
+                and worth_encoding_ahead(self.encode_s, interval_s, now - f.received)]
+        if not todo:
+            return None
+        wait = self.budget.wait(rate_hz, now)
+        if wait != 0.0:
+            return wait
+        self.budget.spend(now)
+        self.frames += pipeline.encode_ahead([min(todo, key=lambda f: f.received)])
+        took = time.monotonic() - now
+        self.encode_s = took if self.encode_s is None else 0.7 * self.encode_s + 0.3 * took
+        return 0.0

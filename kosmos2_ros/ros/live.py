@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional
 
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.pipeline import Command, GroundedBox, Pipeline, Result, Status
-from kosmos2_ros.core.standing import RateBudget, next_camera, worth_encoding_ahead
+from kosmos2_ros.core.standing import EncodeAhead, next_camera
 from kosmos2_ros.msg import TrackedQuery, Tracks
 
 from . import convert
@@ -25,10 +25,12 @@ class LiveWork:
 
     def __init__(self, node: Any) -> None:
         self._node = node
-        self._encode_budget = RateBudget()
-        self._encode_s: Optional[float] = None     # smoothed duration of one frame's encoding ahead
-        self.frames_encoded_ahead = 0
+        self.encode_ahead = EncodeAhead()
         self.tracks_published = 0
+
+    @property
+    def frames_encoded_ahead(self) -> int:
+        return self.encode_ahead.frames
 
     def idle(self, should_stop: Callable[[], bool]) -> Optional[float]:
         """One unit of idle work; seconds until there may be more (None: wait for a new frame)."""
@@ -46,16 +48,9 @@ class LiveWork:
             cam = node.cameras[name]
             self.ground_standing(pipeline, cam, fresh[name], should_stop, now)
             return 0.0
-        todo = [(f.received, cam.name, f) for cam in cameras for f in [fresh[cam.name]]
-                if f is not None and (f.encoding is None or not f.encoding.prefix_caches)
-                and worth_encoding_ahead(self._encode_s, cam.frames.interval_s, now - f.received)]
-        ahead = self._encode_budget.wait(cfg.encode_ahead_hz, now) if todo else None
+        ahead = self.encode_ahead.run(pipeline, [(fresh[cam.name], cam.frames.interval_s) for cam in cameras
+                                                 if fresh[cam.name] is not None], cfg.encode_ahead_hz, now)
         if ahead == 0.0:
-            frame = min(todo, key=lambda t: t[0])[2]
-            self._encode_budget.spend(now)
-            self.frames_encoded_ahead += pipeline.encode_ahead([frame])
-            took = time.monotonic() - now
-            self._encode_s = took if self._encode_s is None else 0.7 * self._encode_s + 0.3 * took
             return 0.0
         if ahead is not None:
             wait = ahead if wait is None else min(wait, ahead)
