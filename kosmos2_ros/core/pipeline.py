@@ -10,7 +10,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -236,6 +236,46 @@ class Pipeline:
         and every command's rows (suffix prefill and decode steps) run together; each row's
         tokens are those `run` gives it alone. Results come back in the order given.
         """
+        return self._serve(items, lambda plans: self._decode_frames(items, plans, should_stop))
+
+    def _decode_frames(self, items: Sequence[Tuple[Frame, Sequence[Command]]], plans: List[Tuple[int, int, _Plan]],
+                       should_stop: Optional[Callable[[], bool]]) -> Dict[Tuple[int, int], Result]:
+        live = sorted({f for f, _, _ in plans})
+        t0 = time.perf_counter()
+        spent = dict(zip(live, self.encode_frames([items[f][0] for f in live])))
+        heads = []
+        for f, _, plan in plans:
+            for pids in plan.ids:
+                plen = self._prefix_len(pids.input_ids)
+                if plen:
+                    heads.append((items[f][0].encoding, tuple(pids.input_ids[:plen]), pids.image_mask[:plen]))
+        self._prefill_heads(heads)
+        rows, owners = [], []
+        for f, i, plan in plans:
+            enc = items[f][0].encoding
+            frame_rows, _ = self._rows([(i, plan)], enc)
+            for row in frame_rows:
+                row.image_embeds = enc.image_embeds
+            rows.extend(frame_rows)
+            owners.extend([(f, i)] * len(frame_rows))
+        t1 = time.perf_counter()
+        gens = generate(self.backend, None, rows, self.vocab, should_stop=should_stop)
+        gen_ms = (time.perf_counter() - t1) * 1e3
+        prep_ms = (t1 - t0) * 1e3 - sum(spent.values())
+        out = {}
+        for f, i, plan in plans:
+            frame = items[f][0]
+            mine = [g for g, owner in zip(gens, owners) if owner == (f, i)]
+            res = self._result(plan, mine, frame, frame.encoding)
+            res.timings_ms = {"encode": spent[f], "prefix": max(prep_ms, 0.0), "generate": gen_ms}
+            out[(f, i)] = res
+        return out
+
+    def _serve(self, items: Sequence[Tuple[Frame, Sequence[Command]]],
+               decode: Callable[[List[Tuple[int, int, _Plan]]], Dict[Tuple[int, int], Result]]) -> List[List[Result]]:
+        """What every batch shares: plan each command (INVALID when it cannot be), `decode` the
+        plans ((frame index, command index, plan) -> result), a cancellation or a backend fault
+        answered for every planned command, and the total time on every result."""
         t_start = time.perf_counter()
         results: List[List[Optional[Result]]] = [[None] * len(cmds) for _, cmds in items]
         plans: List[Tuple[int, int, _Plan]] = []
@@ -246,34 +286,8 @@ class Pipeline:
                 except (PromptError, ValueError) as exc:
                     results[f][i] = Result.failure(cmd, Status.INVALID, str(exc), frame)
         if plans:
-            live = sorted({f for f, _, _ in plans})
             try:
-                t0 = time.perf_counter()
-                spent = dict(zip(live, self.encode_frames([items[f][0] for f in live])))
-                heads = []
-                for f, _, plan in plans:
-                    for pids in plan.ids:
-                        plen = self._prefix_len(pids.input_ids)
-                        if plen:
-                            heads.append((items[f][0].encoding, tuple(pids.input_ids[:plen]), pids.image_mask[:plen]))
-                self._prefill_heads(heads)
-                rows, owners = [], []
-                for f, i, plan in plans:
-                    enc = items[f][0].encoding
-                    frame_rows, _ = self._rows([(i, plan)], enc)
-                    for row in frame_rows:
-                        row.image_embeds = enc.image_embeds
-                    rows.extend(frame_rows)
-                    owners.extend([(f, i)] * len(frame_rows))
-                t1 = time.perf_counter()
-                gens = generate(self.backend, None, rows, self.vocab, should_stop=should_stop)
-                gen_ms = (time.perf_counter() - t1) * 1e3
-                prep_ms = (t1 - t0) * 1e3 - sum(spent.values())
-                for f, i, plan in plans:
-                    frame = items[f][0]
-                    mine = [g for g, owner in zip(gens, owners) if owner == (f, i)]
-                    res = self._result(plan, mine, frame, frame.encoding)
-                    res.timings_ms = {"encode": spent[f], "prefix": max(prep_ms, 0.0), "generate": gen_ms}
+                for (f, i), res in decode(plans).items():
                     results[f][i] = res
             except Cancelled:
                 for f, i, plan in plans:
@@ -337,42 +351,27 @@ class Pipeline:
                   on_token: Optional[Callable[[int, Generation], None]] = None,
                   should_stop: Optional[Callable[[], bool]] = None) -> List[Result]:
         """Several commands about one frame: encoded once, prompt prefixes shared, rows decoded together."""
-        t_start = time.perf_counter()
-        results: List[Optional[Result]] = [None] * len(commands)
-        plans: List[Tuple[int, _Plan]] = []
-        for i, cmd in enumerate(commands):
-            try:
-                plans.append((i, self.plan(cmd, frame)))
-            except (PromptError, ValueError) as exc:
-                results[i] = Result.failure(cmd, Status.INVALID, str(exc), frame)
-        if plans:
-            try:
-                t0 = time.perf_counter()
-                enc, encode_ms = self._encode(frame)
-                rows, owners = self._rows(plans, enc)
-                t1 = time.perf_counter()
-                gens = generate(self.backend, enc.image_embeds, rows, self.vocab,
-                                on_token=on_token, should_stop=should_stop)
-                self._keep_prefixes(rows, gens, enc)
-                gen_ms = (time.perf_counter() - t1) * 1e3
-                prep_ms = (t1 - t0) * 1e3 - encode_ms
-                for i, plan in plans:
-                    mine = [g for g, owner in zip(gens, owners) if owner == i]
-                    res = self._result(plan, mine, frame, enc)
-                    res.timings_ms = {"encode": encode_ms, "prefix": max(prep_ms, 0.0), "generate": gen_ms}
-                    results[i] = res
-            except Cancelled:
-                for i, plan in plans:
-                    results[i] = Result.failure(plan.command, Status.CANCELLED, "cancelled", frame)
-            except (BackendError, RuntimeError, MemoryError) as exc:
-                for i, plan in plans:
-                    results[i] = Result.failure(plan.command, Status.MODEL_ERROR,
-                                                f"{type(exc).__name__}: {exc}", frame)
-        total = (time.perf_counter() - t_start) * 1e3
-        for res in results:
-            assert res is not None
-            res.timings_ms["total"] = total
-        return results  # type: ignore[return-value]
+        return self._serve([(frame, commands)],
+                           lambda plans: self._decode_frame(frame, plans, on_token, should_stop))[0]
+
+    def _decode_frame(self, frame: Frame, plans: List[Tuple[int, int, _Plan]],
+                      on_token: Optional[Callable[[int, Generation], None]],
+                      should_stop: Optional[Callable[[], bool]]) -> Dict[Tuple[int, int], Result]:
+        t0 = time.perf_counter()
+        enc, encode_ms = self._encode(frame)
+        rows, owners = self._rows([(i, plan) for _, i, plan in plans], enc)
+        t1 = time.perf_counter()
+        gens = generate(self.backend, enc.image_embeds, rows, self.vocab, on_token=on_token, should_stop=should_stop)
+        self._keep_prefixes(rows, gens, enc)
+        gen_ms = (time.perf_counter() - t1) * 1e3
+        prep_ms = (t1 - t0) * 1e3 - encode_ms
+        out = {}
+        for f, i, plan in plans:
+            mine = [g for g, owner in zip(gens, owners) if owner == i]
+            res = self._result(plan, mine, frame, enc)
+            res.timings_ms = {"encode": encode_ms, "prefix": max(prep_ms, 0.0), "generate": gen_ms}
+            out[(f, i)] = res
+        return out
 
     # -- internals -------------------------------------------------------------------------
     def _rows(self, plans: List[Tuple[int, _Plan]], enc: FrameEncoding) -> Tuple[List[Row], List[int]]:
