@@ -1,160 +1,384 @@
-"""One prepared GPU check: build TensorRT engines for a tiny and a full-size random checkpoint,
-compare token ids with the torch backend, and time decode against the bandwidth floor.
+"""The one prepared GPU check: torch on CUDA always, TensorRT where it imports. Prints one table.
 
-The engines are strongly typed, built from the fp32 / fp16 / bf16 graphs with no precision
-builder flag: the one build path for TensorRT 10.x (JetPack 6) and 11.x (desktop pip). The
-first line names the TensorRT that ran; each row gives the engine's KV-cache dtype as read
-from the engine itself.
+What a lent GPU machine (H200, Python 3.12, CUDA torch, transformers, no ROS, no network) runs
+once, within an 8-minute budget, from the project's own files: nothing to install.
 
-Equality covers free decoding of several prompts alone, three rows decoded together (rows
-finish at different steps, so the arena idles some) and constrained decoding. Decode ms/token
-is timed on the static arena with the step replayed as a CUDA graph and without it.
+    python bench/device_check.py --out OUT        # the repository root as working directory
 
-    scripts/ros-env python bench/device_check.py [--skip-full] [--out DIR]
+Rows (`check` column):
 
-Needs tensorrt (>= 10.3, 10.x or 11.x), a CUDA build of torch and a GPU; prints one table and
-exits 0 when every row's tokens equal torch's (fp16/bf16: or differ only where torch's own top
-two logits are within four times the measured logit error, `export.precision_verdict`: random
-full-size weights give flat logits). bf16 rows run where the GPU has bf16 (sm80 and newer).
-Not a test: it is what a lent GPU machine runs once. Within a short device budget run it
-twice: `--skip-full --out W` (minutes), then `--only-full --out W`.
+- `tokens == generate (same precision)`: torch's static path (static KV arena, the decode step
+  replayed as a CUDA graph) on the tiny trained checkpoint, free greedy decoding of four prompts,
+  against transformers' `generate` on the GPU in the same precision (n of 4 prompts equal).
+- `tokens == fp32`: the same against fp32 on the GPU; fp16/bf16 may differ only where fp32's own
+  top-two logit margin is within 4x the measured logit error (`export.precision_verdict`).
+- `boxes == fp32`: constrained referring expressions on generated scenes, the pipeline's boxes.
+- `decode ms/token, CUDA graph / plain`: full-size architecture (random weights, 1.66 B
+  parameters), fp16, one row, against the floor: the bytes a step must read (decoder layers and
+  lm_head in fp16) over the device's measured copy bandwidth. Target: graph <= 2x the floor.
+- `refer p50 ms, fresh frame / encoded ahead / 4 expressions`: a referring expression through the
+  pipeline (constrained), against transformers `processor + generate` (fp16, greedy, 5 new tokens)
+  on the same frames in the same run. Target: encoded ahead <= 15 ms.
+- `peak GPU memory`: `torch.cuda.max_memory_allocated` over the full-size rows.
+- `tensorrt ...`: only where `import tensorrt` works (engines built, tokens against torch).
+
+Exit 0 when every verdict is ok. `--skip-full` runs only the tiny checkpoint (a minute).
+`--device cpu` runs the same rows on the CPU (no graphs, fp32 and bf16; a smoke test of this
+script before a GPU is lent: `python bench/device_check.py --device cpu --skip-full`).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable, List, Tuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = ("<grounding><phrase> the red mug</phrase>", "<grounding>An image of")
+PROMPTS = ("<grounding><phrase> the red square</phrase>", "<grounding>An image of",
+           "<grounding> Question: what is on the left? Answer:", "<grounding>Describe this image in detail:")
+EXPRESSIONS = ("the red square", "the blue square", "the green square", "a square on the left")
+HEADER = "| check | checkpoint | precision | measured | reference | ok |\n|---|---|---|---|---|---|"
+Row = Tuple[str, str, str, str, str, bool]
 
 
-def bandwidth_gbs(torch) -> float:
+class Table:
+    def __init__(self) -> None:
+        self.rows: List[Row] = []
+
+    def add(self, check: str, ckpt: str, prec: str, measured: str, reference: str, ok: bool = True) -> None:
+        self.rows.append((check, ckpt, prec, measured, reference, ok))
+        print(self.text(self.rows[-1]), flush=True)
+
+    @staticmethod
+    def text(r: Row) -> str:
+        return f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {'yes' if r[5] else 'NO'} |"
+
+    def markdown(self) -> str:
+        return "\n".join([HEADER] + [self.text(r) for r in self.rows])
+
+
+#: Where the rows run: cuda (what the check is for) or cpu (`--device cpu`, a smoke test of the script).
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def p50_ms(run: Callable[[], Any], n: int, warm: int = 2) -> float:
+    for _ in range(warm):
+        run()
+    times = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        run()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def bandwidth_gbs() -> float:
     """Device-to-device copy bandwidth (read + write), GB/s."""
-    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    import torch
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
-    for _ in range(20):
+    for _ in range(10):
         y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 20 / (time.perf_counter() - t) / 1e9
+    sync()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t) / 1e9
 
 
-def check(name, model_dir, precision, art, torch, rows, max_new=8):
+def frames(n: int, seed: int = 0) -> list:
+    from kosmos2_ros.core.frames import Frame
+    from kosmos2_ros.core.scenes import draw_scene
+
+    rng = np.random.default_rng(seed)
+    return [Frame(rgb=draw_scene(640, 480, rng=rng)[0], stamp_ns=i + 1, frame_id="cam") for i in range(n)]
+
+
+def pipeline(model_dir: Path, backend: Any, **cfg: Any) -> Any:
+    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.loading import load_processor
+    from kosmos2_ros.core.pipeline import Pipeline
+
+    return Pipeline(Kosmos2Config(model=str(model_dir), backend="torch", device=DEVICE, enable_3d=False, **cfg),
+                    backend, load_processor(str(model_dir)))
+
+
+def boxes(pipe: Any, scenes: list) -> list:
+    from kosmos2_ros.core.pipeline import Command
+
+    out = []
+    for frame in scenes:
+        for res in pipe.run_batch([Command(id=e, task="refer", text=e) for e in EXPRESSIONS], frame):
+            out.append([tuple(round(v, 4) for v in b) for ent in res.entities for b in ent.boxes_norm]
+                       if res.status == 0 else res.error)
+    return out
+
+
+# -- tiny trained checkpoint: tokens and boxes ---------------------------------------------------------
+def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
+    import torch
+    from transformers import Kosmos2ForConditionalGeneration
+
+    from kosmos2_ros.core.backends.onnx import export
+    from kosmos2_ros.core.backends.registry import create_backend
+    from kosmos2_ros.core.backends.torch.backend import TorchBackend
+    from kosmos2_ros.core.decoding import Row as DecodeRow
+    from kosmos2_ros.core.decoding import generate
+    from kosmos2_ros.core.loading import TextCodec, load_processor
+    from kosmos2_ros.core.reference import reference_generate
+
+    processor = load_processor(str(tiny))
+    codec = TextCodec(processor)
+    scene = frames(1, seed=7)[0].rgb
+    pixels = processor.image_processor(scene, return_tensors="np")["pixel_values"].astype(np.float32)
+    ref32 = TorchBackend(str(tiny), device=DEVICE, precision="fp32")
+    e32 = ref32.encode_image(pixels)
+    free32 = [generate(ref32, e32, [DecodeRow(p.input_ids, p.image_mask, 16)], codec.vocab)[0].token_ids
+              for p in map(codec.encode, PROMPTS)]
+    boxes32 = boxes(pipeline(tiny, ref32, precision="fp32"), frames(3, seed=1))
+    for prec in precisions:
+        static = create_backend("torch", str(tiny), device=DEVICE, precision=prec, torch_mode="static")
+        hf = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny), dtype=getattr(torch, {
+            "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[prec])).to(DEVICE).eval()
+        emb = static.encode_image(pixels)
+        same_hf, same32, diff, margins = 0, True, 0.0, []
+        for prompt, p, want32 in zip(PROMPTS, map(codec.encode, PROMPTS), free32):
+            got = generate(static, emb, [DecodeRow(p.input_ids, p.image_mask, 16)], codec.vocab)[0].token_ids
+            same_hf += got == reference_generate(hf, processor, prompt, scene, 16).new_ids
+            same32 &= got == want32
+            d, m = export.forced_margins(ref32, static, e32, emb, p.input_ids, p.image_mask, want32)
+            diff, margins = max(diff, d), margins + m
+        verdict, ok = export.precision_verdict(same32, margins, diff, prec)
+        graphs = "CUDA graph" if static.cuda_graph else f"no graph ({static.graph_error or 'cpu'})"
+        table.add("tokens == generate (same precision)", "tiny", prec, f"{same_hf} of {len(PROMPTS)} prompts",
+                  f"transformers generate on {DEVICE}, {prec}", prec != "fp32" or same_hf == len(PROMPTS))
+        table.add("tokens == fp32", "tiny", prec, f"{verdict}; max dlogits {diff:.1e}; {graphs}",
+                  f"torch fp32 on {DEVICE}", ok)
+        got_boxes = boxes(pipeline(tiny, static, precision=prec), frames(3, seed=1))
+        same = sum(a == b for a, b in zip(got_boxes, boxes32))
+        table.add("boxes == fp32", "tiny", prec, f"{same} of {len(boxes32)} commands", f"torch fp32 on {DEVICE}",
+                  same == len(boxes32) or prec != "fp32")
+        static.close()
+        del hf
+    ref32.close()
+
+
+# -- full-size architecture: speed and memory -------------------------------------------------------------
+def full_precision() -> str:
+    """fp16 on the GPU; bf16 in the CPU smoke test (torch has no CPU fp16 matmul)."""
+    return "fp16" if DEVICE != "cpu" else "bf16"
+
+
+def full_rows(table: Table, full: Path) -> None:
+    import torch
+    from transformers import Kosmos2ForConditionalGeneration
+
+    from kosmos2_ros.core.backends.registry import create_backend
+    from kosmos2_ros.core.loading import TextCodec, load_processor
+    from kosmos2_ros.core.pipeline import Command
+
+    processor = load_processor(str(full))
+    codec = TextCodec(processor)
+    gbs = bandwidth_gbs()
+    if DEVICE != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    static = create_backend("torch", str(full), device=DEVICE, precision=full_precision(), torch_mode="static")
+    load_s = time.perf_counter() - t0
+    dec = static._decoder
+    n_read = sum(p.numel() * p.element_size() for p in dec.layers.parameters()) + \
+        dec.lm_head.weight.numel() * dec.lm_head.weight.element_size()
+    floor = n_read / (gbs * 1e9) * 1e3
+    p = codec.encode(PROMPTS[0])
+    pixels = processor.image_processor(frames(1)[0].rgb, return_tensors="np")["pixel_values"].astype(np.float32)
+    emb = static.encode_image(pixels)
+    timing = {}
+    for graph in (False, True):
+        static.cuda_graph, static._steps, static._bound = graph and static._cuda, {}, None
+        _, cache = static.prefill(emb, p.input_ids, p.image_mask)
+        for _ in range(4):
+            _, cache = static.decode(cache, 5)
+        sync()
+        n, t = 64, time.perf_counter()
+        for _ in range(n):
+            _, cache = static.decode(cache, 5)
+        timing[graph] = (time.perf_counter() - t) / n * 1e3
+    note = f" ({static.graph_error})" if static.graph_error else ""
+    prec = full_precision()
+    table.add("decode ms/token, CUDA graph", "full-size", prec,
+              f"{timing[True]:.3f} ({timing[True] / floor:.2f}x floor){note}",
+              f"floor {floor:.3f} ms ({n_read / 1e9:.2f} GB at {gbs:.0f} GB/s); target <= 2x", timing[True] <= 2 * floor)
+    table.add("decode ms/token, plain", "full-size", prec, f"{timing[False]:.3f} ({timing[False] / floor:.2f}x floor)",
+              f"graph is {timing[False] / timing[True]:.1f}x faster", True)
+    static.cuda_graph = static._cuda
+    pipe = pipeline(full, static, precision=full_precision())
+    cmd = Command(id="r", task="refer", text="the red mug")
+    fresh = iter(frames(40, seed=3))
+    ours_fresh = p50_ms(lambda: pipe.run(cmd, next(fresh)), 10)
+
+    def ahead() -> None:
+        frame = next(fresh)
+        pipe.encode_ahead([frame])
+        sync()
+        t = time.perf_counter()
+        pipe.run(cmd, frame)
+        ahead_ms.append((time.perf_counter() - t) * 1e3)
+
+    ahead_ms: List[float] = []
+    for _ in range(12):
+        ahead()
+    ours_ahead = statistics.median(ahead_ms[2:])
+    four = [Command(id=str(i), task="refer", text=e) for i, e in enumerate(EXPRESSIONS)]
+    ours_four = p50_ms(lambda: pipe.run_batch(four, next(fresh)), 6)
+    peak = torch.cuda.max_memory_allocated() / (1 << 30) if DEVICE != "cpu" else float("nan")
+    static.close()     # (its weights go with the pipeline, once it is not used any more)
+    pipe.backend = None
+    dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[full_precision()])
+    hf = Kosmos2ForConditionalGeneration.from_pretrained(str(full), dtype=dtype).to(DEVICE).eval()
+    naive_frames = iter(frames(20, seed=4))
+
+    def naive() -> None:
+        frame = next(naive_frames)
+        inputs = processor(text="<grounding><phrase> the red mug</phrase>", images=frame.rgb, return_tensors="pt")
+        inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+        with torch.inference_mode():
+            hf.generate(pixel_values=inputs["pixel_values"].to(hf.dtype), input_ids=inputs["input_ids"],
+                        attention_mask=inputs["attention_mask"],
+                        image_embeds_position_mask=inputs["image_embeds_position_mask"], max_new_tokens=5,
+                        do_sample=False, num_beams=1)
+
+    base = p50_ms(naive, 10)
+    table.add("refer p50 ms, fresh frame", "full-size", full_precision(), f"{ours_fresh:.1f} ({base / ours_fresh:.2f}x)",
+              f"transformers generate {base:.1f}", True)
+    table.add("refer p50 ms, encoded ahead", "full-size", full_precision(), f"{ours_ahead:.1f} ({base / ours_ahead:.2f}x)",
+              f"transformers generate {base:.1f}; target <= 15", ours_ahead <= 15)
+    table.add("refer p50 ms, 4 expressions on one frame", "full-size", full_precision(),
+              f"{ours_four:.1f} for 4 ({4 * base / ours_four:.2f}x)", f"transformers generate 4 x {base:.1f}", True)
+    table.add("peak GPU memory", "full-size", full_precision(), f"{peak:.2f} GiB (model load {load_s:.0f} s)", "-", True)
+
+
+# -- TensorRT, where it imports ---------------------------------------------------------------------------
+def tensorrt_rows(table: Table, tiny: Path, art: Path, precisions: List[str]) -> None:
     from kosmos2_ros.core.backends.onnx import export
     from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
     from kosmos2_ros.core.backends.torch.backend import TorchBackend
-    from kosmos2_ros.core.decoding import Row, generate
+    from kosmos2_ros.core.decoding import Row as DecodeRow
+    from kosmos2_ros.core.decoding import generate
     from kosmos2_ros.core.loading import TextCodec, load_processor
 
-    codec = TextCodec(load_processor(str(model_dir)))
-    t0 = time.perf_counter()
-    trt_b = TensorRTBackend(str(model_dir), device="cuda", precision=precision, artifacts_dir=str(art),
-                            build_engines=True)
-    build_s = time.perf_counter() - t0
-    ref_b = TorchBackend(str(model_dir), device="cuda", precision="fp32")
-    pv = np.random.RandomState(0).randn(1, 3, 224, 224).astype(np.float32)
-    e_ref, e_trt = ref_b.encode_image(pv), trt_b.encode_image(pv)
-    same, diffs, margins = True, [], []
-    encoded = [codec.encode(prompt) for prompt in PROMPTS]
-    for p in encoded:
-        a = generate(ref_b, e_ref, [Row(p.input_ids, p.image_mask, max_new)], codec.vocab)[0].token_ids
-        b = generate(trt_b, e_trt, [Row(p.input_ids, p.image_mask, max_new)], codec.vocab)[0].token_ids
-        same &= a == b
-        diff, more = export.forced_margins(ref_b, trt_b, e_ref, e_trt, p.input_ids, p.image_mask, a)
-        diffs.append(diff)
-        margins += more
-    lengths = [max_new, max_new // 2, 3]   # rows finishing at different steps
-    alone = [generate(ref_b, e_ref, [Row(p.input_ids, p.image_mask, n)], codec.vocab)[0].token_ids
-             for p, n in zip(encoded, lengths)]
-    together = generate(trt_b, e_trt, [Row(p.input_ids, p.image_mask, n) for p, n in zip(encoded, lengths)], codec.vocab)
-    same &= [g.token_ids for g in together] == alone
-    p = encoded[0]
-    a = generate(ref_b, e_ref, [Row(p.input_ids, p.image_mask, 8, constrained=True)], codec.vocab)[0].token_ids
-    b = generate(trt_b, e_trt, [Row(p.input_ids, p.image_mask, 8, constrained=True)], codec.vocab)[0].token_ids
-    same &= a == b
-    timing = {}
-    for graph in (False, True):     # decode ms/token, one row, on the arena
-        trt_b.cuda_graph = graph
-        trt_b._step = None          # rebind the step context (and recapture) for this mode
-        _, cache = trt_b.prefill(e_trt, p.input_ids, p.image_mask)
-        for _ in range(4):
-            _, cache = trt_b.decode(cache, 5)
-        torch.cuda.synchronize()
-        n, t = 32, time.perf_counter()
-        for _ in range(n):
-            _, cache = trt_b.decode(cache, 5)
-        timing[graph] = (time.perf_counter() - t) / n * 1e3
-    if trt_b.graph_error:
-        print(f"{name}/{precision}: {trt_b.graph_error}")
-    text = ref_b.model.text_model   # what a step must read: every decoder layer and the lm_head
-    n_read = sum(x.numel() for x in text.model.layers.parameters()) + text.lm_head.weight.numel()
-    floor_ms = n_read * (2 if precision != "fp32" else 4) / (bandwidth_gbs(torch) * 1e9) * 1e3
-    kv = str(trt_b.kv_dtype).replace("torch.", "")
-    rows.append((name, precision, kv, build_s, export.precision_verdict(same, margins, max(diffs), precision),
-                 max(diffs), timing[False], timing[True], floor_ms))
-    trt_b.close()
-    ref_b.close()
+    processor = load_processor(str(tiny))
+    codec = TextCodec(processor)
+    pixels = processor.image_processor(frames(1, seed=7)[0].rgb, return_tensors="np")["pixel_values"]
+    pixels = pixels.astype(np.float32)
+    ref = TorchBackend(str(tiny), device=DEVICE, precision="fp32")
+    e_ref = ref.encode_image(pixels)
+    for prec in precisions:
+        t0 = time.perf_counter()
+        trt_b = TensorRTBackend(str(tiny), device=DEVICE, precision=prec, artifacts_dir=str(art), build_engines=True)
+        build_s = time.perf_counter() - t0
+        e_trt = trt_b.encode_image(pixels)
+        same, diff, margins = True, 0.0, []
+        encoded = [codec.encode(q) for q in PROMPTS]
+        for p in encoded:
+            a = generate(ref, e_ref, [DecodeRow(p.input_ids, p.image_mask, 8)], codec.vocab)[0].token_ids
+            b = generate(trt_b, e_trt, [DecodeRow(p.input_ids, p.image_mask, 8)], codec.vocab)[0].token_ids
+            same &= a == b
+            d, m = export.forced_margins(ref, trt_b, e_ref, e_trt, p.input_ids, p.image_mask, a)
+            diff, margins = max(diff, d), margins + m
+        rows = [DecodeRow(p.input_ids, p.image_mask, n) for p, n in zip(encoded, (8, 4, 3, 6))]
+        alone = [generate(ref, e_ref, [r], codec.vocab)[0].token_ids for r in rows]
+        same &= [g.token_ids for g in generate(trt_b, e_trt, rows, codec.vocab)] == alone
+        # the suffix-prefill path: a shared head, then each prompt's suffix (what the pipeline does)
+        head = encoded[0].input_ids.index(codec.vocab.grounding) + 1
+        _, head_trt = trt_b.prefill(e_trt, encoded[0].input_ids[:head], encoded[0].image_mask[:head])
+        _, head_ref = ref.prefill(e_ref, encoded[0].input_ids[:head], encoded[0].image_mask[:head])
+        lt, _ = trt_b.prefill_batch([head_trt] * 4, [p.input_ids[head:] for p in encoded])
+        lr, _ = ref.prefill_batch([head_ref] * 4, [p.input_ids[head:] for p in encoded])
+        suffix_same = [int(np.argmax(a)) for a in lt] == [int(np.argmax(b)) for b in lr]
+        verdict, ok = export.precision_verdict(same and suffix_same, margins, diff, prec)
+        kv = str(trt_b.kv_dtype).replace("torch.", "")
+        table.add("tensorrt tokens == torch", "tiny", prec, f"{verdict}; KV {kv}; build {build_s:.0f} s",
+                  f"torch fp32 on cuda ({trt_b.graph_error or 'CUDA graph'})", ok)
+        trt_b.close()
+    ref.close()
 
 
-HEADER = ("| checkpoint | precision | KV dtype | engine build s | tokens == torch | max |dlogits| "
-          "| decode ms/token plain | decode ms/token CUDA graph | floor ms | graph x floor |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
-
-
-def row_text(name, prec, kv, build_s, same, diff, plain, graph, floor) -> str:
-    return (f"| {name} | {prec} | {kv} | {build_s:.0f} | {same[0]} | {diff:.2e} | {plain:.2f} | {graph:.2f} |"
-            f" {floor:.2f} | {graph / floor:.2f} |")
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--skip-full", action="store_true", help="tiny checkpoint only (a few minutes)")
-    ap.add_argument("--only-full", action="store_true", help="full-size checkpoint only (engine build: minutes)")
-    ap.add_argument("--out", default="", help="work directory (reuse it to keep checkpoints, graphs and engines)")
+def main(argv: Any = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="", help="directory for checkpoints, engines and device_check.md")
+    ap.add_argument("--skip-full", action="store_true", help="tiny checkpoint only (about a minute)")
+    ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke test of this script)")
     args = ap.parse_args(argv)
     import torch
 
-    from kosmos2_ros.core.backends.tensorrt import engines
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu" and not torch.cuda.is_available():
+        print(f"device_check: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
+        return 2
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
 
-    try:
-        trt, _ = engines.require_tensorrt(), engines.require_cuda_torch()
-    except engines.BackendUnavailable as exc:
-        print(f"device_check: {exc}", file=sys.stderr)
-        return 2
-    cc = torch.cuda.get_device_capability(0)
     work = Path(args.out or tempfile.mkdtemp(prefix="kosmos2_device_"))
-    art = work / "artifacts"
-    rows, failures = [], []
-    print(f"GPU: {torch.cuda.get_device_name(0)} (sm{cc[0]}{cc[1]}); TensorRT {trt.__version__}, strongly typed "
-          f"engines; torch {torch.__version__}; rows print as they finish", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    cc = torch.cuda.get_device_capability(0) if DEVICE != "cpu" else (0, 0)
+    precisions = (["fp32", "fp16"] + (["bf16"] if tuple(cc) >= (8, 0) else [])) if DEVICE != "cpu" else ["fp32", "bf16"]
+    try:
+        import tensorrt
+        trt_line = f"TensorRT {tensorrt.__version__}"
+    except ImportError:
+        tensorrt, trt_line = None, "no TensorRT (its rows are skipped)"
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if DEVICE != "cpu" else "none (--device cpu)"
+    head = (f"GPU: {gpu} (sm{cc[0]}{cc[1]}); torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, Python {sys.version.split()[0]}; {trt_line}")
+    print(head, flush=True)
     print(HEADER, flush=True)
-    plan = []
-    if not args.only_full:
-        tiny = build_tiny_checkpoint(work / "tiny")
-        plan += [("tiny", lambda: tiny, "fp32"), ("tiny", lambda: tiny, "fp16")]
-        if tuple(cc) >= engines.MIN_SM["bf16"]:
-            plan.append(("tiny", lambda: tiny, "bf16"))
+    table, failures = Table(), []
+    t0 = time.perf_counter()
+    tiny = work / "tiny"
+    if not (tiny / "config.json").is_file():
+        build_tiny_checkpoint(tiny, train=True)
+    steps: List[Tuple[str, Callable[[], None]]] = [("tiny", lambda: tiny_rows(table, tiny, precisions))]
     if not args.skip_full:
-        plan.append(("full-size", lambda: build_tiny_checkpoint(work / "full", full_size=True), "fp16"))
-    for name, make, prec in plan:
+        def full() -> None:
+            path = work / "full"
+            if not (path / "config.json").is_file():
+                build_tiny_checkpoint(path, full_size=True)
+            full_rows(table, path)
+        steps.append(("full-size", full))
+    if tensorrt is not None and DEVICE != "cpu":
+        steps.append(("tensorrt", lambda: tensorrt_rows(table, tiny, work / "artifacts", precisions)))
+    for name, step in steps:
         try:
-            check(name, make(), prec, art, torch, rows)
-            print(row_text(*rows[-1]), flush=True)
+            step()
         except Exception:  # noqa: BLE001 - report every failure, keep checking the rest
-            failures.append(f"{name}/{prec}:\n{traceback.format_exc()}")
+            failures.append(f"{name}:\n{traceback.format_exc()}")
             print(failures[-1], flush=True)
-    return 0 if rows and all(r[4][1] for r in rows) and not failures else 1
+    text = f"{head}; {time.perf_counter() - t0:.0f} s\n\n{table.markdown()}\n"
+    if failures:
+        text += "\nFailures:\n\n```\n" + "\n".join(failures) + "```\n"
+    (work / "device_check.md").write_text(text)
+    print(f"\nwritten to {work / 'device_check.md'} ({time.perf_counter() - t0:.0f} s)")
+    return 0 if table.rows and all(r[5] for r in table.rows) and not failures else 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def save_rgb(path: str, rgb) -> None:
 
 def _ground_parser() -> _Parser:
     from .core.backends.registry import AUTO, CHOICES
-    from .core.config import DECODING, PRECISIONS, Kosmos2Config
+    from .core.config import DECODING, PRECISION_CHOICES, Kosmos2Config
     from .core.tasks import Task
 
     p = _Parser(prog="kosmos2-ground", description="Run one Kosmos-2 task on one image (no ROS needed).")
@@ -84,7 +84,7 @@ def _ground_parser() -> _Parser:
     p.add_argument("--backend", default=AUTO, choices=CHOICES,
                    help="auto (default): tensorrt where a GPU and engines exist, else onnxruntime, else torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--decoding", default=Kosmos2Config.decoding, choices=DECODING,
                    help="constrained: referring expressions decode only location tokens (fast); free: plain greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -22,6 +22,7 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
     ap.add_argument("--artifacts-dir", default=ARTIFACTS_DIR)
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    ap.add_argument("--device", default="cuda", help="the GPU the engines are for and built on: cuda or cuda:N")
     ap.add_argument("--onnx-only", action="store_true", help="export the ONNX graphs only (no TensorRT needed)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-prompt", type=int, default=256)
@@ -50,7 +51,7 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
             return 5
         limits = engines.EngineLimits(args.max_batch, args.max_prompt, args.max_context)
         out, _ = engines.ensure_engines(model_dir, args.artifacts_dir, args.precision, allow_build=True,
-                                        limits=limits, log=print)
+                                        limits=limits, device=args.device, log=print)
         print(f"TensorRT engines: {out}")
         return 0
     except (BackendUnavailable, ModelNotFound, export.ExportError) as exc:

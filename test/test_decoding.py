@@ -7,6 +7,7 @@ import torch
 
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
 from kosmos2_ros.core.backends.torch.backend import TorchBackend
+from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
 from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.decoding import DecodingMode, Row, generate
@@ -30,6 +31,7 @@ def toy(toy_dir, tmp_path_factory):
     art = tmp_path_factory.mktemp("toy_artifacts")
     return {"processor": processor, "codec": TextCodec(processor),
             "torch": TorchBackend(str(toy_dir), device="cpu"),
+            "torch static": TorchStaticBackend(str(toy_dir), device="cpu"),
             "onnxruntime": OnnxBackend(str(toy_dir), device="cpu", artifacts_dir=str(art)), "art": art}
 
 
@@ -47,7 +49,7 @@ def _boxes(ids, vocab):
     return [tuple(g[:2]) for g in groups]
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend_name", ["torch", "torch static", "onnxruntime"])
 def test_constrained_equals_free_whenever_free_is_well_formed(toy, backend_name):
     backend, codec = toy[backend_name], toy["codec"]
     vocab = codec.vocab
@@ -94,7 +96,7 @@ def _hf_generate(model, processor, expr, image, max_new):
     return reference_generate(model, processor, f"<grounding><phrase> {expr}</phrase>", image, max_new).new_ids
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend_name", ["torch", "torch static", "onnxruntime"])
 def test_batched_rows_equal_unbatched_transformers(toy, toy_dir, backend_name):
     """Four expressions about one frame in one run_batch: each equals generate for it alone."""
     from PIL import Image
@@ -104,7 +106,8 @@ def test_batched_rows_equal_unbatched_transformers(toy, toy_dir, backend_name):
     processor = toy["processor"]
     vocab = toy["codec"].vocab
     for mode in ("free", "constrained"):
-        cfg = Kosmos2Config(model=str(toy_dir), backend=backend_name, device="cpu", decoding=mode, max_new_tokens=10)
+        cfg = Kosmos2Config(model=str(toy_dir), backend=backend_name.split()[0], device="cpu", decoding=mode,
+                            max_new_tokens=10)
         pipe = Pipeline(cfg, toy[backend_name], processor)
         for seed in (0, 1):
             rgb = toy_image(300 + seed, size=128)

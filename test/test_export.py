@@ -160,7 +160,8 @@ def test_reduced_graphs_carry_the_intended_types(reduced, precision):
         else:
             assert io["logits"] == f32 and io["image_embeds"] == f32
             assert all(io[n] == low for n in manifest["inputs"]["decoder"][5:] + manifest["outputs"]["decoder"][1:])
-            assert products == [low] * len(products) and len(products) == 8 * manifest["layers"] + 1
+            # every layer's 8 products and the lm_head reduced; one fp32 product counts image positions
+            assert products.count(low) == 8 * manifest["layers"] + 1 and products.count(f32) == 1, products
 
 
 def test_mixed_vision_module_is_transformers_in_fp32(reduced):

@@ -20,13 +20,15 @@ from kosmos2_ros.core.scenes import draw_scene
 MAX_NEW = 16
 
 
-@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+@pytest.fixture(scope="module", params=["torch", "torch static", "onnxruntime"])
 def setup(request: Any, tiny_model_dir: Any, tmp_path_factory: Any) -> Any:
-    """A pipeline on each backend that batches across frames, with transformers' model beside it."""
+    """A pipeline on each backend that batches across frames, with transformers' model beside it
+    ("torch static": the torch backend's static path, what it runs on a GPU, here on the CPU)."""
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
-    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend=request.param, device="cpu",
-                                       decoding="free", allow_download=False,
+    backend, _, mode = request.param.partition(" ")
+    pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend=backend, device="cpu",
+                                       decoding="free", allow_download=False, torch_mode=mode or "auto",
                                        artifacts_dir=str(tmp_path_factory.mktemp("artifacts"))))
     model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(tiny_model_dir))

@@ -96,35 +96,6 @@ def test_step_shapes_fit_the_step_profile_for_every_arena(tiny_model_dir, tmp_pa
                 assert all(a <= s <= b for a, s, b in zip(lo, shape, hi)), (name, shape, lo, hi)
 
 
-def test_step_scatter_writes_what_the_host_path_writes():
-    """The device-side scatter of the CUDA-graph step (here on CPU torch) matches `write_host`."""
-    import numpy as np
-    import torch
-
-    from kosmos2_ros.core.backends.kv_cache import NUMPY, ArenaPool, ArrayOps, KVCache
-    from kosmos2_ros.core.backends.tensorrt.backend import _StepBuffers
-
-    ops = ArrayOps(zeros=lambda shape: torch.zeros(shape), cat=lambda parts, axis: torch.cat(parts, dim=axis))
-    rng = np.random.RandomState(0)
-    lengths = [5, 9, 7]
-    host_caches = [KVCache(n, [rng.randn(1, 2, n, 3).astype(np.float32) for _ in range(4)]) for n in lengths]
-    dev_caches = [KVCache(c.length, [torch.from_numpy(a.copy()) for a in c.kv]) for c in host_caches]
-    host_arena, host_rows = ArenaPool(NUMPY, 4, 2, 3, 4096).arena_for(host_caches)
-    dev_arena, dev_rows = ArenaPool(ops, 4, 2, 3, 4096).arena_for(dev_caches)
-    active = [0, 2]                                        # row 1 has finished: it idles
-    feeds = dev_arena.step_feeds([dev_rows[i] for i in active], [11, 12], pad_id=1)
-    step = _StepBuffers(torch, dev_arena, vocab_size=10, device="cpu")
-    step.load(torch, feeds)
-    assert step.inputs["attention_mask"].numpy().tolist() == feeds.attention_mask.tolist()
-    new = rng.randn(4, 3, 2, 1, 3).astype(np.float32)
-    step.new.copy_(torch.from_numpy(new))
-    step.scatter()
-    host_arena.write_host(host_arena.step_feeds([host_rows[i] for i in active], [11, 12], pad_id=1), list(new))
-    got, want = dev_arena.kv.numpy(), host_arena.kv
-    np.testing.assert_array_equal(got[:, :, :, :dev_arena.capacity], want[:, :, :, :host_arena.capacity])
-    np.testing.assert_array_equal(got[:, 1, :, dev_arena.capacity], new[:, 1, :, 0])   # idle row: scratch only
-
-
 def test_engines_with_other_limits_are_found(tmp_path):
     """Engines built with `--max-context 2048` are used by a node asking for the default limits."""
     wanted = tmp_path / "engines" / engines.engine_key("abc", "10.3.0", (8, 7), "fp16", "3")

@@ -13,10 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
-from .backends.registry import AUTO
+from .backends.registry import AUTO, PRECISION_CHOICES
 from .backends.registry import CHOICES as BACKENDS
 from .decoding import DecodingMode
-from .defaults import ARTIFACTS_DIR, DEFAULT_MODEL, PRECISIONS
+from .defaults import ARTIFACTS_DIR, DEFAULT_MODEL, TORCH_MODES
 from .tasks import PromptError, sanitize_text
 
 DECODING = tuple(m.value for m in DecodingMode)
@@ -54,12 +54,13 @@ class Kosmos2Config:
     model: str = DEFAULT_MODEL                       # hub id or local directory
     backend: str = AUTO                              # auto | tensorrt | onnxruntime | torch (backends.registry)
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"                          # fp32 | fp16 | bf16 (tensorrt default fp16)
+    precision: str = AUTO                            # auto (fp16 on a GPU, fp32 on the CPU) | fp32 | fp16 | bf16
     allow_download: bool = True                      # may fetch the model from the hub
     allow_pickle_weights: bool = False               # refuse *.bin/*.pt weights unless true
     artifacts_dir: str = ARTIFACTS_DIR               # ONNX graphs and TensorRT engines
     build_engines: bool = False                      # the node may build missing engines itself
-    cuda_graph: bool = True                          # tensorrt: replay the decode step as a CUDA graph
+    cuda_graph: bool = True                          # tensorrt, torch on a GPU: replay the decode step as a CUDA graph
+    torch_mode: str = "auto"                         # torch: auto (static on a GPU) | reference | static
     # Generation
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused
@@ -148,7 +149,8 @@ class Kosmos2Config:
             need(ok, f"parameter {f.name!r} must be a {kind}, got {value!r}")
         need(bool(self.model.strip()), "model must name a hub id or a directory")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.precision in PRECISION_CHOICES, f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
+        need(self.torch_mode in TORCH_MODES, f"torch_mode must be one of {TORCH_MODES}, got {self.torch_mode!r}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.decoding in DECODING, f"decoding must be one of {DECODING}, got {self.decoding!r}")

@@ -14,3 +14,6 @@ ARTIFACTS_DIR = "~/.cache/kosmos2_ros"
 PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", "bf16")
 #: torch / numpy dtype names of each precision.
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: How the torch backend runs (`backends.torch.backend.create`): auto = the static path (static KV
+#: arena, CUDA graphs) on a GPU and transformers' modules (the reference) on the CPU.
+TORCH_MODES: Tuple[str, ...] = ("auto", "reference", "static")

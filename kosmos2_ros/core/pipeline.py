@@ -126,7 +126,8 @@ class Pipeline:
         `backend_reason`: why this backend runs (which `backend: auto` chose and why)."""
         self.config = config
         self.backend = backend
-        self.backend_reason = backend_reason or f"backend {backend.name} (configured)"
+        precision = getattr(backend, "precision", config.precision)
+        self.backend_reason = backend_reason or f"backend {backend.name} (configured), {precision}"
         self.processor = processor
         self.checkpoint_no_repeat_ngram_size = int(checkpoint_no_repeat_ngram_size)
         self.codec = TextCodec(processor)
@@ -140,11 +141,11 @@ class Pipeline:
         processor = load_processor(model_dir)
         options = dict(device=config.device, precision=config.precision,
                        allow_pickle=config.allow_pickle_weights, artifacts_dir=config.artifacts_dir,
-                       build_engines=config.build_engines, cuda_graph=config.cuda_graph)
+                       build_engines=config.build_engines, cuda_graph=config.cuda_graph, torch_mode=config.torch_mode)
         options.update(backend_options)
         name, reason = config.backend, ""
         if name == AUTO:
-            name, reason = choose_backend(model_dir, options)
+            name, options, reason = choose_backend(model_dir, options)
         backend = create_backend(name, model_dir, **options)
         return cls(config, backend, processor, checkpoint_no_repeat_ngram_size(model_dir), reason)
 

@@ -35,7 +35,7 @@ PROG = "kosmos2-eval"
 
 def _parser() -> _Parser:
     from ..core.backends.registry import CHOICES
-    from ..core.config import DECODING, PRECISIONS
+    from ..core.config import DECODING, PRECISION_CHOICES
     from ..core.decoding import DecodingMode
 
     p = _Parser(prog=PROG, description="Kosmos-2 grounding benchmarks: RefCOCO/RefCOCO+/RefCOCOg (accuracy at "
@@ -51,7 +51,7 @@ def _parser() -> _Parser:
     p.add_argument("--backend", default="torch", choices=CHOICES,
                    help="torch (default: the reference), or the backend to check against the paper's figures")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--decoding", default=DecodingMode.CONSTRAINED.value, choices=DECODING)
     p.add_argument("--max-new-tokens", type=int, default=32)
     add_ngram_argument(p)

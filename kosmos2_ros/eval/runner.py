@@ -121,7 +121,8 @@ def _clock(seconds: float) -> str:
 def run_settings(pipeline: Pipeline, dataset: Dataset) -> Dict[str, Any]:
     """What decides the predictions; a resumed run must match it."""
     cfg = pipeline.config
-    return {"dataset": dataset.label, "model": cfg.model, "backend": cfg.backend, "precision": cfg.precision,
+    precision = getattr(pipeline.backend, "precision", cfg.precision)   # auto made concrete by the backend
+    return {"dataset": dataset.label, "model": cfg.model, "backend": cfg.backend, "precision": precision,
             "decoding": cfg.decoding, "max_new_tokens": cfg.max_new_tokens,
             "no_repeat_ngram_size": pipeline.no_repeat_ngram_size()}
 

@@ -28,12 +28,14 @@ PARAMETER_DOCS: Dict[str, str] = {
     "model": "Hugging Face hub id or local directory saved with save_pretrained",
     "backend": backend_registry.describe(),
     "device": "auto | cpu | cuda | cuda:N",
-    "precision": " | ".join(PRECISIONS),
+    "precision": "auto (fp16 on a GPU, fp32 on the CPU) | " + " | ".join(PRECISIONS),
     "allow_download": "may fetch the model from the hub when it is not cached",
     "allow_pickle_weights": "accept *.bin / *.pt weights (pickle); refused by default",
     "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
     "build_engines": "the node may build missing ONNX/TensorRT artifacts itself on configure",
-    "cuda_graph": "tensorrt: replay each decode step as one CUDA graph launch",
+    "cuda_graph": "tensorrt, torch on a GPU: replay each decode step as one CUDA graph launch",
+    "torch_mode": "torch backend: auto (static KV arena + CUDA graphs on a GPU, transformers' modules on the CPU) "
+                  "| reference (transformers' modules step by step) | static",
     "max_new_tokens": "default generation limit for a command (commands may ask for another)",
     "max_new_tokens_limit": "commands asking for more tokens are refused (STATUS_INVALID)",
     "decoding": "default decoding for refer/phrase grounding: constrained (always a box) | free",
@@ -64,7 +66,7 @@ PARAMETER_DOCS: Dict[str, str] = {
 # Changing these at runtime is accepted and validated, but takes effect on the next configure
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
-                                 "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph",
+                                 "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph", "torch_mode",
                                  "image_qos", "use_compressed", "cameras"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 

@@ -21,6 +21,25 @@ class BackendUnavailable(BackendError):
     """The backend cannot run on this machine (a library or device is missing)."""
 
 
+def cuda_device_count() -> int:
+    """GPUs torch can use here (0 without torch or a CUDA build): `auto`'s one probe of the machine."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def cuda_capability(device: str = "cuda") -> Tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device ("cuda" or "cuda:N")."""
+    import torch
+
+    index = torch.device(device).index or 0
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
 def position_ids(input_ids: Sequence[int], cache_length: int, pad_id: int) -> np.ndarray:
     """Kosmos-2's positions for a chunk of tokens appended to a cache of `cache_length` tokens.
 

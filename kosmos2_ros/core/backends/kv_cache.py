@@ -28,6 +28,10 @@ from .base import BackendError, PackedRows, pack_rows, position_ids
 CAPACITY_STEP = 64
 #: Free columns an arena keeps beyond its longest row when it is (re)filled.
 HEADROOM = 32
+#: Each array of an arena (and of a step's new keys/values) starts a multiple of this many elements
+#: after the first: TensorRT requires 256-byte aligned tensor addresses, which this gives for any
+#: element size (the first array is where the allocator put the buffer: 512-byte aligned in torch).
+SLAB_ALIGN = 256
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,14 @@ class ArrayOps:
 
 NUMPY = ArrayOps(zeros=lambda shape: np.zeros(shape, dtype=np.float32),
                  cat=lambda parts, axis: np.concatenate(parts, axis=axis))
+
+
+def aligned_slabs(ops: ArrayOps, n: int, shape: Tuple[int, ...]) -> Any:
+    """Zeros of shape (n, *shape) whose n arrays [j] each start SLAB_ALIGN elements apart (a view
+    into one padded buffer): each [j] is contiguous and can be bound as a tensor on its own."""
+    size = int(np.prod(shape))
+    padded = -(-size // SLAB_ALIGN) * SLAB_ALIGN
+    return ops.zeros((n, padded))[:, :size].reshape((n, *shape))
 
 
 @dataclass(eq=False)
@@ -135,7 +147,7 @@ class KVArena:
         self.ops = ops
         self.rows, self.capacity = rows, capacity
         # Column `capacity` is scratch: idle rows write there, and no mask ever lets it be read.
-        self.kv = ops.zeros((n_arrays, rows, heads, capacity + 1, head_dim))
+        self.kv = aligned_slabs(ops, n_arrays, (rows, heads, capacity + 1, head_dim))
         self.lengths = [0] * rows
         self.generation = 0
         self._written = [0] * rows          # columns ever written per row (stale data to clear)
@@ -222,29 +234,37 @@ def capacity_for(length: int, limit: int) -> int:
 
 
 class ArenaPool:
-    """The arenas of one backend, least recently used dropped first (their views get copies)."""
+    """The arenas of one backend, least recently used dropped first (their views get copies).
+
+    `slot` separates groups of rows decoded in turn (a batch larger than a backend's step takes
+    several arenas of the same shape, one per group): each slot keeps its own `max_arenas`.
+    """
 
     def __init__(self, ops: ArrayOps, n_arrays: int, heads: int, head_dim: int, limit: int,
                  max_arenas: int = 2) -> None:
         self.ops, self.n_arrays, self.heads, self.head_dim = ops, n_arrays, heads, head_dim
         self.limit, self.max_arenas = limit, max_arenas
-        self._arenas: Dict[Tuple[int, int], KVArena] = OrderedDict()
+        self._arenas: Dict[Tuple[int, int, int], KVArena] = OrderedDict()
 
-    def arena_for(self, caches: Sequence[KVCache]) -> Tuple[KVArena, List[KVCache]]:
+    def arena_for(self, caches: Sequence[KVCache], slot: int = 0) -> Tuple[KVArena, List[KVCache]]:
         """The arena holding `caches` as they are, or one they have just been copied into."""
         first = caches[0]
         if first.arena is not None and first.arena.holds(caches):
             return first.arena, list(caches)
         cap = capacity_for(max(c.length for c in caches), self.limit)
-        key = (len(caches), cap)
+        key = (slot, len(caches), cap)
         arena = self._arenas.pop(key, None)
         if arena is None:
-            while len(self._arenas) >= self.max_arenas:
-                _, old = self._arenas.popitem(last=False)   # type: ignore[call-arg]
-                old.release_views()
+            while sum(k[0] == slot for k in self._arenas) >= self.max_arenas:
+                old = next(k for k in self._arenas if k[0] == slot)
+                self._arenas.pop(old).release_views()
             arena = KVArena(self.ops, self.n_arrays, len(caches), self.heads, cap, self.head_dim)
         self._arenas[key] = arena
         return arena, arena.load(caches)
+
+    def live(self) -> List[KVArena]:
+        """The arenas kept now (a backend drops what it holds for any other)."""
+        return list(self._arenas.values())
 
     def clear(self) -> None:
         for arena in self._arenas.values():

@@ -2,8 +2,8 @@
 
 Each entry names its folder under `backends/`, the class in that folder's `backend.py`, and the
 keyword options its constructor takes; the folder's `__init__.py` says whether it can run here
-(`unusable`). Adding a backend is one folder and one entry. The order is `auto`'s preference:
-the fastest first.
+(`unusable`). Adding a backend is one folder and one entry (and its place in `PREFERENCE`, the
+order `auto` tries backends and devices in: the fastest first).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
 from ..defaults import PRECISIONS
+from .base import cuda_capability, cuda_device_count
 
 #: The name that lets the registry choose (`choose_backend`).
 AUTO = "auto"
@@ -38,8 +39,10 @@ REGISTRY: Tuple[BackendSpec, ...] = (
     BackendSpec("onnxruntime", "onnx", "OnnxBackend",
                 ("device", "precision", "artifacts_dir", "allow_pickle", "model", "threads"), ("fp32",),
                 "onnxruntime over the exported fp32 ONNX graphs (exported on first use)"),
-    BackendSpec("torch", "torch", "TorchBackend", ("device", "precision", "allow_pickle", "model"), PRECISIONS,
-                "transformers, the reference every other backend equals token for token"),
+    BackendSpec("torch", "torch", "create",
+                ("device", "precision", "allow_pickle", "model", "cuda_graph", "torch_mode"), PRECISIONS,
+                "torch: on a GPU a static KV arena and CUDA graphs; on the CPU transformers' modules, the "
+                "reference every other backend equals token for token"),
 )
 BY_NAME: Dict[str, BackendSpec] = {s.name: s for s in REGISTRY}
 #: Backends selectable by name.
@@ -48,6 +51,14 @@ BACKENDS: Tuple[str, ...] = tuple(BY_NAME)
 CHOICES: Tuple[str, ...] = (AUTO,) + BACKENDS
 #: Every option some backend takes (`create_backend` refuses others).
 OPTIONS = frozenset(o for s in REGISTRY for o in s.options)
+#: `auto`'s preference, fastest first: (backend, where it runs). On a desktop with a GPU, torch on the
+#: GPU is dozens of times faster than onnxruntime on the CPU, whatever the order of the registry.
+PREFERENCE: Tuple[Tuple[str, str], ...] = (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cuda"),
+                                           ("onnxruntime", "cpu"), ("torch", "cpu"))
+#: What `precision:` accepts besides the precisions: `auto` (`resolve_precision`).
+PRECISION_CHOICES: Tuple[str, ...] = (AUTO,) + PRECISIONS
+#: GPUs without native fp16 arithmetic (compute capability below 5.3, and sm61: 1/64 rate).
+NO_FAST_FP16 = ((6, 1),)
 
 
 def describe() -> str:
@@ -62,15 +73,55 @@ def spec(name: str) -> BackendSpec:
         raise ValueError(f"unknown backend {name!r}; expected one of: {', '.join(CHOICES)}") from None
 
 
-def choose_backend(model_dir: str, options: Mapping[str, Any]) -> Tuple[str, str]:
-    """(name, why) of the first backend in preference order that can run here with these options."""
+def resolve_precision(name: str, device: str, precision: str, options: Mapping[str, Any]) -> str:
+    """`precision: auto` made concrete for a backend on a device.
+
+    fp32 on the CPU, and for a backend that runs only fp32 (onnxruntime). On a GPU, fp16: the GPU
+    paths (TensorRT engines, torch's static path) run the mixed graphs that keep the residual
+    stream, LayerNorm, softmax and logits in fp32, where fp16's range would be at risk, and fp16's
+    10-bit mantissa keeps tokens closer to fp32's than bf16's 7 bits. bf16 only for torch's
+    reference mode (transformers' modules in one dtype throughout, residual stream included) on GPUs
+    that have it (sm80+); fp32 on GPUs without native fp16.
+    """
+    if precision != AUTO:
+        return precision
+    if not device.startswith("cuda") or "fp16" not in spec(name).precisions or not cuda_device_count():
+        return "fp32"   # (no GPU: the candidate is unusable anyway and says why)
+    cc = cuda_capability(device)
+    if cc < (5, 3) or cc in NO_FAST_FP16:
+        return "fp32"
+    if name == "torch" and options.get("torch_mode") == "reference" and cc >= (8, 0):
+        return "bf16"
+    return "fp16"
+
+
+def _device_for(name: str, device: str) -> str:
+    """Where a named backend runs with `device: auto` (for its precision)."""
+    if device != AUTO:
+        return device
+    if name == "tensorrt" or (name == "torch" and cuda_device_count()):
+        return "cuda"
+    return "cpu"
+
+
+def choose_backend(model_dir: str, options: Mapping[str, Any]) -> Tuple[str, Dict[str, Any], str]:
+    """(name, options with device and precision made concrete, why) of the first usable candidate in
+    `PREFERENCE` (only those on the configured device when it is not auto)."""
+    device = str(options.get("device", AUTO))
+    want = None if device == AUTO else ("cuda" if device.startswith("cuda") else "cpu")
     passed = []
-    for entry in REGISTRY:
-        reason = entry.module().unusable(model_dir, {k: v for k, v in options.items() if k in entry.options})
+    for name, kind in PREFERENCE:
+        if want is not None and kind != want:
+            continue
+        entry = BY_NAME[name]
+        dev = device if want is not None else kind
+        precision = resolve_precision(name, dev, str(options.get("precision", AUTO)), options)
+        resolved = dict(options, device=dev, precision=precision)
+        reason = entry.module().unusable(model_dir, {k: v for k, v in resolved.items() if k in entry.options})
         if not reason:
-            why = "; ".join(passed) if passed else "the fastest backend"
-            return entry.name, f"backend auto chose {entry.name}" + (f" ({why})" if passed else "")
-        passed.append(f"not {entry.name}: {reason}")
+            why = f"backend auto chose {name} on {dev} ({precision})"
+            return name, resolved, why + (f" ({'; '.join(passed)})" if passed else "")
+        passed.append(f"not {name} on {kind}: {reason}")
     raise ValueError("backend auto found no usable backend: " + "; ".join(passed))
 
 
@@ -78,13 +129,16 @@ def create_backend(name: str, model_dir: str, **options: Any) -> Any:
     """Build the named backend (or `auto`'s choice) for a local model directory.
 
     Options no backend takes are refused; options other backends take are left out, so one set of
-    options (from the config) serves every backend.
+    options (from the config) serves every backend. `precision: auto` is resolved here.
     """
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise TypeError(f"unknown backend option(s) {', '.join(unknown)}; backends take: {', '.join(sorted(OPTIONS))}")
     if name == AUTO:
-        name, _ = choose_backend(model_dir, options)
+        name, options, _ = choose_backend(model_dir, options)
     entry = spec(name)
+    if options.get("precision", AUTO) == AUTO:
+        options = dict(options, precision=resolve_precision(
+            name, _device_for(name, str(options.get("device", AUTO))), AUTO, options))
     cls = getattr(importlib.import_module(f"{__package__}.{entry.package}.backend"), entry.class_name)
     return cls(model_dir, **{k: v for k, v in options.items() if k in entry.options})

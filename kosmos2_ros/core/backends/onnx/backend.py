@@ -57,6 +57,7 @@ class OnnxBackend(GraphBackend):
         if precision != "fp32":
             raise BackendUnavailable(f"the onnxruntime backend runs the fp32 graphs; precision {precision!r} "
                                      "needs backend: tensorrt (or use precision: fp32)")
+        self.precision = "fp32"
         self.graph_dir, self.manifest = export.ensure_exported(
             model_dir, artifacts_dir, allow_export=True, model=model, allow_pickle=allow_pickle)
         m = self.manifest

@@ -37,17 +37,11 @@ same input and output names, the KV tensors in the reduced type). They are trace
 `MixedVisionGraph` and `DecoderGraph(dtype=...)`, which in fp32 compute exactly what the fp32
 graphs compute.
 
-Why one hand-written decoder module rather than tracing `Kosmos2TextModel`: tracing freezes the
-Python branches in transformers' code (``cache_length > 0`` drops the image, ``seq_len > 1``
-builds a causal mask, the sinusoidal table grows on demand). The wrapper below has no
-branch on shapes: it always inserts image embeddings where ``image_mask`` is 1 (as
-``inputs_embeds[mask] = image_embeds`` does), scales by ``embed_scale``, reads positions from a
-precomputed table, and builds the causal + padding mask from ``attention_mask`` and the past
-length. Tests prove it equal to transformers on the prefill, suffix-prefill and decode paths.
+The traced modules are hand-written (`backends.modules`, which says why); tests prove them equal
+to transformers on the prefill, suffix-prefill and decode paths.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -62,10 +56,13 @@ import numpy as np
 from ...defaults import DTYPE_NAMES, PRECISIONS
 from ..base import Backend, position_ids
 from ..kv_cache import KVCache
+from ..modules import MASK_VALUE, MIN_POSITION_ROWS, _modules, decoder_module, torch_dtype, vision_module  # noqa: F401 (re-exported)
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
 #: 4: fp16 / bf16 graph variants (strongly typed: precision lives in the graph).
-EXPORT_VERSION = "4"
+#: 5: no CumSum (image positions counted by a matrix product) and no Gather at index -1 (the last
+#: position is a Slice from the shape): both undefined or unsupported in TensorRT 10.3.
+EXPORT_VERSION = "5"
 #: Graph precisions (`defaults.PRECISIONS`): fp32 (the reference onnxruntime runs) and the reduced-precision
 #: variants TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
 #: ONNX / numpy element type names of each precision's compute dtype (and KV cache).
@@ -93,11 +90,6 @@ OPSET = 17
 VISION_FILE = "vision/vision.onnx"
 DECODER_FILE = "decoder/decoder.onnx"
 MANIFEST_FILE = "manifest.json"
-#: Rows of the sinusoidal position table baked into the graph (transformers grows it on demand;
-#: every row is independent of the table size, so a large fixed table is exact).
-MIN_POSITION_ROWS = 4096 + 8
-#: Additive mask value: finite in fp16, and exp() of it underflows to exactly 0 in fp16 and fp32.
-MASK_VALUE = -65504.0
 
 GRAPH_IO = {
     "vision": {"inputs": ["pixel_values"], "outputs": ["image_embeds"]},
@@ -183,169 +175,6 @@ def read_manifest(out_dir: Path) -> Optional[dict]:
     return dict(manifest, variants=variants)   # a variant whose files went missing is exported again
 
 
-# -- the modules that get traced -------------------------------------------------------------------
-def _modules():
-    """torch modules are defined lazily so importing this file does not import torch."""
-    import torch
-    from torch import nn
-
-    class Precision(nn.Module):
-        """Where the reduced-precision graphs keep fp32 (see REDUCED_PRECISION); identity in fp32.
-
-        `lowp(linear)` is a copy of a matrix-product module in the compute dtype (the fp32 model is
-        never modified); `norm(ln, x)` runs a LayerNorm on fp32 statistics and hands back the
-        compute dtype; `f32(x)` / `low(x)` cast into and out of the fp32 parts.
-        """
-
-        def __init__(self, dtype: Any = None) -> None:
-            super().__init__()
-            self.dt = dtype or torch.float32
-            self.reduced = self.dt != torch.float32
-
-        def lowp(self, module: Any) -> Any:
-            return copy.deepcopy(module).to(self.dt) if self.reduced else module
-
-        def f32(self, x: torch.Tensor) -> torch.Tensor:
-            return x.float() if self.reduced else x
-
-        def low(self, x: torch.Tensor) -> torch.Tensor:
-            return x.to(self.dt) if self.reduced else x
-
-        def norm(self, ln: Any, x: torch.Tensor) -> torch.Tensor:
-            return self.low(ln(self.f32(x)))
-
-        def scores(self, q: torch.Tensor, k: torch.Tensor, scaling: float, bias: Any = None) -> torch.Tensor:
-            """Attention probabilities [batch, heads, seq, keys], softmax in fp32.
-
-            Reduced: q is scaled before the product (exact for head_dim 64, scaling 1/8) so the
-            product's magnitude stays within fp16, then the scores are cast to fp32.
-            """
-            if self.reduced:
-                w = torch.matmul(q * scaling, k.transpose(-1, -2)).float()
-            else:
-                w = torch.matmul(q, k.transpose(-1, -2)) * scaling
-            if bias is not None:
-                w = w + bias
-            return self.low(torch.softmax(w, dim=-1))
-
-    class VisionGraph(nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
-
-    class MixedVisionGraph(Precision):
-        """`VisionGraph` with the ViT's matrix products in a reduced dtype (see REDUCED_PRECISION).
-
-        Patch embedding, the fp32 residual stream, every LayerNorm, softmax, L2 normalisation and
-        the image-to-text projection (19 M parameters, once per frame) stay fp32; input and
-        output are fp32 [batch, 3, H, W] -> [batch, 64, D].
-        """
-
-        def __init__(self, model: Any, dtype: Any) -> None:
-            super().__init__(dtype)
-            vm = model.vision_model.model
-            self.embeddings, self.pre, self.post = vm.embeddings, vm.pre_layrnorm, vm.post_layernorm
-            self.projection = model.image_to_text_projection
-            self.layers = nn.ModuleList(
-                nn.ModuleDict(dict(ln1=lay.layer_norm1, ln2=lay.layer_norm2, q=self.lowp(lay.self_attn.q_proj),
-                                   k=self.lowp(lay.self_attn.k_proj), v=self.lowp(lay.self_attn.v_proj),
-                                   out=self.lowp(lay.self_attn.out_proj), fc1=self.lowp(lay.mlp.fc1),
-                                   fc2=self.lowp(lay.mlp.fc2)))
-                for lay in vm.encoder.layers)
-            self.act = vm.encoder.layers[0].mlp.activation_fn
-            self.heads = int(model.config.vision_config.num_attention_heads)
-            self.scaling = float(vm.encoder.layers[0].self_attn.scale)
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            hidden = self.pre(self.embeddings(pixel_values))
-            bsz, seq, dim = hidden.shape
-            for lay in self.layers:
-                h = self.norm(lay["ln1"], hidden)
-                q, k, v = (lay[n](h).view(bsz, seq, self.heads, dim // self.heads).transpose(1, 2) for n in "qkv")
-                a = torch.matmul(self.scores(q, k, self.scaling), v).transpose(1, 2).reshape(bsz, seq, dim)
-                hidden = hidden + self.f32(lay["out"](a))
-                h = lay["fc2"](self.act(lay["fc1"](self.norm(lay["ln2"], hidden))))
-                hidden = hidden + self.f32(h)
-            embeds = nn.functional.normalize(self.post(hidden), dim=-1)
-            return self.projection(embeds)[0]
-
-    class DecoderGraph(Precision):
-        """Kosmos2TextForCausalLM with explicit positions, masks and KV tensors.
-
-        `dtype` fp16/bf16: the reduced-precision graph of REDUCED_PRECISION (KV in that dtype,
-        residual stream, LayerNorms, softmax and logits in fp32); None: the fp32 graph.
-        """
-
-        def __init__(self, model: Any, dtype: Any = None) -> None:
-            super().__init__(dtype)
-            causal_lm = model.text_model
-            text = causal_lm.model
-            cfg = causal_lm.config
-            self.embed_tokens = self.lowp(text.embed_tokens)
-            self.layers = nn.ModuleList(
-                nn.ModuleDict(dict(ln1=lay.self_attn_layer_norm, q=self.lowp(lay.self_attn.q_proj),
-                                   k=self.lowp(lay.self_attn.k_proj), v=self.lowp(lay.self_attn.v_proj),
-                                   out=self.lowp(lay.self_attn.out_proj), ln2=lay.final_layer_norm,
-                                   fc1=self.lowp(lay.ffn.fc1), ffn_ln=lay.ffn.ffn_layernorm,
-                                   fc2=self.lowp(lay.ffn.fc2),
-                                   **({"inner_ln": lay.self_attn.inner_attn_ln}
-                                      if lay.self_attn.inner_attn_ln is not None else {})))
-                for lay in text.layers)
-            self.act = text.layers[0].ffn.activation_fn
-            self.scaling = float(text.layers[0].self_attn.scaling)
-            self.layer_norm = text.layer_norm
-            self.lm_head = self.lowp(causal_lm.lm_head)
-            self.embed_scale = float(text.embed_scale)
-            self.num_heads = int(cfg.attention_heads)
-            self.head_dim = int(cfg.embed_dim) // self.num_heads
-            rows = max(int(text.embed_positions.weights.shape[0]), MIN_POSITION_ROWS)
-            table = text.embed_positions.get_embedding(rows, int(cfg.embed_dim), cfg.pad_token_id)
-            self.register_buffer("position_table", table.to(text.embed_positions.weights.dtype), persistent=False)
-
-        def forward(self, input_ids, image_embeds, image_mask, position_ids, attention_mask, *past):
-            bsz, seq = input_ids.shape
-            tok = self.f32(self.embed_tokens(input_ids))
-            # inputs_embeds[image_mask] = image_embeds, in order, without data-dependent shapes.
-            img = image_embeds.to(tok.dtype).expand(bsz, -1, -1)
-            index = (torch.cumsum(image_mask, dim=1) - 1).clamp(min=0)
-            picked = torch.gather(img, 1, index.unsqueeze(-1).expand(-1, -1, img.shape[-1]))
-            hidden = torch.where(image_mask.unsqueeze(-1) > 0, picked, tok) * self.embed_scale
-            hidden = hidden + nn.functional.embedding(position_ids, self.position_table).to(hidden.dtype)
-
-            past_len = attention_mask.shape[1] - seq
-            key_pos = torch.arange(attention_mask.shape[1], device=input_ids.device)
-            query_pos = torch.arange(seq, device=input_ids.device) + past_len
-            allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0).unsqueeze(0)
-            allowed = allowed & (attention_mask > 0).unsqueeze(1).unsqueeze(2)
-            zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-            bias = torch.where(allowed, zero, torch.full((), MASK_VALUE, dtype=hidden.dtype, device=hidden.device))
-
-            presents = []
-            split = (bsz, seq, self.num_heads, self.head_dim)
-            for i, lay in enumerate(self.layers):
-                h = self.norm(lay["ln1"], hidden)
-                q, k, v = (lay[n](h).view(split).transpose(1, 2) for n in "qkv")
-                presents += [k, v]
-                k = torch.cat([past[2 * i], k], dim=2)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
-                a = torch.matmul(self.scores(q, k, self.scaling, bias), v)
-                a = a.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
-                if "inner_ln" in lay:
-                    a = self.norm(lay["inner_ln"], a)
-                hidden = hidden + self.f32(lay["out"](a))
-                h = lay["fc1"](self.norm(lay["ln2"], hidden))
-                h = lay["fc2"](self.norm(lay["ffn_ln"], self.act(h)))
-                hidden = hidden + self.f32(h)
-            hidden = self.norm(self.layer_norm, hidden[:, -1])
-            logits = self.lm_head(hidden).float()
-            return (logits, *presents)
-
-    return VisionGraph, DecoderGraph, MixedVisionGraph
-
-
 def load_for_export(model_dir: str, allow_pickle: bool = False) -> Any:
     import torch
     from transformers import Kosmos2ForConditionalGeneration
@@ -354,24 +183,6 @@ def load_for_export(model_dir: str, allow_pickle: bool = False) -> Any:
         os.path.expanduser(model_dir), dtype=torch.float32, attn_implementation="eager",
         use_safetensors=None if allow_pickle else True, trust_remote_code=False)
     return model.eval()
-
-
-def torch_dtype(precision: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-def decoder_module(model: Any, precision: str = "fp32") -> Any:
-    """The traced decoder as a torch module (tests compare it with transformers directly, and run
-    the bf16 one where onnxruntime has no bf16 kernels)."""
-    return _modules()[1](model, None if precision == "fp32" else torch_dtype(precision)).eval()
-
-
-def vision_module(model: Any, precision: str = "fp32") -> Any:
-    """The traced vision graph as a torch module: transformers' own for fp32, the mixed one otherwise."""
-    vision_graph, _, mixed = _modules()
-    return (vision_graph(model) if precision == "fp32" else mixed(model, torch_dtype(precision))).eval()
 
 
 def decoder_names(num_layers: int) -> Tuple[List[str], List[str]]:

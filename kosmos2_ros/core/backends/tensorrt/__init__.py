@@ -19,8 +19,7 @@ def unusable(model_dir: str, options: Mapping[str, Any]) -> str:
 
     try:
         trt, torch = engines.require_tensorrt(), engines.require_cuda_torch()
-        index = torch.device("cuda" if device == "auto" else device).index or 0
-        cc = tuple(torch.cuda.get_device_capability(index))
+        cc = engines.compute_capability(torch, engines.cuda_device(torch, device))
         precision = options.get("precision", "fp32")
         engines.check_precision(precision, cc)
         out = engines.engine_dir(options.get("artifacts_dir", ARTIFACTS_DIR), model_dir, precision,

@@ -17,6 +17,7 @@ imported only inside functions.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import time
@@ -125,6 +126,23 @@ def require_cuda_torch() -> Any:
     return torch
 
 
+def cuda_device(torch: Any, device: str) -> str:
+    """`auto` / `cuda` -> "cuda"; `cuda:N` checked against the GPUs torch sees."""
+    device = str(device or "auto")
+    if device in ("auto", "cuda"):
+        return "cuda"
+    if not device.startswith("cuda:"):
+        raise BackendUnavailable(f"the tensorrt backend runs on CUDA devices, got device {device!r}")
+    index, count = torch.device(device).index or 0, torch.cuda.device_count()
+    if index >= count:
+        raise BackendUnavailable(f"device {device} does not exist: torch sees {count} CUDA device(s)")
+    return device
+
+
+def compute_capability(torch: Any, device: str) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(torch.device(device).index or 0))  # type: ignore[return-value]
+
+
 def engine_key(model_hash: str, trt_version: str, compute_capability: Tuple[int, int], precision: str,
                export_version: str, limits: EngineLimits = EngineLimits()) -> str:
     """Directory name for one set of engines; any change in its parts means a rebuild."""
@@ -172,30 +190,56 @@ def profiles(manifest: dict, limits: EngineLimits) -> Dict[str, list]:
             shapes[name] = ((1, heads, past[0], hd), (batch[1], heads, past[1], hd), (batch[2], heads, past[2], hd))
         return shapes
 
-    prefill = dec((1, n_img + 16, mp), (0, 0, mc - 1), (1, 1, mb))
+    prefill = dec((1, min(n_img + 16, mp), mp), (0, 0, mc - 1), (1, 1, mb))
     # The step reads a whole arena: capacity + 1 columns (kv_cache.capacity_for: multiples of 64).
     step = dec((1, 1, 1), (1, 129, mc - 1), (1, min(4, mb), mb))
     return {"vision": vision, "decoder": [prefill, step]}
 
 
+_LOGGER: Any = None
+
+
+def logger(trt: Any) -> Any:
+    """The process's one trt.Logger: TensorRT keeps a single logger pointer and warns when another
+    is given; builders and runtimes all take this one."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def timing_cache_path(artifacts_engines: Path, trt_version: str, compute_capability: Tuple[int, int]) -> Path:
+    """One timing cache per TensorRT version and GPU, beside the engine sets: kernel timings
+    measured in one build are reused by the next (builds on a Jetson Orin take long)."""
+    cc = f"sm{compute_capability[0]}{compute_capability[1]}"
+    return artifacts_engines / f"timing-trt{trt_version}-{cc}.cache"
+
+
 def build_engine(onnx_path: Path, out_path: Path, precision: str, shape_profiles: list,
-                 workspace_gb: float = 4.0, log: Any = print) -> Path:
+                 workspace_gb: float = 4.0, log: Any = print, timing_cache: Optional[Path] = None) -> Path:
     """Parse an ONNX graph (external weights beside it) and serialise an engine to `out_path`.
 
     The network is strongly typed: every tensor keeps the type the graph gives it, so the fp16 /
     bf16 graphs make fp16 / bf16 engines with no precision flag (there is none in TensorRT 11).
-    `precision` only labels the log line.
+    fp32 engines clear TF32 (on by default, and strong typing does not turn it off: fp32 engines
+    are held to exact token equality). The plan is written from TensorRT's own buffer after the
+    builder, network and parser (which holds the weights) are freed: a 2.7 GB plan is never
+    copied in host memory.
     """
     trt = require_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = trt.Builder(logger(trt))
     network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, logger(trt))
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    timings = timing_cache or out_path.with_name("timing.cache")
+    cache = config.create_timing_cache(timings.read_bytes() if timings.is_file() else b"")
+    config.set_timing_cache(cache, False)
     for shapes in shape_profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
@@ -205,12 +249,21 @@ def build_engine(onnx_path: Path, out_path: Path, precision: str, shape_profiles
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    timing_data = config.get_timing_cache().serialize()
+    del parser, network, config, builder, cache   # the parser's weights go before the plan is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.rename(out_path)
+    _write(timings, timing_data)
+    _write(out_path, serialized)
     log(f"built {out_path.name} ({precision}) in {time.perf_counter() - t0:.0f} s")
     return out_path
+
+
+def _write(path: Path, buffer: Any) -> None:
+    """Write a TensorRT host buffer (IHostMemory has the buffer protocol) atomically, without a copy."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(buffer)
+    os.replace(tmp, path)
 
 
 def read_engines(out: Path) -> Optional[Tuple[Path, dict]]:
@@ -236,12 +289,13 @@ def other_limits(out: Path) -> Optional[Tuple[Path, dict]]:
 
 
 def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", allow_build: bool = False,
-                   limits: EngineLimits = EngineLimits(), device_index: int = 0,
+                   limits: EngineLimits = EngineLimits(), device: str = "cuda",
                    log: Any = print) -> Tuple[Path, dict]:
-    """Engines for this model/GPU/TensorRT/precision, built from the ONNX graphs if allowed."""
+    """Engines for this model/GPU/TensorRT/precision, built from the ONNX graphs if allowed
+    (on `device`: the GPU they will run on, current while building)."""
     trt = require_tensorrt()
     torch = require_cuda_torch()
-    cc = tuple(torch.cuda.get_device_capability(device_index))
+    cc = compute_capability(torch, device)
     check_precision(precision, cc)
     out = engine_dir(artifacts_dir, model_dir, precision, trt.__version__, cc, limits)
     found = read_engines(out) or (None if allow_build else other_limits(out))
@@ -257,8 +311,11 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
     shapes = profiles(manifest, limits)
     files = {"vision": "vision.plan", "decoder": "decoder.plan"}
     sources = export.graph_files(manifest, precision)
-    for name in ("vision", "decoder"):
-        build_engine(graphs / sources[name], out / files[name], precision, shapes[name], log=log)
+    timings = timing_cache_path(out.parent, str(trt.__version__), cc)
+    with torch.cuda.device(torch.device(cuda_device(torch, device))):   # TensorRT builds on the current GPU
+        for name in ("vision", "decoder"):
+            build_engine(graphs / sources[name], out / files[name], precision, shapes[name], log=log,
+                         timing_cache=timings)
     meta = {"files": files, "precision": precision, "tensorrt": trt.__version__, "compute_capability": list(cc),
             "strongly_typed": True, "graphs": sources, "limits": limits.__dict__, "manifest": manifest}
     (out / "engines.json").write_text(json.dumps(meta, indent=1))
@@ -268,20 +325,43 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
 
 def load_engines(trt: Any, engine_dir: Path, meta: dict, compute_capability: Tuple[int, int],
                  model_dir: str) -> Dict[str, Any]:
-    """Deserialise a set of engines, or fail with one line saying why and how to rebuild them."""
+    """Deserialise a set of engines, or fail with one line saying why and how to rebuild them.
+
+    Each plan is read through a read-only mmap (deserialize_cuda_engine takes any buffer), so no
+    second host copy of a multi-GB plan is made; the pages are the file's.
+    """
     precision = str(meta.get("precision", "fp16"))
     mismatch = engine_mismatch(meta, trt.__version__, compute_capability)
     if mismatch:
         raise BackendUnavailable(f"{engine_dir}: {mismatch}; {rebuild_hint(model_dir, precision)}")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = trt.Runtime(logger(trt))
     engines = {}
     for name, f in meta["files"].items():
-        engine = runtime.deserialize_cuda_engine((engine_dir / f).read_bytes())
+        with open(engine_dir / f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendUnavailable(f"TensorRT {trt.__version__} could not deserialise {engine_dir / f} (corrupt, or "
                                      f"built by another TensorRT or GPU); {rebuild_hint(model_dir, precision)}")
         engines[name] = engine
     return engines
+
+
+def context(trt: Any, engine: Any, label: str, profile: Optional[int] = None, stream: int = 0,
+            log: Any = print) -> Any:
+    """An execution context; with `profile`, one that allocates device memory for that profile only
+    (ON_PROFILE_CHANGE: the decode-step context does not reserve the prefill profile's scratch).
+    Logs the device memory it takes."""
+    if profile is None:
+        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.STATIC)
+        size = int(engine.device_memory_size_v2)
+    else:
+        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
+        ctx.set_optimization_profile_async(profile, stream)
+        size = int(engine.get_device_memory_size_for_profile_v2(profile))
+    if ctx is None:
+        raise BackendUnavailable(f"TensorRT could not create the {label} execution context (out of GPU memory?)")
+    log(f"tensorrt: {label} context: {size / (1 << 20):.1f} MiB of device memory")
+    return ctx
 
 
 #: TensorRT DataType member names -> torch dtype names (the I/O types our graphs use).

@@ -1,7 +1,6 @@
-"""The transformers reference backend (CPU or CUDA; fp32, fp16 or bf16).
-
-It runs the same modules `generate` runs, step by step, so its token ids are the
-reference every other backend is compared with.
+"""The torch backend: transformers' modules step by step (`TorchBackend`, CPU or CUDA; fp32, fp16
+or bf16), the reference every other backend is compared with, and `create`, which picks it or,
+on a GPU, the static path beside it (`static.TorchStaticBackend`).
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ...defaults import DTYPE_NAMES
+from ...defaults import DTYPE_NAMES, TORCH_MODES
 from ..base import Backend, BackendError, BackendUnavailable, pack_rows
 
 DTYPES = DTYPE_NAMES
@@ -36,25 +35,52 @@ def resolve_device(device: str) -> str:
     return device
 
 
+#: What `torch_mode` takes: `auto` = static on a GPU, reference on the CPU.
+MODES = TORCH_MODES
+
+
+def create(model_dir: str, device: str = "auto", precision: str = "fp32", allow_pickle: bool = False,
+           model: Any = None, cuda_graph: bool = True, torch_mode: str = "auto") -> Backend:
+    """The torch backend: on a GPU (mode auto) the static path (`static.TorchStaticBackend`: static KV
+    arena, the decode step as a CUDA graph); on the CPU, or with mode reference, transformers' own
+    modules step by step (`TorchBackend`, the reference every backend is held equal to)."""
+    if torch_mode not in MODES:
+        raise ValueError(f"torch_mode must be one of {', '.join(MODES)}, got {torch_mode!r}")
+    if torch_mode == "static" or (torch_mode == "auto" and resolve_device(device).startswith("cuda")):
+        from .static import TorchStaticBackend
+
+        return TorchStaticBackend(model_dir, device, precision, allow_pickle, model, cuda_graph)
+    return TorchBackend(model_dir, device, precision, allow_pickle, model)
+
+
+def load_model(model_dir: str, precision: str, allow_pickle: bool) -> Any:
+    """transformers' Kosmos-2 from a local directory: safetensors only unless pickles are allowed, no remote code."""
+    import torch
+    from transformers import Kosmos2ForConditionalGeneration
+
+    return Kosmos2ForConditionalGeneration.from_pretrained(
+        model_dir, dtype=getattr(torch, DTYPES[precision]), use_safetensors=None if allow_pickle else True,
+        trust_remote_code=False).eval()
+
+
 class TorchBackend(Backend):
     name = "torch"
+    mode = "reference"
     encodes_batches = True
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
                  allow_pickle: bool = False, model: Any = None) -> None:
         import torch
-        from transformers import Kosmos2ForConditionalGeneration
 
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
         self.device = resolve_device(device)
+        self.precision = precision
         self.dtype = getattr(torch, DTYPES[precision])
         if self.device == "cpu" and precision == "fp16":
             raise BackendUnavailable("fp16 on CPU is not supported by torch matmuls; use fp32 or bf16 on CPU")
         if model is None:
-            model = Kosmos2ForConditionalGeneration.from_pretrained(
-                model_dir, dtype=self.dtype, use_safetensors=None if allow_pickle else True,
-                trust_remote_code=False)
+            model = load_model(model_dir, precision, allow_pickle)
         self.model = model.to(self.device).eval()
         text_cfg = self.model.config.text_config
         self.vocab_size = int(text_cfg.vocab_size)

@@ -1,0 +1,122 @@
+"""torch's static path (`backends.torch.static`) on the CPU: the hand-written decoder over a static
+KV arena gives the token ids transformers' `generate` gives, with rows batched, batches split to a
+call limit, long prompts prefilled in pieces, and no allocation per decoded token.
+
+The CUDA-graph capture of its decode step needs a GPU: `bench/device_check.py` runs it there (the
+arithmetic it replays is what runs here, on the same buffers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kosmos2_ros.core.backends import registry
+from kosmos2_ros.core.backends.torch.backend import TorchBackend, create
+from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
+from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image
+from kosmos2_ros.core.config import Kosmos2Config
+from kosmos2_ros.core.decoding import Row, generate
+from kosmos2_ros.core.frames import Frame
+from kosmos2_ros.core.loading import TextCodec, load_processor
+from kosmos2_ros.core.pipeline import Command, Pipeline
+from kosmos2_ros.core.reference import reference_generate
+
+PROMPTS = ("<grounding><phrase> the red mug</phrase>", "<grounding>An image of",
+           "<grounding> Question: what is on the left? Answer:", "<grounding>Describe this image in detail:")
+
+
+@pytest.fixture(scope="module")
+def static(tiny_model_dir):
+    backend = TorchStaticBackend(str(tiny_model_dir), device="cpu")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_model_dir):
+    return TextCodec(load_processor(str(tiny_model_dir)))
+
+
+def _pixels(tiny_model_dir, seed):
+    processor = load_processor(str(tiny_model_dir))
+    return processor.image_processor(images=toy_image(seed, size=128), return_tensors="np")["pixel_values"] \
+        .astype(np.float32)
+
+
+def test_pipeline_tokens_equal_transformers_generate(tiny_model_dir, static):
+    """Every task's prompt through the pipeline (free decoding, the checkpoint's n-gram setting
+    passed to generate explicitly) and constrained referring expressions, on two frames."""
+    from transformers import Kosmos2ForConditionalGeneration
+
+    processor = load_processor(str(tiny_model_dir))
+    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    pipe = Pipeline(Kosmos2Config(model=str(tiny_model_dir), backend="torch", device="cpu", decoding="free",
+                                  max_new_tokens=12, enable_3d=False), static, processor)
+    for seed in (0, 1):
+        rgb = toy_image(40 + seed, size=128)
+        frame = Frame(rgb=rgb, stamp_ns=seed + 1, frame_id="cam")
+        commands = {f"<grounding><phrase> {EXPRESSIONS[seed]}</phrase>": Command(id="r", task="refer",
+                                                                                 text=EXPRESSIONS[seed]),
+                    "<grounding>An image of": Command(id="c", task="caption"),
+                    "<grounding> Question: what is on the left? Answer:": Command(id="q", task="vqa",
+                                                                                   text="what is on the left?")}
+        for (prompt, cmd), res in zip(commands.items(), pipe.run_batch(list(commands.values()), frame)):
+            assert res.status == 0, res.error
+            assert res.token_ids == reference_generate(model, processor, prompt, rgb, 12).new_ids, (cmd.task, seed)
+
+
+def test_rows_and_long_prompts_split_to_a_call_limit(tiny_model_dir, codec):
+    """With at most 2 rows and 16 tokens a call (an engine profile's limits, here on the static path):
+    five rows decode in groups on their own arenas, and each ~75-token prompt (64 image positions)
+    is prefilled in pieces that carry the image embeddings they need; tokens equal the reference's."""
+    ref = TorchBackend(str(tiny_model_dir), device="cpu")
+    limited = TorchStaticBackend(str(tiny_model_dir), device="cpu")
+    limited.max_rows, limited.max_chunk = 2, 16
+    pv = _pixels(tiny_model_dir, 3)
+    rows = [Row(codec.encode(p).input_ids, codec.encode(p).image_mask, n)
+            for p, n in zip(PROMPTS + PROMPTS[:1], (10, 6, 9, 12, 3))]
+    assert all(len(r.input_ids) > 16 for r in rows)
+    want = [g.token_ids for g in generate(ref, ref.encode_image(pv), rows, codec.vocab)]
+    got = [g.token_ids for g in generate(limited, limited.encode_image(pv), rows, codec.vocab)]
+    assert got == want and len({len(t) for t in want}) > 1
+    assert {k[0] for k in limited._arenas._arenas} == {0, 1, 2}    # three groups, three arena slots
+    ref.close()
+    limited.close()
+
+
+def test_decode_steps_allocate_nothing(static, codec, tiny_model_dir):
+    """Steps write one column of one arena in place: the arena and the step's buffers stay the same objects."""
+    embeds = static.encode_image(_pixels(tiny_model_dir, 4))
+    p = codec.encode(PROMPTS[1])
+    logits, cache = static.prefill(embeds, p.input_ids, p.image_mask)
+    logits, cache = static.decode(cache, int(np.argmax(logits)))
+    arena, step = cache.arena, static._steps[id(cache.arena)]
+    address = arena.kv.data_ptr()
+    for _ in range(6):
+        logits, cache = static.decode(cache, int(np.argmax(logits)))
+        assert cache.arena is arena and static._steps[id(arena)] is step and arena.kv.data_ptr() == address
+    assert cache.length == len(p.input_ids) + 7
+
+
+def test_batched_images_equal_one_by_one(static, codec, tiny_model_dir):
+    """Frames of several cameras: one vision call and one head prefill for all, as each alone."""
+    pixels = [_pixels(tiny_model_dir, s) for s in (5, 6, 7)]
+    together = static.encode_images(pixels)
+    p = codec.encode(PROMPTS[0])
+    caches = static.prefill_images(together, p.input_ids, p.image_mask)
+    for pv, emb, cache in zip(pixels, together, caches):
+        alone = static.encode_image(pv)
+        np.testing.assert_allclose(emb.numpy(), alone.numpy(), atol=1e-5, rtol=0)
+        _, own = static.prefill(alone, p.input_ids, p.image_mask)
+        for j in range(cache.n_arrays()):
+            np.testing.assert_allclose(cache.layer(j).numpy(), own.layer(j).numpy(), atol=1e-5, rtol=0)
+
+
+def test_torch_mode_picks_the_path(tiny_model_dir):
+    """auto: the reference on the CPU (static on a GPU); static and reference on request; a bad mode refused."""
+    assert isinstance(create(str(tiny_model_dir), device="cpu"), TorchBackend)
+    backend = registry.create_backend("torch", str(tiny_model_dir), device="cpu", torch_mode="static")
+    assert isinstance(backend, TorchStaticBackend) and backend.precision == "fp32" and not backend.cuda_graph
+    backend.close()
+    with pytest.raises(ValueError, match="torch_mode must be one of auto, reference, static"):
+        create(str(tiny_model_dir), device="cpu", torch_mode="fast")
