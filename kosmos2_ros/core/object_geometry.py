@@ -1,0 +1,391 @@
+"""A grounded box + aligned RGB-D -> what a grasp planner takes: mask, tight box, 3D box, grasp, cloud.
+
+Kosmos-2's box is snapped to a 32x32 grid of its input (20x15 px cells on 640x480), so each edge
+can be off by half a cell or more, and a loose box holds table and background. The object is
+found inside a search window one grid cell larger than the box on every side:
+
+1. **Support plane**: RANSAC over the window's points outside the box's centre (the table around
+   the object), refined by least squares; kept only if the object stands on it (its lowest
+   points lie within a few noise widths of the plane).
+2. **Mask**: points above the plane (or, without one, in the depth layer of the box's centre),
+   cut at depth discontinuities (touching and occluding objects separate there), cleaned by a
+   morphological opening; the connected component that covers the box's centre most; depth
+   holes inside it and next to it of the object's colour (Lab distance) joined. So colour and
+   depth decide together, and a partly occluded or cut-off object keeps the pixels it shows.
+3. **3D box**: with a plane, gravity-aligned through its normal, yawed to the footprint's
+   minimum-area rectangle; its centre under the top surface's centre (for boxes, cylinders and
+   spheres standing on a plane the top's centre is above the footprint's), its half-extents the
+   points' robust (98th percentile) reach from there, so a hidden back side is mirrored from
+   the visible front and a few stray points cannot grow it. Without a plane: principal axes of
+   the points, robust extents.
+4. **Grasp**: at the top surface's centre; approach along the plane's normal (down onto the
+   object), else along the viewing ray; closing across the narrower side, opening = that width.
+   Pose convention: **z approaches** (points from the gripper into the object), **y closes**
+   (the fingers move along it), x = y x z.
+
+OpenCV does the image work (morphology, connected components, Lab colour, the minimum-area
+rectangle); the plane is a small vectorised RANSAC in numpy (Open3D's `segment_plane` would do
+the same, but Open3D is a ~300 MB wheel with no Python 3.10 build for JetPack, for ~20 lines).
+Everything is in the camera's optical frame; `ObjectGeometry.transformed` moves it to another.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .geometry import CameraIntrinsics
+
+#: Depth noise model used for thresholds: sigma(z) = DEPTH_NOISE_K * z^2 (a D435-class camera).
+DEPTH_NOISE_K = 0.0025
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    margin_cells: float = 1.0          # search window: the box grown by this many grid cells per side
+    grid: int = 32                     # Kosmos-2's location grid
+    min_height_m: float = 0.008        # points this far above the plane (or 3 sigma, if more) are object
+    plane_iterations: int = 120
+    min_points: int = 20
+    min_depth_m: float = 0.05
+    max_depth_m: float = 20.0
+    seed: int = 0
+
+
+@dataclass
+class ObjectGeometry:
+    """One object's geometry, camera optical frame (metres), or why there is none."""
+    valid: bool
+    error: str = ""
+    mask: Optional[np.ndarray] = None           # bool, the colour image's full size
+    box_refined: Optional[Tuple[float, float, float, float]] = None   # tight pixel box of the mask
+    center: Optional[np.ndarray] = None         # 3D box centre
+    rotation: Optional[np.ndarray] = None       # 3 x 3, columns: the box's axes (z = the plane's normal)
+    size: Optional[np.ndarray] = None           # extents along those axes
+    grasp_position: Optional[np.ndarray] = None
+    grasp_rotation: Optional[np.ndarray] = None  # columns x, y (closing), z (approach)
+    grasp_width: float = 0.0
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
+    colors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
+    plane: Optional[np.ndarray] = None          # (nx, ny, nz, d): n . p + d = 0, n towards the camera
+    frame_id: str = ""
+
+    @classmethod
+    def invalid(cls, why: str) -> ObjectGeometry:
+        return cls(False, why)
+
+    def transformed(self, rotation: np.ndarray, translation: np.ndarray, frame_id: str) -> ObjectGeometry:
+        """The same geometry in another frame: p' = rot p + t (mask and pixel box unchanged)."""
+        if not self.valid:
+            return replace(self, frame_id=frame_id)
+        rot, t = np.asarray(rotation, float), np.asarray(translation, float)
+
+        def point(p: Optional[np.ndarray]) -> Optional[np.ndarray]:
+            return None if p is None else rot @ p + t
+
+        plane = None
+        if self.plane is not None:
+            n = rot @ self.plane[:3]
+            plane = np.concatenate([n, [self.plane[3] - n @ t]])
+        return replace(self, center=point(self.center), rotation=rot @ self.rotation,
+                       grasp_position=point(self.grasp_position), grasp_rotation=rot @ self.grasp_rotation,
+                       points=(self.points @ rot.T + t).astype(np.float32), plane=plane, frame_id=frame_id)
+
+
+def quaternion(rotation: np.ndarray) -> Tuple[float, float, float, float]:
+    """(x, y, z, w) of a rotation matrix (geometry_msgs/Quaternion order)."""
+    m = np.asarray(rotation, float)
+    tr = m[0, 0] + m[1, 1] + m[2, 2]
+    if tr > 0:
+        s = math.sqrt(tr + 1.0) * 2
+        w, x, y, z = 0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s
+    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
+        s = math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2
+        w, x, y, z = (m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s
+    elif m[1, 1] > m[2, 2]:
+        s = math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2
+        w, x, y, z = (m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s
+    else:
+        s = math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2
+        w, x, y, z = (m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s
+    return (x, y, z, w)
+
+
+def depth_like(depth_m: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Aligned depth at the colour image's resolution (nearest neighbour keeps holes as holes)."""
+    import cv2
+
+    d = depth_m.astype(np.float32)
+    if d.shape[:2] == (height, width):
+        return d
+    return cv2.resize(d, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def intrinsics_for_image(k: CameraIntrinsics, width: int, height: int) -> CameraIntrinsics:
+    """The intrinsics scaled to an image of another size than camera_info's."""
+    if not k.width or not k.height or (k.width, k.height) == (width, height):
+        return k
+    sx, sy = width / k.width, height / k.height
+    return CameraIntrinsics(k.fx * sx, k.fy * sy, k.cx * sx, k.cy * sy, width, height)
+
+
+def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarray, intrinsics: CameraIntrinsics,
+                    cell_px: Tuple[float, float], config: GeometryConfig = GeometryConfig(),
+                    with_mask: bool = True) -> ObjectGeometry:
+    """Geometry of the object in `box_px` (colour pixels); `cell_px`: the location grid's cell in pixels.
+
+    `depth_m`: metres, NaN = no reading, aligned with `rgb` (any resolution). Never raises on bad
+    data: an invalid result says why.
+    """
+
+    height, width = rgb.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box_px)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 - x0 < 1 or y1 - y0 < 1:
+        return ObjectGeometry.invalid("the box has no area")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return ObjectGeometry.invalid("the box is outside the image")
+    if not intrinsics.valid():
+        return ObjectGeometry.invalid("camera_info has no valid intrinsics (k)")
+    k = intrinsics_for_image(intrinsics, width, height)
+    depth = depth_like(depth_m, width, height)
+    mx, my = config.margin_cells * cell_px[0], config.margin_cells * cell_px[1]
+    wx0, wy0 = int(max(0, math.floor(x0 - mx))), int(max(0, math.floor(y0 - my)))
+    wx1, wy1 = int(min(width, math.ceil(x1 + mx))), int(min(height, math.ceil(y1 + my)))
+    z = depth[wy0:wy1, wx0:wx1].astype(np.float64)
+    z = np.where(np.isfinite(z) & (z >= config.min_depth_m) & (z <= config.max_depth_m), z, np.nan)
+    valid = np.isfinite(z)
+    hh, ww = z.shape
+    ys, xs = np.mgrid[wy0:wy1, wx0:wx1]
+    inner = _inside(xs, ys, _shrunk((x0, y0, x1, y1), 0.5))
+    in_box = _inside(xs, ys, (x0, y0, x1, y1))
+    if not (valid & in_box).any():
+        return ObjectGeometry.invalid(f"no valid depth inside the box (0 of {int(in_box.sum())} pixels)")
+    pts = np.stack([(xs + 0.5 - k.cx) * z / k.fx, (ys + 0.5 - k.cy) * z / k.fy, z], axis=-1)
+    sigma = DEPTH_NOISE_K * np.nan_to_num(z, nan=1.0) ** 2
+    rng = np.random.default_rng(config.seed)
+    # The plane from what surrounds the box (the window's margin), or from all but its centre if that is too little.
+    around = valid & ~in_box if (valid & ~in_box).sum() >= 200 else valid & ~inner
+    plane = _support_plane(pts[around], sigma[around], rng, config.plane_iterations, pts[valid & in_box])
+    edges = _depth_edges(z, sigma)
+    seg = None
+    if plane is not None:
+        h = pts @ plane[:3] + plane[3]
+        above = valid & (h > np.maximum(config.min_height_m, 3 * sigma)) & ~edges
+        seg = _component(above, inner, in_box)
+        if seg is not None:
+            hs = h[seg & valid]
+            # A support: the object's lowest visible points are near it (seen from above, a sphere
+            # shows only its upper part, so "near" scales with the object's height: below 0.6 of its
+            # top); a wall behind the object is not one.
+            low, top = np.percentile(hs, 3), np.percentile(hs, 98)
+            if low > 0.25 or low > max(0.03, 6 * float(np.median(sigma[seg])), 0.6 * top):
+                plane, seg = None, None
+    if seg is None:
+        plane = None
+        z_ref = float(np.nanmedian(z[inner & valid])) if (inner & valid).any() else float(np.nanmedian(z[in_box]))
+        reach = max(0.04, 1.5 * (x1 - x0) * z_ref / k.fx)
+        layer = valid & (np.abs(z - z_ref) < reach) & ~edges
+        seg = _component(layer, inner, in_box)
+    if seg is None:
+        return ObjectGeometry.invalid("no object surface found in the box")
+    seg = _with_colour(seg, valid, rgb[wy0:wy1, wx0:wx1], inner)
+    obj = seg & valid
+    if int(obj.sum()) < config.min_points:
+        return ObjectGeometry.invalid(f"too few object points with depth ({int(obj.sum())})")
+    points = pts[obj].astype(np.float64)
+    colours = rgb[wy0:wy1, wx0:wx1][obj]
+    if plane is not None:
+        box3d = _standing_box(points, plane)
+    else:
+        box3d = _free_box(points)
+    center, rotation, size, top, approach, closing, opening = box3d
+    rows, cols = np.nonzero(seg)
+    refined = (float(wx0 + cols.min()), float(wy0 + rows.min()), float(wx0 + cols.max() + 1),
+               float(wy0 + rows.max() + 1))
+    mask = None
+    if with_mask:
+        mask = np.zeros((height, width), dtype=bool)
+        mask[wy0:wy1, wx0:wx1] = seg
+    y_axis = closing / np.linalg.norm(closing)
+    z_axis = approach / np.linalg.norm(approach)
+    grasp_rot = np.stack([np.cross(y_axis, z_axis), y_axis, z_axis], axis=1)
+    keep = _robust(points)
+    return ObjectGeometry(True, "", mask, refined, center, rotation, size, top, grasp_rot, float(opening),
+                          points[keep].astype(np.float32), colours[keep].astype(np.uint8), plane)
+
+
+# -- steps -----------------------------------------------------------------------------------------
+def _inside(xs: np.ndarray, ys: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    return (xs + 0.5 >= box[0]) & (xs + 0.5 < box[2]) & (ys + 0.5 >= box[1]) & (ys + 0.5 < box[3])
+
+
+def _shrunk(box: Sequence[float], keep: float) -> Tuple[float, float, float, float]:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    hw, hh = (box[2] - box[0]) * keep / 2, (box[3] - box[1]) * keep / 2
+    return (cx - hw, cy - hh, cx + hw, cy + hh)
+
+
+def _support_plane(points: np.ndarray, sigma: np.ndarray, rng: np.random.Generator, iterations: int,
+                   inside: np.ndarray) -> Optional[np.ndarray]:
+    """The dominant plane of `points` that nothing in the box lies behind (RANSAC, then least
+    squares on its inliers), normal towards the camera; None when there is no such plane.
+
+    `inside`: the box's points. A support has the object on its near side; the front faces of a
+    neighbour (or a wall) beside the object have part of it behind them, so they are passed over.
+    """
+    if len(points) < 50:
+        return None
+    if len(points) > 3000:
+        pick = rng.choice(len(points), 3000, replace=False)
+        points, sigma = points[pick], sigma[pick]
+    tol = np.maximum(0.006, 3 * sigma)
+    triples = rng.integers(0, len(points), (iterations, 3))
+    a, b, c = points[triples[:, 0]], points[triples[:, 1]], points[triples[:, 2]]
+    normals = np.cross(b - a, c - a)
+    norms = np.linalg.norm(normals, axis=1)
+    ok = norms > 1e-9
+    if not ok.any():
+        return None
+    normals, a = normals[ok] / norms[ok, None], a[ok]
+    inliers = np.abs(points @ normals.T - (a * normals).sum(axis=1)) < tol[:, None]   # [points, candidates]
+    counts = inliers.sum(axis=0)
+    inside_tol = np.maximum(0.01, 3 * DEPTH_NOISE_K * inside[:, 2] ** 2)
+    for best in np.argsort(-counts)[:8]:
+        if counts[best] < max(30, 0.2 * len(points)):
+            return None
+        sel = points[inliers[:, best]]
+        centroid = sel.mean(axis=0)
+        normal = np.linalg.svd(sel - centroid, full_matrices=False)[2][2]
+        if normal @ -centroid < 0:
+            normal = -normal                     # towards the camera (at the origin)
+        if abs(normal @ (centroid / np.linalg.norm(centroid))) < 0.15:
+            continue                             # seen edge-on: not a surface to stand on
+        behind = (inside @ normal - normal @ centroid) < -inside_tol
+        if len(inside) and behind.mean() > 0.1:
+            continue                             # part of the object lies behind it: not its support
+        return np.concatenate([normal, [-normal @ centroid]])
+    return None
+
+
+def _depth_edges(z: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Pixels at a depth discontinuity (where surfaces at different depths meet)."""
+    filled = np.nan_to_num(z, nan=0.0)
+    jump = np.zeros_like(filled)
+    jump[1:, :] = np.maximum(jump[1:, :], np.abs(np.diff(filled, axis=0)))
+    jump[:, 1:] = np.maximum(jump[:, 1:], np.abs(np.diff(filled, axis=1)))
+    both = np.isfinite(z)
+    both[1:, :] &= np.isfinite(z[:-1, :])
+    both[:, 1:] &= np.isfinite(z[:, :-1])
+    return both & (jump > np.maximum(0.015, 8 * sigma))
+
+
+def _component(candidates: np.ndarray, inner: np.ndarray, in_box: np.ndarray) -> Optional[np.ndarray]:
+    """The connected component of `candidates` (after an opening) covering the box's centre most."""
+    import cv2
+
+    m = candidates.astype(np.uint8)
+    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels = cv2.connectedComponents(m, connectivity=8)
+    if n <= 1:
+        return None
+    # The component that fits the box best (pixel IoU with it; its centre counts double), so a
+    # neighbour reaching into a loose box loses to the object the box was placed on.
+    area = np.bincount(labels.ravel(), minlength=n).astype(float)
+    inter = np.bincount(labels[in_box], minlength=n).astype(float) + np.bincount(labels[inner], minlength=n)
+    score = inter / (area + in_box.sum() - inter + 1e-9)
+    score[0] = 0
+    best = int(score.argmax())
+    return labels == best if score[best] > 0 else None
+
+
+def _with_colour(seg: np.ndarray, valid: np.ndarray, rgb: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Colour and depth together: keep the part of the mask of the object's colour (a touching object
+    of another colour at the same depth falls away), then join holes (no depth) inside or next to it
+    of that colour. Colour is compared as rg chromaticity, so shading does not split an object."""
+    import cv2
+
+    core = seg & valid & inner
+    if core.sum() < 10:
+        core = seg & valid
+    if not core.any():
+        return seg
+    rgbf = rgb.astype(np.float32) + 1.0
+    chrom = rgbf[:, :, :2] / rgbf.sum(axis=2, keepdims=True)    # r, g chromaticity: shading scales it away
+    ref = np.median(chrom[core], axis=0)
+    dist = np.linalg.norm(chrom - ref, axis=2)
+    alike = dist < max(0.04, 3.0 * float(np.median(dist[core])))
+    kept = _component(seg & alike, inner, seg)
+    if kept is not None and kept.sum() >= 0.3 * seg.sum():
+        seg = kept
+    near = cv2.dilate(seg.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    out = seg | (near & ~valid & alike)
+    closed = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)).astype(bool)
+    return out | (closed & (~valid | alike))
+
+
+def _robust(points: np.ndarray) -> np.ndarray:
+    """Points within a robust radius of the median (drops flying pixels far from the object)."""
+    med = np.median(points, axis=0)
+    dist = np.linalg.norm(points - med, axis=1)
+    return dist <= np.percentile(dist, 98) * 1.5 + 1e-6
+
+
+def _standing_box(points: np.ndarray, plane: np.ndarray):
+    """3D box, top centre, approach, closing direction and opening of an object standing on `plane`."""
+    import cv2
+
+    n, d = plane[:3], plane[3]
+    h = points @ n + d
+    ex = np.cross([0.0, 1.0, 0.0], n)            # any direction in the plane
+    if np.linalg.norm(ex) < 1e-3:
+        ex = np.cross([1.0, 0.0, 0.0], n)
+    ex /= np.linalg.norm(ex)
+    ey = np.cross(n, ex)
+    origin = -d * n
+    q = np.stack([(points - origin) @ ex, (points - origin) @ ey], axis=1)
+    height = float(np.percentile(h, 98))
+    keep = (q[:, 0] >= np.percentile(q[:, 0], 1)) & (q[:, 0] <= np.percentile(q[:, 0], 99)) & \
+           (q[:, 1] >= np.percentile(q[:, 1], 1)) & (q[:, 1] <= np.percentile(q[:, 1], 99))
+    (_, _), (_, _), angle = cv2.minAreaRect((q[keep] * 1000.0).astype(np.float32))
+    a = math.radians(angle)
+    u = math.cos(a) * ex + math.sin(a) * ey
+    v = np.cross(n, u)
+    # The top surface: within a few noise widths of the highest points (a wider band takes in the
+    # upper front face and pulls the centre towards the camera).
+    sigma_top = DEPTH_NOISE_K * float(np.median(points[:, 2])) ** 2
+    band = h >= height - max(0.005, 3 * sigma_top)
+    # Its centre as the middle of its extent (not its mean: depth edges thin its far rim).
+    top_q = (np.percentile(q[band], 2, axis=0) + np.percentile(q[band], 98, axis=0)) / 2 if band.sum() > 5 \
+        else np.median(q, axis=0)
+    top_xy = origin + top_q[0] * ex + top_q[1] * ey
+    cu, cv = (top_xy - origin) @ u, (top_xy - origin) @ v
+    pu, pv = (points - origin) @ u, (points - origin) @ v
+    half_u = float(np.percentile(np.abs(pu - cu), 98))
+    half_v = float(np.percentile(np.abs(pv - cv), 98))
+    center = top_xy + (height / 2.0) * n
+    rotation = np.stack([u, v, n], axis=1)
+    size = np.array([2 * half_u, 2 * half_v, height])
+    top = top_xy + height * n
+    closing = u if half_u <= half_v else v
+    return center, rotation, size, top, -n, closing, 2 * min(half_u, half_v)
+
+
+def _free_box(points: np.ndarray):
+    """3D box from the points alone (principal axes, robust extents); grasp along the viewing ray."""
+    centroid = np.median(points, axis=0)
+    axes = np.linalg.svd(points - centroid, full_matrices=False)[2]
+    if np.linalg.det(axes) < 0:
+        axes[2] = -axes[2]
+    local = (points - centroid) @ axes.T
+    lo, hi = np.percentile(local, 2, axis=0), np.percentile(local, 98, axis=0)
+    center = centroid + ((lo + hi) / 2) @ axes
+    size = hi - lo
+    near = points[:, 2] <= np.percentile(points[:, 2], 10)
+    top = points[near].mean(axis=0)
+    ray = top / np.linalg.norm(top)
+    across = [a - (a @ ray) * ray for a in axes[:2]]
+    widths = [float(np.ptp(local[:, i])) for i in range(2)]
+    closing = across[int(np.argmin(widths))]
+    return center, axes.T, size, top, ray, closing, float(min(size[0], size[1]))
