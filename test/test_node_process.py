@@ -230,8 +230,9 @@ def test_3d_points_from_synthetic_depth(node: tuple) -> None:
     deadline = time.monotonic() + 5
     while not any(len(m.markers) > 1 for m in t.markers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    spheres = [mk for m in t.markers for mk in m.markers if mk.type == mk.SPHERE]
-    assert spheres and spheres[-1].header.frame_id == "depth_cam"
+    # objects with geometry get a 3D box (CUBE) and a grasp arrow, objects with only a point a SPHERE
+    shown = [mk for m in t.markers for mk in m.markers if mk.type in (mk.SPHERE, mk.CUBE)]
+    assert shown and shown[-1].header.frame_id == "depth_cam"
 
 
 def test_refer_topic_gets_a_result_with_generated_id(node: tuple) -> None:

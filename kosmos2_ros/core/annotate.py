@@ -38,5 +38,19 @@ def draw_detections(rgb: np.ndarray, boxes: Iterable[Tuple[str, int, Sequence[fl
 
 
 def draw_result(rgb: np.ndarray, result, title: Optional[str] = None) -> np.ndarray:
-    """Draw a pipeline Result's objects."""
-    return draw_detections(rgb, ((o.phrase, o.entity_index, o.box_px, o.score) for o in result.objects), title)
+    """Draw a pipeline Result's objects: masks as translucent overlays and each refined (tight) box
+    as a thin line inside the model's box, where objects have geometry."""
+    import cv2
+
+    base = np.ascontiguousarray(rgb.copy())
+    geometries = [(o.entity_index, getattr(o, "geometry", None)) for o in result.objects]
+    for index, geo in geometries:
+        if geo is not None and geo.valid and geo.mask is not None and geo.mask.shape == base.shape[:2]:
+            color = np.array(PALETTE[index % len(PALETTE)], dtype=np.float32)
+            base[geo.mask] = (0.55 * base[geo.mask] + 0.45 * color).astype(np.uint8)
+    out = draw_detections(base, ((o.phrase, o.entity_index, o.box_px, o.score) for o in result.objects), title)
+    for _, geo in geometries:
+        if geo is not None and geo.valid and geo.box_refined is not None:
+            x0, y0, x1, y1 = (int(round(v)) for v in geo.box_refined)
+            cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), 1)
+    return out

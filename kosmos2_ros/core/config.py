@@ -41,6 +41,7 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "depth_inner_fraction": (0.0, 1.0),    # and above 0
     "query_rate_hz": (0.0, 1000.0),        # 0 = as fast as the model allows
     "encode_ahead_hz": (0.0, 1000.0),      # 0 = off
+    "tf_timeout_s": (0.0, 5.0),
 }
 
 
@@ -79,6 +80,10 @@ class Kosmos2Config:
     depth_inner_fraction: float = 0.5                # central part of a box used for its depth
     min_depth_m: float = 0.05
     max_depth_m: float = 20.0
+    object_geometry: bool = True                     # mask, refined box, 3D box, grasp, cloud per object (with depth)
+    result_masks: bool = True                        # the label image GroundingResult.mask (with depth)
+    target_frame: str = ""                           # frame of poses, grasps and clouds ("" = the camera's optical frame)
+    tf_timeout_s: float = 0.05                       # longest wait for the transform into target_frame
     publish_debug_image: bool = True                 # only when someone subscribes
     autostart: bool = True
     # Live perception

@@ -25,6 +25,10 @@ _ENTITY_RE = re.compile(
 _TAG_RE = re.compile("<.*?>")
 
 
+#: Kosmos-2's location grid: boxes are cells of a GRID x GRID grid over the model's input image.
+GRID = 32
+
+
 @dataclass
 class Entity:
     """A grounded phrase: its text, its character span in the clean text, and its boxes."""
@@ -47,7 +51,7 @@ class ParsedText:
         return self.text, [(e.phrase, e.span, list(e.boxes_norm)) for e in self.entities]
 
 
-def patch_index_to_box(ul_idx: int, lr_idx: int, per_side: int = 32) -> Box:
+def patch_index_to_box(ul_idx: int, lr_idx: int, per_side: int = GRID) -> Box:
     """Normalised box of the cells `ul_idx` (upper-left) and `lr_idx` (lower-right).
 
     As in the paper's decoder: cell centres, or whole cells when the two share a row or column.
@@ -60,7 +64,7 @@ def patch_index_to_box(ul_idx: int, lr_idx: int, per_side: int = 32) -> Box:
     return (ul_x * cell + cell / 2, ul_y * cell + cell / 2, lr_x * cell + cell / 2, lr_y * cell + cell / 2)
 
 
-def box_to_patch_index(box: Box, per_side: int = 32) -> Tuple[int, int]:
+def box_to_patch_index(box: Box, per_side: int = GRID) -> Tuple[int, int]:
     """Normalised (x0, y0, x1, y1) -> (upper-left, lower-right) cell indices, as the processor does."""
     x0, y0, x1, y1 = box
     if not (x1 > x0 and y1 > y0):
@@ -74,7 +78,7 @@ def _strip_tags_len(text: str) -> int:
     return len(_TAG_RE.sub("", text))
 
 
-def parse_generation(text: str, per_side: int = 32) -> ParsedText:
+def parse_generation(text: str, per_side: int = GRID) -> ParsedText:
     """Parse decoded text (the part after `</image>` is used, as transformers does)."""
     text = text.split(EOI)[-1]
     # Global occurrence index of every <patch_index_…> by its start offset.

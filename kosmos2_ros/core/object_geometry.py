@@ -45,7 +45,6 @@ DEPTH_NOISE_K = 0.0025
 @dataclass(frozen=True)
 class GeometryConfig:
     margin_cells: float = 1.0          # search window: the box grown by this many grid cells per side
-    grid: int = 32                     # Kosmos-2's location grid
     min_height_m: float = 0.008        # points this far above the plane (or 3 sigma, if more) are object
     plane_iterations: int = 120
     min_points: int = 20
@@ -92,6 +91,30 @@ class ObjectGeometry:
         return replace(self, center=point(self.center), rotation=rot @ self.rotation,
                        grasp_position=point(self.grasp_position), grasp_rotation=rot @ self.grasp_rotation,
                        points=(self.points @ rot.T + t).astype(np.float32), plane=plane, frame_id=frame_id)
+
+
+def rotation_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
+    """The rotation matrix of a unit quaternion (x, y, z, w)."""
+    n = math.sqrt(x * x + y * y + z * z + w * w) or 1.0
+    x, y, z, w = x / n, y / n, z / n, w / n
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def move_objects(objects: Sequence, rotation: np.ndarray, translation: np.ndarray, frame_id: str) -> None:
+    """Every object's geometry (`obj.geometry`) into another frame: p' = R p + t."""
+    for obj in objects:
+        if getattr(obj, "geometry", None) is not None:
+            obj.geometry = obj.geometry.transformed(rotation, translation, frame_id)
+
+
+def invalidate_objects(objects: Sequence, why: str) -> None:
+    """Every object's geometry made invalid with the reason (its pixels, box and mask kept)."""
+    for obj in objects:
+        geo = getattr(obj, "geometry", None)
+        if geo is not None and geo.valid:
+            obj.geometry = replace(geo, valid=False, error=why)
 
 
 def quaternion(rotation: np.ndarray) -> Tuple[float, float, float, float]:
@@ -176,11 +199,10 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
         seg = _component(above, inner, in_box)
         if seg is not None:
             hs = h[seg & valid]
-            # A support: the object's lowest visible points are near it (seen from above, a sphere
-            # shows only its upper part, so "near" scales with the object's height: below 0.6 of its
-            # top); a wall behind the object is not one.
-            low, top = np.percentile(hs, 3), np.percentile(hs, 98)
-            if low > 0.25 or low > max(0.03, 6 * float(np.median(sigma[seg])), 0.6 * top):
+            # A support has the object standing on it: its lowest visible points within 25 cm (seen
+            # from above, a box shows only its top, a sphere its upper half, so no tighter bound
+            # holds); a wall far behind the object is not one.
+            if np.percentile(hs, 3) > 0.25:
                 plane, seg = None, None
     if seg is None:
         plane = None
@@ -190,7 +212,7 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
         seg = _component(layer, inner, in_box)
     if seg is None:
         return ObjectGeometry.invalid("no object surface found in the box")
-    seg = _with_colour(seg, valid, rgb[wy0:wy1, wx0:wx1], inner)
+    seg = _with_colour(seg, valid, z, rgb[wy0:wy1, wx0:wx1], inner)
     obj = seg & valid
     if int(obj.sum()) < config.min_points:
         return ObjectGeometry.invalid(f"too few object points with depth ({int(obj.sum())})")
@@ -241,31 +263,36 @@ def _support_plane(points: np.ndarray, sigma: np.ndarray, rng: np.random.Generat
         pick = rng.choice(len(points), 3000, replace=False)
         points, sigma = points[pick], sigma[pick]
     tol = np.maximum(0.006, 3 * sigma)
-    triples = rng.integers(0, len(points), (iterations, 3))
-    a, b, c = points[triples[:, 0]], points[triples[:, 1]], points[triples[:, 2]]
-    normals = np.cross(b - a, c - a)
-    norms = np.linalg.norm(normals, axis=1)
-    ok = norms > 1e-9
-    if not ok.any():
-        return None
-    normals, a = normals[ok] / norms[ok, None], a[ok]
-    inliers = np.abs(points @ normals.T - (a * normals).sum(axis=1)) < tol[:, None]   # [points, candidates]
-    counts = inliers.sum(axis=0)
     inside_tol = np.maximum(0.01, 3 * DEPTH_NOISE_K * inside[:, 2] ** 2)
-    for best in np.argsort(-counts)[:8]:
-        if counts[best] < max(30, 0.2 * len(points)):
+    need = max(30, 0.2 * len(points))
+    for _ in range(3):                           # sequential RANSAC: a refused plane's points go, the next is tried
+        if len(points) < need:
             return None
-        sel = points[inliers[:, best]]
+        triples = rng.integers(0, len(points), (iterations, 3))
+        a, b, c = points[triples[:, 0]], points[triples[:, 1]], points[triples[:, 2]]
+        normals = np.cross(b - a, c - a)
+        norms = np.linalg.norm(normals, axis=1)
+        ok = norms > 1e-9
+        if not ok.any():
+            return None
+        normals, a = normals[ok] / norms[ok, None], a[ok]
+        inliers = np.abs(points @ normals.T - (a * normals).sum(axis=1)) < tol[:, None]   # [points, candidates]
+        best = int(inliers.sum(axis=0).argmax())
+        chosen = inliers[:, best]
+        if chosen.sum() < need:
+            return None
+        sel = points[chosen]
         centroid = sel.mean(axis=0)
         normal = np.linalg.svd(sel - centroid, full_matrices=False)[2][2]
         if normal @ -centroid < 0:
             normal = -normal                     # towards the camera (at the origin)
-        if abs(normal @ (centroid / np.linalg.norm(centroid))) < 0.15:
-            continue                             # seen edge-on: not a surface to stand on
-        behind = (inside @ normal - normal @ centroid) < -inside_tol
-        if len(inside) and behind.mean() > 0.1:
-            continue                             # part of the object lies behind it: not its support
-        return np.concatenate([normal, [-normal @ centroid]])
+        heights = inside @ normal - normal @ centroid
+        refused = (abs(normal @ (centroid / np.linalg.norm(centroid))) < 0.15     # seen edge-on
+                   or (len(inside) and (heights < -inside_tol).mean() > 0.1)      # part of the object behind it
+                   or (len(inside) and (heights > inside_tol).mean() < 0.03))     # nothing above it: a top face
+        if not refused:
+            return np.concatenate([normal, [-normal @ centroid]])
+        points, sigma, tol = points[~chosen], sigma[~chosen], tol[~chosen]
     return None
 
 
@@ -300,7 +327,7 @@ def _component(candidates: np.ndarray, inner: np.ndarray, in_box: np.ndarray) ->
     return labels == best if score[best] > 0 else None
 
 
-def _with_colour(seg: np.ndarray, valid: np.ndarray, rgb: np.ndarray, inner: np.ndarray) -> np.ndarray:
+def _with_colour(seg: np.ndarray, valid: np.ndarray, z: np.ndarray, rgb: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """Colour and depth together: keep the part of the mask of the object's colour (a touching object
     of another colour at the same depth falls away), then join holes (no depth) inside or next to it
     of that colour. Colour is compared as rg chromaticity, so shading does not split an object."""
@@ -319,8 +346,13 @@ def _with_colour(seg: np.ndarray, valid: np.ndarray, rgb: np.ndarray, inner: np.
     kept = _component(seg & alike, inner, seg)
     if kept is not None and kept.sum() >= 0.3 * seg.sum():
         seg = kept
-    near = cv2.dilate(seg.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    out = seg | (near & ~valid & alike)
+    # Grow a few pixels into neighbours of the object's colour: depth holes, and the strip just
+    # above the table (too low to tell from it by depth) and the silhouette (cut by depth edges).
+    depth_near = ~valid | (np.abs(np.nan_to_num(z, nan=0.0) - np.median(z[core])) < 0.1)
+    out = seg
+    for _ in range(3):
+        near = cv2.dilate(out.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        out = out | (near & alike & depth_near)
     closed = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)).astype(bool)
     return out | (closed & (~valid | alike))
 

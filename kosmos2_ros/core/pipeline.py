@@ -21,8 +21,9 @@ from .config import MAX_NGRAM, Kosmos2Config
 from .decoding import Cancelled, DecodingMode, Generation, Row, generate, logits_processors
 from .frames import Frame, FrameEncoding
 from .geometry import InputGeometry, box_point_3d
-from .grounding import Box
+from .grounding import GRID, Box
 from .loading import PromptIds, TextCodec, checkpoint_no_repeat_ngram_size, load_processor, resolve_model
+from .object_geometry import GeometryConfig, ObjectGeometry, object_geometry
 from .tasks import TASKS, Output, Prompt, PromptError, Task, TaskRequest, TaskSpec, build_prompts, sanitize_text
 from .vocab import PATCH_TOKEN_RE
 
@@ -61,6 +62,7 @@ class GroundedBox:
     box_norm: Box
     score: float
     point: Optional[Tuple[float, float, float]] = None
+    geometry: Optional[ObjectGeometry] = None   # mask, refined box, 3D box, grasp, cloud (`object_geometry`)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Result:
     model_calls: int = 0
     no_repeat_ngram_size: int = 0          # the value the command was decoded with
     camera: str = ""
+    geometry_frame_id: str = ""            # frame of the objects' geometry (the camera's, or target_frame)
 
     @classmethod
     def failure(cls, command: Command, status: Status, error: str, frame: Optional[Frame] = None) -> Result:
@@ -441,7 +444,7 @@ class Pipeline:
             res.model_calls += gen.model_calls
         merged = plan.spec.merge(plan.text, outputs)
         res.text, res.raw_text, res.entities = merged.text, merged.raw_text, merged.entities
-        self._place(res, frame, enc.geometry)
+        self._place(res, frame, enc.geometry, plan.command.region_px if plan.spec.needs_region else None)
         return res
 
     def _patch_probs(self, prompt_ids: List[int], gen: Generation, raw: str) -> List[Optional[float]]:
@@ -452,11 +455,19 @@ class Pipeline:
         in_text = len(PATCH_TOKEN_RE.findall(raw.split(grounding.EOI)[-1]))
         return probs if in_text == len(probs) else []
 
-    def _place(self, res: Result, frame: Frame, geometry: InputGeometry) -> None:
-        """Boxes to pixels, threshold, 3D points; flatten into objects."""
+    def _place(self, res: Result, frame: Frame, geometry: InputGeometry, region_px: Optional[Box] = None) -> None:
+        """Boxes to pixels, threshold, 3D points and geometry; flatten into objects.
+
+        `region_px`: the region a region command gave. Its object's box is that region (clipped to the
+        image), not the cells the model was shown (which `box_normalized` still reports).
+        """
         cfg = self.config
         for index, ent in enumerate(res.entities):
             ent.boxes_px = [geometry.to_pixels(b) for b in ent.boxes_norm]
+            if region_px is not None and index == 0 and ent.boxes_px:
+                x0, y0, x1, y1 = region_px
+                ent.boxes_px[0] = (min(max(x0, 0.0), frame.width), min(max(y0, 0.0), frame.height),
+                                   min(max(x1, 0.0), frame.width), min(max(y1, 0.0), frame.height))
             if len(ent.scores) != len(ent.boxes_norm):
                 ent.scores = [float("nan")] * len(ent.boxes_norm)
             for box_norm, box_px, score in zip(ent.boxes_norm, ent.boxes_px, ent.scores):
@@ -466,4 +477,24 @@ class Pipeline:
                 if cfg.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
                     point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
                                          cfg.min_depth_m, cfg.max_depth_m)
-                res.objects.append(GroundedBox(ent.phrase, index, ent.span, box_px, tuple(box_norm), score, point))
+                res.objects.append(GroundedBox(ent.phrase, index, ent.span, box_px, tuple(box_norm), score, point,
+                                               self._object_geometry(box_px, frame, geometry)))
+        res.geometry_frame_id = frame.frame_id
+
+    def _object_geometry(self, box_px: Box, frame: Frame, geometry: InputGeometry) -> ObjectGeometry:
+        """The object's manipulation geometry, or why there is none; never an error for the result."""
+        cfg = self.config
+        if not cfg.enable_3d:
+            return ObjectGeometry.invalid("3D is off (enable_3d: false)")
+        if not cfg.object_geometry:
+            return ObjectGeometry.invalid("object geometry is off (object_geometry: false)")
+        if frame.depth_m is None:
+            return ObjectGeometry.invalid("no depth image paired with this frame")
+        if frame.intrinsics is None:
+            return ObjectGeometry.invalid("no camera_info for this camera")
+        cell = (geometry.win_w / GRID, geometry.win_h / GRID)
+        try:
+            return object_geometry(box_px, frame.rgb, frame.depth_m, frame.intrinsics, cell,
+                                   GeometryConfig(min_depth_m=cfg.min_depth_m, max_depth_m=cfg.max_depth_m))
+        except Exception as exc:  # noqa: BLE001 - a geometry failure must never lose or fail the result
+            return ObjectGeometry.invalid(f"geometry failed: {type(exc).__name__}: {exc}")

@@ -140,8 +140,11 @@ def _radius(o: SceneObject) -> float:
 
 def render(objects: Sequence[SceneObject], width: int = 640, height: int = 480, distance: float = 1.0,
            elevation_deg: float = 45.0, azimuth_deg: float = -90.0, table: bool = True,
-           target: Sequence[float] = (0.0, 0.0, 0.05), hfov_deg: float = 69.0) -> RgbdScene:
-    """Ray cast the scene from a camera `distance` metres from `target`, `elevation_deg` above horizontal."""
+           target: Sequence[float] = (0.0, 0.0, 0.05), hfov_deg: float = 69.0,
+           table_colour: Optional[Tuple[int, int, int]] = None) -> RgbdScene:
+    """Ray cast the scene from a camera `distance` metres from `target`, `elevation_deg` above horizontal.
+
+    `table_colour`: a plain table of that colour (default: a wooden checkerboard)."""
     k_cam = intrinsics_for(width, height, hfov_deg)
     el, az = math.radians(elevation_deg), math.radians(azimuth_deg)
     tgt = np.asarray(target, dtype=np.float64)
@@ -178,7 +181,7 @@ def render(objects: Sequence[SceneObject], width: int = 640, height: int = 480, 
         take(t, n, i)
     depth = best.reshape(height, width).astype(np.float32)
     ids = ids.reshape(height, width)
-    rgb = _shade(ids.reshape(-1), normals, objects, pos + d * best[:, None]).reshape(height, width, 3)
+    rgb = _shade(ids.reshape(-1), normals, objects, pos + d * best[:, None], table_colour).reshape(height, width, 3)
     truths = [_truth(o, ids == i, pos, rot) for i, o in enumerate(objects)]
     pose = np.eye(4)
     pose[:3, :3], pose[:3, 3] = rot, pos
@@ -236,7 +239,8 @@ def _intersect(o: SceneObject, pos: np.ndarray, d: np.ndarray) -> Tuple[np.ndarr
         return t, (hit_points - cen) / r
 
 
-def _shade(ids: np.ndarray, normals: np.ndarray, objects: Sequence[SceneObject], points: np.ndarray) -> np.ndarray:
+def _shade(ids: np.ndarray, normals: np.ndarray, objects: Sequence[SceneObject], points: np.ndarray,
+           table_colour: Optional[Tuple[int, int, int]] = None) -> np.ndarray:
     light = np.array([0.3, -0.5, 0.8])
     light = light / np.linalg.norm(light)
     lambert = 0.35 + 0.65 * np.clip(normals @ light, 0.0, 1.0)
@@ -244,7 +248,7 @@ def _shade(ids: np.ndarray, normals: np.ndarray, objects: Sequence[SceneObject],
     base[ids == -2] = (200, 205, 210)
     checker = ((np.floor(points[:, 0] / 0.1) + np.floor(points[:, 1] / 0.1)) % 2)[:, None]
     table = ids == -1
-    base[table] = (np.array([170.0, 140.0, 100.0]) + 12.0 * checker)[table]
+    base[table] = (np.array([170.0, 140.0, 100.0]) + 12.0 * checker)[table] if table_colour is None else table_colour
     for i, o in enumerate(objects):
         base[ids == i] = o.colour
     return np.clip(base * lambert[:, None], 0, 255).astype(np.uint8)

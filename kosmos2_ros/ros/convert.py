@@ -6,17 +6,18 @@ core.images is the reference and the fallback, so results do not depend on which
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 from builtin_interfaces.msg import Time
-from geometry_msgs.msg import Point
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from geometry_msgs.msg import Point, Pose, Vector3
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
 from kosmos2_ros.core import images
 from kosmos2_ros.core.geometry import CameraIntrinsics
-from kosmos2_ros.core.pipeline import Command, Result
+from kosmos2_ros.core.object_geometry import ObjectGeometry, quaternion
+from kosmos2_ros.core.pipeline import Command, GroundedBox, Result
 from kosmos2_ros.msg import GroundedObject, GroundingCommand, GroundingResult, PixelBox
 
 ImageError = images.ImageError
@@ -126,32 +127,102 @@ def _f32(value: float) -> float:
     return float(value) if math.isfinite(value) else 0.0
 
 
-def result_to_msg(res: Result, queue_ms: float = 0.0) -> GroundingResult:
+def pose_of(position: np.ndarray, rotation: np.ndarray) -> Pose:
+    pose = Pose()
+    pose.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
+    q = pose.orientation
+    q.x, q.y, q.z, q.w = quaternion(rotation)
+    return pose
+
+
+def object_to_msg(obj: GroundedBox) -> GroundedObject:
+    x0, y0, x1, y1 = obj.box_px
+    o = GroundedObject(phrase=obj.phrase, entity_index=int(obj.entity_index),
+                       span_start=int(max(0, obj.span[0])), span_end=int(max(0, obj.span[1])),
+                       box=PixelBox(x_min=float(x0), y_min=float(y0), x_max=float(x1), y_max=float(y1)),
+                       box_normalized=[float(v) for v in obj.box_norm],
+                       score=_f32(obj.score))
+    if obj.point is not None:
+        o.point = Point(x=float(obj.point[0]), y=float(obj.point[1]), z=float(obj.point[2]))
+        o.point_valid = True
+    geo: Optional[ObjectGeometry] = obj.geometry
+    if geo is not None and geo.valid:
+        b = geo.box_refined
+        o.box_refined = PixelBox(x_min=float(b[0]), y_min=float(b[1]), x_max=float(b[2]), y_max=float(b[3]))
+        o.pose = pose_of(geo.center, geo.rotation)
+        o.size = Vector3(x=float(geo.size[0]), y=float(geo.size[1]), z=float(geo.size[2]))
+        o.grasp = pose_of(geo.grasp_position, geo.grasp_rotation)
+        o.grasp_width = float(geo.grasp_width)
+        o.geometry_valid = True
+    else:
+        o.geometry_error = geo.error if geo is not None else "no geometry computed"
+    return o
+
+
+def mask_image(res: Result, header: Header) -> Image:
+    """The objects' masks as one mono8 label image (0 background, i = objects[i-1]; first object wins
+    an overlap); an empty Image when no object has a mask."""
+    masks = [(i + 1, o.geometry.mask) for i, o in enumerate(res.objects[:255])
+             if o.geometry is not None and o.geometry.valid and o.geometry.mask is not None]
+    if not masks:
+        return Image(header=header)
+    labels = np.zeros(masks[0][1].shape, dtype=np.uint8)
+    for label, mask in reversed(masks):
+        labels[mask] = label
+    return Image(header=header, height=labels.shape[0], width=labels.shape[1], encoding="mono8", is_bigendian=0,
+                 step=labels.shape[1], data=labels.tobytes())
+
+
+def result_to_msg(res: Result, queue_ms: float = 0.0, masks: bool = True) -> GroundingResult:
     """A core Result -> GroundingResult; the header is the source image's, never the node clock."""
+    header = header_of(res.stamp_ns, res.frame_id)
     msg = GroundingResult(id=res.id, task=res.task, camera=res.camera, status=int(res.status), error=res.error,
-                          header=header_of(res.stamp_ns, res.frame_id),
-                          image_width=int(res.width), image_height=int(res.height),
+                          header=header, image_width=int(res.width), image_height=int(res.height),
                           text=res.text, raw_text=res.raw_text, token_ids=[int(t) for t in res.token_ids],
-                          no_repeat_ngram_size=int(res.no_repeat_ngram_size))
-    objects: List[GroundedObject] = []
-    for obj in res.objects:
-        x0, y0, x1, y1 = obj.box_px
-        o = GroundedObject(phrase=obj.phrase, entity_index=int(obj.entity_index),
-                           span_start=int(max(0, obj.span[0])), span_end=int(max(0, obj.span[1])),
-                           box=PixelBox(x_min=float(x0), y_min=float(y0), x_max=float(x1), y_max=float(y1)),
-                           box_normalized=[float(v) for v in obj.box_norm],
-                           score=_f32(obj.score))
-        if obj.point is not None:
-            o.point = Point(x=float(obj.point[0]), y=float(obj.point[1]), z=float(obj.point[2]))
-            o.point_valid = True
-        objects.append(o)
-    msg.objects = objects
+                          no_repeat_ngram_size=int(res.no_repeat_ngram_size),
+                          geometry_frame_id=res.geometry_frame_id or res.frame_id)
+    msg.objects = [object_to_msg(obj) for obj in res.objects]
+    if masks:
+        msg.mask = mask_image(res, header)
     t = res.timings_ms
     msg.queue_ms = float(queue_ms)
     msg.encode_ms = float(t.get("encode", 0.0))
     msg.generate_ms = float(t.get("generate", 0.0))
     msg.total_ms = float(t.get("total", 0.0)) + float(queue_ms)
     return msg
+
+
+#: ~/object_cloud's point layout: x, y, z, rgb (packed as rviz reads it), object (index in the result).
+CLOUD_FIELDS = (("x", 0, PointField.FLOAT32), ("y", 4, PointField.FLOAT32), ("z", 8, PointField.FLOAT32),
+                ("rgb", 12, PointField.FLOAT32), ("object", 16, PointField.UINT32))
+CLOUD_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4"), ("object", "<u4")])
+
+
+def cloud_of(res: Result) -> Optional[PointCloud2]:
+    """Every object's points of a result as one PointCloud2 in its geometry frame, or None when there are none."""
+    parts = [(i, o.geometry) for i, o in enumerate(res.objects)
+             if o.geometry is not None and o.geometry.valid and len(o.geometry.points)]
+    if not parts:
+        return None
+    cloud = np.zeros(sum(len(g.points) for _, g in parts), dtype=CLOUD_DTYPE)
+    at = 0
+    for index, geo in parts:
+        n = len(geo.points)
+        rows = cloud[at:at + n]
+        rows["x"], rows["y"], rows["z"] = geo.points[:, 0], geo.points[:, 1], geo.points[:, 2]
+        c = geo.colors.astype(np.uint32)
+        rows["rgb"] = (c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]
+        rows["object"] = index
+        at += n
+    fields = [PointField(name=n, offset=o, datatype=t, count=1) for n, o, t in CLOUD_FIELDS]
+    return PointCloud2(header=header_of(res.stamp_ns, res.geometry_frame_id or res.frame_id), height=1,
+                       width=len(cloud), fields=fields, is_bigendian=False, point_step=CLOUD_DTYPE.itemsize,
+                       row_step=CLOUD_DTYPE.itemsize * len(cloud), is_dense=True, data=cloud.tobytes())
+
+
+def cloud_points(msg: PointCloud2) -> np.ndarray:
+    """The structured points of a cloud `cloud_of` made (tests and tools)."""
+    return np.frombuffer(bytes(msg.data), dtype=CLOUD_DTYPE)
 
 
 def detections_from(msg: GroundingResult) -> Optional[Any]:
@@ -175,6 +246,36 @@ def detections_from(msg: GroundingResult) -> Optional[Any]:
         target.score = float(obj.score)
         if obj.point_valid:
             hyp.pose.pose.position = obj.point
+        det.results.append(hyp)
+        if hasattr(det, "id"):
+            det.id = msg.id
+        out.detections.append(det)
+    return out
+
+
+def detections_3d_from(msg: GroundingResult) -> Optional[Any]:
+    """vision_msgs/Detection3DArray of the objects with geometry (3D box centre and size, in the result's
+    geometry frame) where vision_msgs is installed, else None."""
+    if not HAVE_VISION_MSGS:
+        return None
+    from vision_msgs.msg import Detection3D, Detection3DArray  # pragma: no cover - vision_msgs absent here
+
+    header = Header(stamp=msg.header.stamp, frame_id=msg.geometry_frame_id or msg.header.frame_id)  # pragma: no cover
+    out = Detection3DArray(header=header)  # pragma: no cover
+    for obj in msg.objects:  # pragma: no cover
+        if not obj.geometry_valid:
+            continue
+        det = Detection3D(header=header)
+        det.bbox.center = obj.pose
+        det.bbox.size = obj.size
+        hyp = ObjectHypothesisWithPose()
+        target = getattr(hyp, "hypothesis", hyp)
+        if hasattr(target, "class_id"):
+            target.class_id = obj.phrase
+        else:
+            target.id = obj.phrase
+        target.score = float(obj.score)
+        hyp.pose.pose = obj.pose
         det.results.append(hyp)
         if hasattr(det, "id"):
             det.id = msg.id

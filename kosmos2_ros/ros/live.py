@@ -70,6 +70,7 @@ class LiveWork:
         errors = [r.error for r in results if r.status is Status.MODEL_ERROR]
         if errors:
             raise RuntimeError(f"standing queries on camera {cam.label}: {errors[0]}")
+        self._node.place_geometry(results)
         msg = self.tracks_message(cam, frame, queries, results)
         self._node.publish_tracks(msg, frame, self.combined(cam, frame, msg, results))
         state.published += 1
@@ -79,12 +80,13 @@ class LiveWork:
     def tracks_message(cam: Camera, frame: Frame, queries: tuple, results: List[Result]) -> Tracks:
         """One Tracks message: an entry per query (found or not), with its track id."""
         msg = Tracks(header=convert.header_of(frame.stamp_ns, frame.frame_id), camera=cam.name,
-                     image_width=frame.width, image_height=frame.height)
+                     image_width=frame.width, image_height=frame.height,
+                     geometry_frame_id=next((r.geometry_frame_id for r in results if r.geometry_frame_id), frame.frame_id))
         for query, res in zip(queries, results):
             entry = TrackedQuery(query=query, token_ids=[int(t) for t in res.token_ids])
             if res.status is Status.OK and res.objects:
                 entry.found = True
-                entry.objects = convert.result_to_msg(res).objects
+                entry.objects = convert.result_to_msg(res, masks=False).objects
                 best = max(res.objects, key=lambda o: (o.score if o.score == o.score else -1.0))
                 entry.track_id = cam.standing.tracker.update(query, best.box_px)
             else:
@@ -99,9 +101,9 @@ class LiveWork:
     def combined(cam: Camera, frame: Frame, msg: Tracks, results: List[Result]) -> Result:
         """All of a frame's query boxes as one Result, each named `query #track` (debug image, markers)."""
         res = Result(id=f"tracks-{cam.label}", task="refer", stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
-                     width=frame.width, height=frame.height, camera=cam.name)
+                     width=frame.width, height=frame.height, camera=cam.name, geometry_frame_id=msg.geometry_frame_id)
         for index, (entry, one) in enumerate(zip(msg.queries, results)):
             for obj in one.objects:
                 res.objects.append(GroundedBox(f"{entry.query} #{entry.track_id}", index, obj.span, obj.box_px,
-                                               obj.box_norm, obj.score, obj.point))
+                                               obj.box_norm, obj.score, obj.point, obj.geometry))
         return res

@@ -46,6 +46,7 @@ from .command_intake import CommandPublisherCheck, without_event_waitables
 from .live import LiveWork
 from .parameters import ParametersMixin
 from .publishing import ResultPublishers
+from .tf_adapter import GeometryFrames, make_geometry_frames
 from .worker import FrameRejected, Job, Worker
 
 try:  # Humble and later
@@ -96,6 +97,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self.outputs = ResultPublishers(self)
+        # Object geometry stays in the camera's frame until configure sets target_frame up.
+        self.geometry_frames = GeometryFrames("", 0.0, None, lambda text: self.get_logger().warning(text))
         # No QoS-event waitables on the command topics (they slowed command intake many-fold under
         # load; command_intake explains); `_command_publishers` gives their warning instead.
         self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, COMMAND_HISTORY,
@@ -133,6 +136,11 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             self.get_logger().error(f"cannot configure: bad parameter: {self.param_error}")
             return TransitionCallbackReturn.FAILURE
         cfg = self.config
+        try:
+            self.geometry_frames = make_geometry_frames(self, cfg.target_frame, cfg.tf_timeout_s)
+        except ImportError as exc:
+            self.get_logger().error(f"cannot configure: {exc}")
+            return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f"loading model {cfg.model!r} (backend {cfg.backend}, device {cfg.device})")
         t0 = time.perf_counter()
         try:
@@ -322,6 +330,10 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         response.success, response.queries = True, list(queries)
         return response
 
+    def place_geometry(self, results: List[Result]) -> None:
+        """Objects' geometry into target_frame, where one is set (worker thread, before publishing)."""
+        self.geometry_frames.place(results)
+
     def publish_tracks(self, msg: Tracks, frame: Frame, combined: Result) -> None:
         """A frame's standing-query answers: ~/tracks, and the usual views (worker thread)."""
         self.outputs.publish_tracks(msg, frame, combined, self.config)
@@ -329,6 +341,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
         """Publish a command's one result (and debug image, markers, detections)."""
         cam = self.cameras.get(result.camera) or next(iter(self.cameras.values()))
+        self.place_geometry([result])
         job.message = self.outputs.publish(result, frame, queue_ms, self.config, cam.stats)
 
     def _every_second(self) -> None:

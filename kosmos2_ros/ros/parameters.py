@@ -53,6 +53,11 @@ PARAMETER_DOCS: Dict[str, str] = {
     "depth_inner_fraction": "central fraction of a box whose median depth gives its 3D point",
     "min_depth_m": "depth readings below this are ignored (metres)",
     "max_depth_m": "depth readings above this are ignored (metres)",
+    "object_geometry": "per object with depth: mask, refined box, 3D box (pose, size), grasp pose and ~/object_cloud",
+    "result_masks": "fill GroundingResult.mask, a mono8 label image of the source image's size (with depth)",
+    "target_frame": "frame of the objects' poses, grasps and clouds, through tf2 at the image's stamp; "
+                    "empty = the camera's optical frame",
+    "tf_timeout_s": "longest wait for the transform into target_frame; past it the result's geometry is invalid",
     "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
     "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
     "cameras": "camera names served by the one model: [front, wrist] reads front/image, front/camera_info, "

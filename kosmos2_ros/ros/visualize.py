@@ -11,11 +11,13 @@ from typing import Deque, Dict, Iterable, Optional
 import numpy as np
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point
 from sensor_msgs.msg import Image
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from kosmos2_ros.core.annotate import PALETTE, draw_result
+from kosmos2_ros.core.object_geometry import rotation_matrix
 from kosmos2_ros.core.pipeline import Result, Status
 from kosmos2_ros.msg import GroundingResult
 
@@ -29,26 +31,52 @@ def debug_image(rgb: np.ndarray, result: Result, header: Header) -> Image:
 
 
 def markers(result: GroundingResult, lifetime_s: float = 5.0, ns: str = "kosmos2") -> MarkerArray:
-    """A sphere and a text label for each object with a valid 3D point, in the image's frame."""
+    """Per object with geometry: its 3D box (translucent CUBE), the grasp approach (ARROW along the
+    grasp's z, ending at the grasp point) and a label, in the result's geometry frame; per object
+    with only a 3D point: a sphere and a label in the image's frame."""
     out = MarkerArray()
     life = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
-    clear = Marker(header=result.header, ns=ns, action=Marker.DELETEALL)
-    out.markers.append(clear)
-    for i, obj in enumerate(o for o in result.objects if o.point_valid):
+    out.markers.append(Marker(header=result.header, ns=ns, action=Marker.DELETEALL))
+    geo_header = Header(stamp=result.header.stamp, frame_id=result.geometry_frame_id or result.header.frame_id)
+    next_id = 0
+
+    def add(header: Header, kind: int, color: ColorRGBA, **fields) -> Marker:
+        nonlocal next_id
+        m = Marker(header=header, ns=ns, id=next_id, type=kind, action=Marker.ADD, lifetime=life, color=color, **fields)
+        next_id += 1
+        out.markers.append(m)
+        return m
+
+    for obj in result.objects:
         r, g, b = PALETTE[obj.entity_index % len(PALETTE)]
-        color = ColorRGBA(r=r / 255.0, g=g / 255.0, b=b / 255.0, a=0.9)
-        sphere = Marker(header=result.header, ns=ns, id=2 * i, type=Marker.SPHERE, action=Marker.ADD,
-                        lifetime=life, color=color)
-        sphere.pose.position = obj.point
-        sphere.pose.orientation.w = 1.0
-        sphere.scale.x = sphere.scale.y = sphere.scale.z = 0.08
-        text = Marker(header=result.header, ns=ns, id=2 * i + 1, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
-                      lifetime=life, color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0), text=obj.phrase or "?")
-        text.pose.position.x, text.pose.position.y = obj.point.x, obj.point.y - 0.08   # optical frame: y is down
-        text.pose.position.z = obj.point.z
-        text.pose.orientation.w = 1.0
-        text.scale.z = 0.06
-        out.markers.extend([sphere, text])
+        if obj.geometry_valid:
+            cube = add(geo_header, Marker.CUBE, ColorRGBA(r=r / 255.0, g=g / 255.0, b=b / 255.0, a=0.35))
+            cube.pose = obj.pose
+            cube.scale.x, cube.scale.y, cube.scale.z = (max(obj.size.x, 0.005), max(obj.size.y, 0.005),
+                                                        max(obj.size.z, 0.005))
+            arrow = add(geo_header, Marker.ARROW, ColorRGBA(r=1.0, g=1.0, b=1.0, a=0.9))
+            tip = np.array([obj.grasp.position.x, obj.grasp.position.y, obj.grasp.position.z])
+            q = obj.grasp.orientation
+            approach = rotation_matrix(q.x, q.y, q.z, q.w)[:, 2]
+            arrow.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in (tip - 0.12 * approach, tip)]
+            arrow.scale.x, arrow.scale.y, arrow.scale.z = 0.01, 0.02, 0.03   # shaft, head diameters, head length
+            label = add(geo_header, Marker.TEXT_VIEW_FACING, ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0),
+                        text=obj.phrase or "?")
+            label.pose.position = Point(x=float(tip[0] - 0.15 * approach[0]), y=float(tip[1] - 0.15 * approach[1]),
+                                        z=float(tip[2] - 0.15 * approach[2]))
+            label.pose.orientation.w = 1.0
+            label.scale.z = 0.05
+        elif obj.point_valid:
+            sphere = add(result.header, Marker.SPHERE, ColorRGBA(r=r / 255.0, g=g / 255.0, b=b / 255.0, a=0.9))
+            sphere.pose.position = obj.point
+            sphere.pose.orientation.w = 1.0
+            sphere.scale.x = sphere.scale.y = sphere.scale.z = 0.08
+            text = add(result.header, Marker.TEXT_VIEW_FACING, ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0),
+                       text=obj.phrase or "?")
+            text.pose.position.x, text.pose.position.y = obj.point.x, obj.point.y - 0.08   # optical frame: y is down
+            text.pose.position.z = obj.point.z
+            text.pose.orientation.w = 1.0
+            text.scale.z = 0.06
     return out
 
 
@@ -62,6 +90,7 @@ class Stats:
         self.frames_received = 0
         self.frames_rejected = 0
         self.last_image_error = ""
+        self.geometry_reasons: Counter = Counter()
 
     def frame(self, ok: bool, error: str = "") -> None:
         with self._lock:
@@ -69,6 +98,13 @@ class Stats:
             if not ok:
                 self.frames_rejected += 1
                 self.last_image_error = error
+
+    def geometry_invalid(self, error: str) -> bool:
+        """Count an object without geometry by the kind of reason; True the first time that kind is seen."""
+        kind = error.split(" (")[0].split(":")[0].strip() or "unknown"
+        with self._lock:
+            self.geometry_reasons[kind] += 1
+            return self.geometry_reasons[kind] == 1
 
     def result(self, status: int, total_ms: float) -> None:
         with self._lock:
@@ -90,6 +126,8 @@ class Stats:
                 "commands_ok": str(self.by_status.get("OK", 0)),
                 "commands_failed": str(sum(v for k, v in self.by_status.items() if k != "OK")),
                 "last_image_error": self.last_image_error,
+                "geometry_invalid": str(sum(self.geometry_reasons.values())),
+                "geometry_invalid_reasons": "; ".join(f"{k}: {v}" for k, v in self.geometry_reasons.most_common()),
             }
             for st in Status:
                 if st is not Status.OK:
