@@ -78,6 +78,32 @@ def measure(size: str, objects: int, seed: int) -> List[Dict[str, float]]:
     return rows[:objects]
 
 
+def mask_cost(size: str, seed: int) -> str:
+    """What GroundingResult.mask costs per result at this size: bytes, and ms to build the message
+    with and without it (a 4-object scene; needs the built messages: scripts/ros-env)."""
+    try:
+        from kosmos2_ros.core.pipeline import GroundedBox, Result
+        from kosmos2_ros.ros.convert import result_to_msg
+    except ImportError:
+        return "mask cost: run through scripts/ros-env to measure it"
+    width, height = (int(v) for v in size.split("x"))
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng, width, height, count=4, distance=0.8)
+    depth = noisy_depth(scene.depth_m, rng)
+    res = Result(id="m", task="refer", width=width, height=height, frame_id="cam")
+    for t in scene.truths:
+        geo = object_geometry(t.box, scene.rgb, depth, scene.intrinsics, (width / 32.0, height / 32.0))
+        res.objects.append(GroundedBox("o", 0, (0, 1), t.box, (0, 0, 1, 1), 1.0, None, geo))
+    times = {}
+    for masks in (True, False):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            result_to_msg(res, masks=masks)
+        times[masks] = (time.perf_counter() - t0) / 20 * 1e3
+    return (f"mask label image: {width * height} bytes (mono8, a byte a pixel) per result; "
+            f"a result message built in {times[True]:.2f} ms with it, {times[False]:.2f} ms without")
+
+
 def stat(rows, key, band=None) -> str:
     vals = [r[key] for r in rows if key in r and not math.isnan(r[key]) and (band is None or band[0] <= r["distance"] < band[1])]
     if not vals:
@@ -104,6 +130,7 @@ def main(argv=None) -> int:
             print(f"| {label} | {stat(rows, key)} | " + " | ".join(stat(rows, key, b) for b in BANDS) + " |")
         counts = [sum(1 for r in rows if b[0] <= r["distance"] < b[1]) for b in BANDS]
         print(f"| objects | {len(rows)} | " + " | ".join(map(str, counts)) + " |")
+        print(mask_cost(size, args.seed))
     return 0
 
 
