@@ -23,18 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kosmos2_ros.core.geometry import box_point_3d  # noqa: E402
+from kosmos2_ros.core.grounding import box_iou as iou  # noqa: E402
 from kosmos2_ros.core.object_geometry import object_geometry  # noqa: E402
 from kosmos2_ros.core.rgbd_scenes import model_box, noisy_depth, plain_geometry, random_scene  # noqa: E402
 
 BANDS = ((0.0, 1.0), (1.0, 1.5), (1.5, 3.0))
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def yaw_error(rotation, cam_to_world, truth_yaw) -> float:

@@ -85,8 +85,10 @@ def test_constrained_budget_closes_the_box(toy):
     gen = generate(backend, embeds, [Row(p.input_ids, p.image_mask, 4, constrained=True)], vocab)[0]
     assert len(gen.token_ids) == 4 and gen.token_ids[0] == vocab.object_open
     assert gen.token_ids[-1] == vocab.object_close and all(vocab.is_patch(t) for t in gen.token_ids[1:3])
-    # Prefill (with <object>) and one step; no room for another box, so </object> is forced.
-    assert gen.model_calls == 2 and gen.forced == [True, False, False, True]
+    # Prefill (its logits give the presence), the forced <object>'s step and one step; no room for
+    # another box, so </object> is forced.
+    assert gen.model_calls == 3 and gen.forced == [True, False, False, True]
+    assert 0.0 <= gen.presence <= 1.0
     assert DecodingMode.parse(" Constrained ") is DecodingMode.CONSTRAINED
     with pytest.raises(ValueError):
         DecodingMode.parse("beam")

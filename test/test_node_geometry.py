@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from node_helpers import NodeProcess, Tester, free_domain, rgb_image_msg, running_node
 
+from kosmos2_ros.core.grounding import box_iou
 from kosmos2_ros.core.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
 
 OK = 0
@@ -97,13 +98,6 @@ def node(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield proc, t, Geometry(t)
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def _check_against_truth(obj: Any, truth: Any, labels: np.ndarray, label: int) -> None:
     from kosmos2_ros.core.object_geometry import rotation_matrix
 
@@ -113,7 +107,7 @@ def _check_against_truth(obj: Any, truth: Any, labels: np.ndarray, label: int) -
     size = np.array([obj.size.x, obj.size.y, obj.size.z])
     assert np.abs(np.sort(size[:2]) - np.sort(truth.size[:2])).max() <= 0.03 and abs(size[2] - truth.size[2]) <= 0.02
     b = obj.box_refined
-    assert _iou((b.x_min, b.y_min, b.x_max, b.y_max), truth.box) >= 0.8
+    assert box_iou((b.x_min, b.y_min, b.x_max, b.y_max), truth.box) >= 0.8
     grasp = np.array([obj.grasp.position.x, obj.grasp.position.y, obj.grasp.position.z])
     assert np.linalg.norm(grasp - truth.top) <= 0.025
     q = obj.grasp.orientation
@@ -180,7 +174,7 @@ def test_refer_and_tracks_carry_geometry(node: tuple) -> None:
     res = t.run(t.command("geo-refer", "refer", "a red square", stamp_ns=stamp, decoding="constrained"))
     assert res.status == OK, res.error
     b = res.objects[0].box
-    assert _iou((b.x_min, b.y_min, b.x_max, b.y_max), truth.box) > 0.3     # the model's box is on the object
+    assert box_iou((b.x_min, b.y_min, b.x_max, b.y_max), truth.box) > 0.3     # the model's box is on the object
     labels = np.frombuffer(bytes(res.mask.data), dtype=np.uint8).reshape(H, W)
     _check_against_truth(res.objects[0], truth, labels, 1)
     tracks = geo.wait(geo.tracks, stamp)

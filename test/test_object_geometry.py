@@ -186,3 +186,23 @@ def test_quaternion_order_is_xyzw():
     np.testing.assert_allclose(qz, (0.0, 0.0, s, c), atol=1e-12)
     flip = quaternion(np.diag([1.0, -1.0, -1.0]))
     np.testing.assert_allclose(np.abs(flip), (1.0, 0.0, 0.0, 0.0), atol=1e-12)
+
+
+def test_an_object_without_depth_is_not_given_the_tables_geometry():
+    """A black or transparent object leaves a hole in the depth: no geometry (not the table around it)."""
+    scene = render([SHAPES["box"]], 640, 480, distance=0.8)
+    truth = scene.truths[0]
+    depth = noisy_depth(scene.depth_m, np.random.default_rng(10))
+    depth[truth.mask] = np.nan
+    geo = object_geometry(truth.box, scene.rgb, depth, scene.intrinsics, CELL)
+    assert not geo.valid and geo.error.startswith("no depth on the object")
+    flat = render([], 640, 480, distance=0.8)
+    table = object_geometry((300, 200, 340, 240), flat.rgb, flat.depth_m, flat.intrinsics, CELL)
+    assert not table.valid and table.error == "nothing stands above the support plane in the box"
+
+
+def test_depth_with_a_channel_axis_works():
+    scene = render([SHAPES["box"]], 640, 480, distance=0.8)
+    depth = noisy_depth(scene.depth_m, np.random.default_rng(11))[:, :, None]
+    geo, truth = solve(scene, depth=depth)
+    assert geo.valid and np.linalg.norm(geo.center - truth.centre) <= 0.02

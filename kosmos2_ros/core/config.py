@@ -22,6 +22,7 @@ from .tasks import PromptError, sanitize_text
 DECODING = tuple(m.value for m in DecodingMode)
 QOS = ("auto", "sensor_data", "reliable")
 MAX_NGRAM = 64          # largest no_repeat_ngram_size accepted
+MAX_CANDIDATES = 16     # most candidate boxes a command may ask for
 MAX_CAMERAS = 16        # most cameras one node serves
 MAX_QUERIES = 8         # most standing queries per camera (they decode as one batch per frame)
 # A camera name is a relative ROS name: its topics are <name>/image, <name>/camera_info, ...
@@ -35,6 +36,9 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "max_new_tokens_limit": (1, 4096),
     "no_repeat_ngram_size": (-1, MAX_NGRAM),
     "score_threshold": (0.0, 1.0),
+    "presence_threshold": (0.0, 1.0),
+    "max_candidates": (0, MAX_CANDIDATES),
+    "ambiguity_ratio": (0.0, 1.0),
     "max_prompt_chars": (1, 100_000),
     "frame_cache_size": (1, 256),
     "queue_size": (1, 1024),
@@ -68,6 +72,10 @@ class Kosmos2Config:
     decoding: str = DecodingMode.CONSTRAINED.value   # free | constrained: default for refer/phrase grounding
     no_repeat_ngram_size: int = -1                   # -1 = the checkpoint's generation config; 0 = off
     score_threshold: float = 0.0                     # boxes scoring below are dropped
+    presence_threshold: float = 0.0                  # refer: p(<object>) below it -> no object, with the reason
+    max_candidates: int = 3                          # other boxes the model considered (refer, phrase grounding)
+    ambiguity_ratio: float = 0.5                     # best candidate's score / the chosen box's >= it -> ambiguous
+    describe_candidates: bool = False                # an ambiguous result's boxes each described in words
     max_prompt_chars: int = 1000
     # Frames and commands
     max_frame_age_s: float = 2.0                     # older newest frame -> STALE_FRAME; 0 = no limit

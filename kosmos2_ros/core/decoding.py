@@ -91,6 +91,19 @@ def logits_processors(no_repeat_ngram_size: int = 0) -> Tuple[LogitsProcessor, .
     return (NoRepeatNGram(no_repeat_ngram_size),) if no_repeat_ngram_size > 0 else ()
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """Another box the model considered: its first-corner cell, and the second corner it would give after it."""
+    first: int          # token id of the upper-left location token
+    second: int         # token id of the lower-right location token, the model's best given `first`
+    p_first: float      # the model's probabilities of the two, over the whole vocabulary
+    p_second: float
+
+    @property
+    def score(self) -> float:
+        return self.p_first * self.p_second
+
+
 @dataclass
 class Generation:
     token_ids: List[int] = field(default_factory=list)
@@ -98,6 +111,11 @@ class Generation:
     forced: List[bool] = field(default_factory=list)
     model_calls: int = 0
     stop_reason: str = ""                               # eos | length | box
+    # p(`<object>`) right after the prompt's closing `</phrase>`: whether the model grounds the phrase
+    # at all (None when the prompt does not end in a phrase).
+    presence: Optional[float] = None
+    # Other boxes the model considered for its first box (`Candidate`s, best first; Row.max_candidates).
+    candidates: List[Candidate] = field(default_factory=list)
     # For a row with `export_prefix`: its KV cut to the shared prefix (None if the backend cannot cut).
     prefix_cache: Any = None
 
@@ -119,6 +137,8 @@ class Row:
     processors: Tuple[LogitsProcessor, ...] = ()
     # The row's own image (rows about different frames decoded together); None = generate's.
     image_embeds: Any = None
+    # Other first-corner cells to complete as candidate boxes (`candidate_cells`); 0 = none.
+    max_candidates: int = 0
 
 
 def token_prob(logits: np.ndarray, token: int) -> float:
@@ -167,6 +187,39 @@ class Phase(enum.Enum):
 _NEXT_IN_BOX = {Phase.OPEN: Phase.FIRST, Phase.FIRST: Phase.SECOND, Phase.SECOND: Phase.CLOSE}
 
 
+#: Candidate cells are at least this many cells (Chebyshev distance on the grid) from any cell
+#: already taken: the chosen box's neighbouring cell is the same object, not another one.
+CANDIDATE_SPACING = 2
+
+
+def candidate_cells(logits: np.ndarray, chosen: int, vocab: GroundingVocab, count: int,
+                    spacing: int = CANDIDATE_SPACING, grid: int = 32) -> List[Tuple[int, float]]:
+    """The most likely other first-corner tokens (token id, probability), best first, each at least
+    `spacing` cells from the chosen one and from each other; fewer when the grid runs out."""
+    lo, hi = vocab.patch_ids()
+    z = np.asarray(logits, dtype=np.float32)
+    e = np.exp(z - z.max())
+    probs = e[lo:hi] / e.sum(dtype=np.float64)
+    taken = [chosen - lo]
+    out: List[Tuple[int, float]] = []
+    for cell in np.argsort(-probs, kind="stable"):
+        if len(out) >= count:
+            break
+        r, c = divmod(int(cell), grid)
+        if all(max(abs(r - t // grid), abs(c - t % grid)) >= spacing for t in taken):
+            taken.append(int(cell))
+            out.append((lo + int(cell), float(probs[cell])))
+    return out
+
+
+def best_second(logits: np.ndarray, first: int, vocab: GroundingVocab, grid: int = 32) -> int:
+    """The model's most likely lower-right token that makes a box with `first` (not above or left of it)."""
+    lo, _ = vocab.patch_ids()
+    r, c = divmod(first - lo, grid)
+    cells = np.array([lo + rr * grid + cc for rr in range(r, grid) for cc in range(c, grid)])
+    return int(cells[np.argmax(np.asarray(logits)[cells])])
+
+
 class _RowState:
     def __init__(self, index: int, row: Row, vocab: GroundingVocab) -> None:
         self.index = index      # the row's place in the batch (for on_token)
@@ -177,6 +230,10 @@ class _RowState:
         self.logits: Optional[np.ndarray] = None
         self.done = row.max_new_tokens <= 0
         self.phase = Phase.OPEN if row.constrained else Phase.FREE
+        self.feed: Optional[int] = None      # a forced token the next decode step reads without a choice
+        # Candidate first corners and the cache they continue from (before the chosen first corner).
+        self.pending: List[Tuple[int, float]] = []
+        self.pending_cache: Any = None
 
     def sequence(self) -> List[int]:
         """Prompt and generated ids so far (a forced `<object>` is among the generated)."""
@@ -223,16 +280,7 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
              should_stop: Optional[Callable[[], bool]] = None) -> List[Generation]:
     """Decode every row greedily; rows advance together so backends can batch decode steps."""
     states = [_RowState(i, r, vocab) for i, r in enumerate(rows)]
-    prompts = []
-    for st in states:
-        if st.done:
-            continue
-        r = st.row
-        ids = list(r.input_ids)
-        if r.constrained:
-            # <object> is forced: it joins the prompt's prefill rather than costing a step.
-            ids.append(vocab.object_open)
-        prompts.append((st, ids))
+    prompts = [(st, list(st.row.input_ids)) for st in states if not st.done]
     # Rows on a shared prefix prefill their suffixes together; others (with the image) alone.
     on_prefix = [(st, ids) for st, ids in prompts if st.row.prefix_cache is not None]
     if on_prefix:
@@ -249,8 +297,12 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
             if r.export_prefix and r.prefix_len:
                 st.gen.prefix_cache = backend.truncate(st.cache, r.prefix_len)
         st.gen.model_calls += 1
+        if r.input_ids and r.input_ids[-1] == vocab.phrase_close:
+            st.gen.presence = token_prob(st.logits, vocab.object_open)
         if r.constrained:
+            # <object> is forced; the prompt's own logits gave its probability (presence) first.
             st.take(vocab.object_open, 1.0, forced=True)
+            st.feed = vocab.object_open
 
     while True:
         if should_stop is not None and should_stop():
@@ -260,8 +312,15 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
             break
         tokens = []
         for st in active:
+            if st.feed is not None:
+                tok, st.feed = st.feed, None
+                tokens.append(tok)
+                continue
             ids = st.sequence() if st.row.processors else ()
             tok = choose(st.logits, ids, st.row.processors, st.allowed())
+            if st.row.max_candidates and st.pending_cache is None and _first_corner(st, tok):
+                st.pending = candidate_cells(st.logits, tok, vocab, st.row.max_candidates)
+                st.pending_cache = backend.fork(st.cache) if st.pending else False
             st.take(tok, token_prob(st.logits, tok))
             tokens.append(tok)
             if on_token is not None:
@@ -273,4 +332,28 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
         for (st, _), row_logits, cache in zip(stepping, logits, caches):
             st.logits, st.cache = row_logits, cache
             st.gen.model_calls += 1
+    _complete_candidates(backend, states, vocab)
     return [st.gen for st in states]
+
+
+def _first_corner(st: _RowState, token: int) -> bool:
+    """Whether `token` is the row's first box's upper-left corner (right after its first `<object>`)."""
+    ids = st.gen.token_ids
+    return bool(ids) and ids[-1] == st.vocab.object_open and st.vocab.is_patch(token) \
+        and ids.count(st.vocab.object_open) == 1
+
+
+def _complete_candidates(backend: Backend, states: Sequence[_RowState], vocab: GroundingVocab) -> None:
+    """Every row's candidate first corners completed in one batched decode step: each on its own fork
+    of the cache before the chosen first corner, its second corner the model's best after it."""
+    work = [(st, tok, p) for st in states if st.pending_cache for tok, p in st.pending]
+    if not work:
+        return
+    caches = [backend.fork(st.pending_cache) for st, _, _ in work]
+    logits, _ = backend.decode_batch(caches, [tok for _, tok, _ in work])
+    for (st, tok, p), row_logits in zip(work, logits):
+        second = best_second(row_logits, tok, vocab)
+        st.gen.candidates.append(Candidate(tok, second, p, token_prob(row_logits, second)))
+    for st in states:
+        st.gen.candidates.sort(key=lambda c: -c.score)
+        st.pending, st.pending_cache = [], None

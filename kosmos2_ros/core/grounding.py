@@ -51,6 +51,27 @@ class ParsedText:
         return self.text, [(e.phrase, e.span, list(e.boxes_norm)) for e in self.entities]
 
 
+def box_area(box: Sequence[float]) -> float:
+    """Area of a corners box; a box with x1 < x0 or y1 < y0 has area 0."""
+    x0, y0, x1, y1 = box
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two corners boxes; 0 when the union is empty (two zero-area boxes).
+
+    Boxes are taken as given: one outside the image still has its area (nothing is clipped), as
+    in the paper's scripts; zero-area boxes (the paper's stand-in for "no box") score 0.
+    """
+    if not all(math.isfinite(float(v)) for v in (*a, *b)):
+        return 0.0
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, iw) * max(0.0, ih)
+    union = box_area(a) + box_area(b) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def patch_index_to_box(ul_idx: int, lr_idx: int, per_side: int = GRID) -> Box:
     """Normalised box of the cells `ul_idx` (upper-left) and `lr_idx` (lower-right).
 

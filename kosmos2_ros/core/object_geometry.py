@@ -48,6 +48,7 @@ class GeometryConfig:
     min_height_m: float = 0.008        # points this far above the plane (or 3 sigma, if more) are object
     plane_iterations: int = 120
     min_points: int = 20
+    max_points: int = 20000            # points an object's box and cloud are computed from (a random subset beyond)
     min_depth_m: float = 0.05
     max_depth_m: float = 20.0
     seed: int = 0
@@ -140,7 +141,7 @@ def depth_like(depth_m: np.ndarray, width: int, height: int) -> np.ndarray:
     """Aligned depth at the colour image's resolution (nearest neighbour keeps holes as holes)."""
     import cv2
 
-    d = depth_m.astype(np.float32)
+    d = np.squeeze(depth_m).astype(np.float32)   # H x W x 1 as some drivers' arrays come
     if d.shape[:2] == (height, width):
         return d
     return cv2.resize(d, (width, height), interpolation=cv2.INTER_NEAREST)
@@ -185,6 +186,11 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
     in_box = _inside(xs, ys, (x0, y0, x1, y1))
     if not (valid & in_box).any():
         return ObjectGeometry.invalid(f"no valid depth inside the box (0 of {int(in_box.sum())} pixels)")
+    if (valid & inner).sum() < 0.1 * max(1, inner.sum()):
+        # a black, shiny or transparent object (or one nearer than min_depth_m) leaves a hole: what
+        # depth there is in the box is its surroundings, not the object
+        return ObjectGeometry.invalid(f"no depth on the object: {int((valid & inner).sum())} of {int(inner.sum())} "
+                                      "pixels at the box's centre have depth")
     pts = np.stack([(xs + 0.5 - k.cx) * z / k.fx, (ys + 0.5 - k.cy) * z / k.fy, z], axis=-1)
     sigma = DEPTH_NOISE_K * np.nan_to_num(z, nan=1.0) ** 2
     rng = np.random.default_rng(config.seed)
@@ -204,9 +210,11 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
             # holds); a wall far behind the object is not one.
             if np.percentile(hs, 3) > 0.25:
                 plane, seg = None, None
+        if seg is None and plane is not None:
+            return ObjectGeometry.invalid("nothing stands above the support plane in the box")
     if seg is None:
         plane = None
-        z_ref = float(np.nanmedian(z[inner & valid])) if (inner & valid).any() else float(np.nanmedian(z[in_box]))
+        z_ref = float(np.nanmedian(z[inner & valid]))
         reach = max(0.04, 1.5 * (x1 - x0) * z_ref / k.fx)
         layer = valid & (np.abs(z - z_ref) < reach) & ~edges
         seg = _component(layer, inner, in_box)
@@ -218,6 +226,9 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
         return ObjectGeometry.invalid(f"too few object points with depth ({int(obj.sum())})")
     points = pts[obj].astype(np.float64)
     colours = rgb[wy0:wy1, wx0:wx1][obj]
+    if len(points) > config.max_points:   # a whole-image box: the statistics need no more (and the cloud is capped)
+        pick = rng.choice(len(points), config.max_points, replace=False)
+        points, colours = points[pick], colours[pick]
     if plane is not None:
         box3d = _standing_box(points, plane)
     else:

@@ -17,11 +17,11 @@ import numpy as np
 from . import grounding
 from .backends.base import Backend, BackendError
 from .backends.registry import AUTO, choose_backend, create_backend
-from .config import MAX_NGRAM, Kosmos2Config
+from .config import MAX_CANDIDATES, MAX_NGRAM, Kosmos2Config
 from .decoding import Cancelled, DecodingMode, Generation, Row, generate, logits_processors
 from .frames import Frame, FrameEncoding
 from .geometry import InputGeometry, box_point_3d
-from .grounding import GRID, Box
+from .grounding import GRID, Box, box_iou
 from .loading import PromptIds, TextCodec, checkpoint_no_repeat_ngram_size, load_processor, resolve_model
 from .object_geometry import GeometryConfig, ObjectGeometry, object_geometry
 from .tasks import TASKS, Output, Prompt, PromptError, Task, TaskRequest, TaskSpec, build_prompts, sanitize_text
@@ -51,6 +51,8 @@ class Command:
     decoding: str = ""                     # "" = config default
     no_repeat_ngram_size: int = -1         # -1 = config default; 0 = off
     camera: str = ""                       # which camera's frame (the node's `cameras`; "" = the only one)
+    max_candidates: int = -1               # -1 = config default; 0 = off
+    describe_candidates: int = -1          # -1 = config default; 0 = no, 1 = yes
 
 
 @dataclass
@@ -63,6 +65,7 @@ class GroundedBox:
     score: float
     point: Optional[Tuple[float, float, float]] = None
     geometry: Optional[ObjectGeometry] = None   # mask, refined box, 3D box, grasp, cloud (`object_geometry`)
+    description: str = ""                       # the box described in words (describe_candidates)
 
 
 @dataclass
@@ -86,6 +89,11 @@ class Result:
     no_repeat_ngram_size: int = 0          # the value the command was decoded with
     camera: str = ""
     geometry_frame_id: str = ""            # frame of the objects' geometry (the camera's, or target_frame)
+    presence: float = -1.0                 # p(<object>) after the phrase (refer: its one; phrase grounding: the least); -1 n/a
+    not_found_reason: str = ""             # why a refer result holds no object
+    candidates: List[GroundedBox] = field(default_factory=list)   # other boxes the model considered, best first
+    ambiguity: float = 0.0                 # best candidate's score / the chosen box's (0 without candidates)
+    ambiguous: bool = False                # ambiguity >= ambiguity_ratio
 
     @classmethod
     def failure(cls, command: Command, status: Status, error: str, frame: Optional[Frame] = None) -> Result:
@@ -119,6 +127,23 @@ class _Plan:
     max_new_tokens: int
     mode: DecodingMode
     no_repeat_ngram_size: int
+    max_candidates: int = 0
+    describe_candidates: bool = False
+
+
+#: Tokens a candidate's description may take (a short phrase: "a red mug next to the laptop").
+DESCRIBE_TOKENS = 24
+
+
+def described_as(region_text: str) -> str:
+    """A region description's text ("It is a red mug next to the laptop.") as a short description of
+    the box ("a red mug next to the laptop")."""
+    text = region_text.strip()
+    for lead in ("It is ", "It "):
+        if text.startswith(lead):
+            text = text[len(lead):]
+            break
+    return text.rstrip(". ").strip()
 
 
 class Pipeline:
@@ -240,7 +265,7 @@ class Pipeline:
         and every command's rows (suffix prefill and decode steps) run together; each row's
         tokens are those `run` gives it alone. Results come back in the order given.
         """
-        return self._serve(items, lambda plans: self._decode_frames(items, plans, should_stop))
+        return self._serve(items, lambda plans: self._decode_frames(items, plans, should_stop), None, should_stop)
 
     def _decode_frames(self, items: Sequence[Tuple[Frame, Sequence[Command]]], plans: List[Tuple[int, int, _Plan]],
                        should_stop: Optional[Callable[[], bool]]) -> Dict[Tuple[int, int], Result]:
@@ -276,10 +301,12 @@ class Pipeline:
         return out
 
     def _serve(self, items: Sequence[Tuple[Frame, Sequence[Command]]],
-               decode: Callable[[List[Tuple[int, int, _Plan]]], Dict[Tuple[int, int], Result]]) -> List[List[Result]]:
+               decode: Callable[[List[Tuple[int, int, _Plan]]], Dict[Tuple[int, int], Result]],
+               on_candidates: Optional[Callable[[Result], None]] = None,
+               should_stop: Optional[Callable[[], bool]] = None) -> List[List[Result]]:
         """What every batch shares: plan each command (INVALID when it cannot be), `decode` the
-        plans ((frame index, command index, plan) -> result), a cancellation or a backend fault
-        answered for every planned command, and the total time on every result."""
+        plans ((frame index, command index, plan) -> result), candidates described where asked, a
+        cancellation or a backend fault answered for every planned command, and the total time."""
         t_start = time.perf_counter()
         results: List[List[Optional[Result]]] = [[None] * len(cmds) for _, cmds in items]
         plans: List[Tuple[int, int, _Plan]] = []
@@ -293,6 +320,7 @@ class Pipeline:
             try:
                 for (f, i), res in decode(plans).items():
                     results[f][i] = res
+                self._describe(items, plans, results, on_candidates, should_stop)
             except Cancelled:
                 for f, i, plan in plans:
                     results[f][i] = Result.failure(plan.command, Status.CANCELLED, "cancelled", items[f][0])
@@ -334,7 +362,11 @@ class Pipeline:
         prompts = build_prompts(request, sorted(self.vocab.control_strings), self.config.max_prompt_chars)
         ids = [self.codec.encode(p.text, p.bboxes) for p in prompts]
         text = sanitize_text(command.text, (), self.config.max_prompt_chars)
-        return _Plan(command, spec, text, prompts, ids, max_new, mode, ngram)
+        wanted = self.config.max_candidates if command.max_candidates < 0 else int(command.max_candidates)
+        if not 0 <= wanted <= MAX_CANDIDATES:
+            raise PromptError(f"max_candidates {wanted} outside [0, {MAX_CANDIDATES}]")
+        describe = self.config.describe_candidates if command.describe_candidates < 0 else bool(command.describe_candidates)
+        return _Plan(command, spec, text, prompts, ids, max_new, mode, ngram, wanted, describe)
 
     def no_repeat_ngram_size(self, command: Optional[Command] = None) -> int:
         """The n-gram size a command decodes with: its own, else the config's, else the checkpoint's."""
@@ -348,15 +380,21 @@ class Pipeline:
 
     def run(self, command: Command, frame: Frame,
             on_token: Optional[Callable[[int, Generation], None]] = None,
-            should_stop: Optional[Callable[[], bool]] = None) -> Result:
-        return self.run_batch([command], frame, on_token=on_token, should_stop=should_stop)[0]
+            should_stop: Optional[Callable[[], bool]] = None,
+            on_candidates: Optional[Callable[[Result], None]] = None) -> Result:
+        """`on_candidates`: called with the result as soon as its candidates are known (before any
+        descriptions), for a result that has candidates."""
+        return self.run_batch([command], frame, on_token=on_token, should_stop=should_stop,
+                              on_candidates=on_candidates)[0]
 
     def run_batch(self, commands: Sequence[Command], frame: Frame,
                   on_token: Optional[Callable[[int, Generation], None]] = None,
-                  should_stop: Optional[Callable[[], bool]] = None) -> List[Result]:
+                  should_stop: Optional[Callable[[], bool]] = None,
+                  on_candidates: Optional[Callable[[Result], None]] = None) -> List[Result]:
         """Several commands about one frame: encoded once, prompt prefixes shared, rows decoded together."""
         return self._serve([(frame, commands)],
-                           lambda plans: self._decode_frame(frame, plans, on_token, should_stop))[0]
+                           lambda plans: self._decode_frame(frame, plans, on_token, should_stop),
+                           on_candidates, should_stop)[0]
 
     def _decode_frame(self, frame: Frame, plans: List[Tuple[int, int, _Plan]],
                       on_token: Optional[Callable[[int, Generation], None]],
@@ -397,7 +435,8 @@ class Pipeline:
             row = Row(pids.input_ids, pids.image_mask, plan.max_new_tokens,
                       constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
                                    and plan.max_new_tokens >= 4),
-                      processors=logits_processors(plan.no_repeat_ngram_size))
+                      processors=logits_processors(plan.no_repeat_ngram_size),
+                      max_candidates=plan.max_candidates if prompt.expects_box else 0)
             if plen:
                 key = tuple(pids.input_ids[:plen])
                 cache = enc.prefix_caches.get(key)
@@ -445,7 +484,82 @@ class Pipeline:
         merged = plan.spec.merge(plan.text, outputs)
         res.text, res.raw_text, res.entities = merged.text, merged.raw_text, merged.entities
         self._place(res, frame, enc.geometry, plan.command.region_px if plan.spec.needs_region else None)
+        presences = [g.presence for p, g in zip(plan.prompts, gens) if p.expects_box and g.presence is not None]
+        if presences:
+            res.presence = float(min(presences))
+        self._candidates(res, plan, gens, frame, enc.geometry)
+        self._not_found(res, plan)
         return res
+
+    def _candidates(self, res: Result, plan: _Plan, gens: List[Generation], frame: Frame,
+                    geometry: InputGeometry) -> None:
+        """Other boxes the model considered, as objects (pixels, 3D, geometry), duplicates of a kept box
+        (IoU >= 0.5) dropped, best first; and how close the best came to the chosen box."""
+        lo = self.vocab.patch_ids()[0]
+        grid = self.vocab.patches_per_side
+        kept = [o.box_norm for o in res.objects]
+        found: List[Tuple[float, GroundedBox]] = []
+        for index, (prompt, gen) in enumerate(zip(plan.prompts, gens)):
+            phrase = res.entities[index].phrase if index < len(res.entities) and prompt.expects_box else plan.text
+            for cand in gen.candidates:
+                box_norm = grounding.patch_index_to_box(cand.first - lo, cand.second - lo, grid)
+                if any(box_iou(box_norm, k) >= 0.5 for k in kept):
+                    continue
+                kept.append(box_norm)
+                box_px = geometry.to_pixels(box_norm)
+                point = None
+                if self.config.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
+                    point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, self.config.depth_inner_fraction,
+                                         self.config.min_depth_m, self.config.max_depth_m)
+                found.append((cand.score, GroundedBox(phrase, index, (0, 0), box_px, tuple(box_norm), cand.score,
+                                                      point, self._object_geometry(box_px, frame, geometry))))
+        found.sort(key=lambda f: -f[0])
+        res.candidates = [box for _, box in found[:plan.max_candidates]]
+        chosen = max((o.score for o in res.objects if o.score == o.score), default=0.0)
+        if res.candidates and chosen > 0:
+            res.ambiguity = float(res.candidates[0].score / chosen)
+        res.ambiguous = bool(res.candidates) and res.ambiguity >= self.config.ambiguity_ratio
+
+    def _describe(self, items: Sequence[Tuple[Frame, Sequence[Command]]], plans: List[Tuple[int, int, _Plan]],
+                  results: List[List[Optional[Result]]], on_candidates: Optional[Callable[[Result], None]],
+                  should_stop: Optional[Callable[[], bool]]) -> None:
+        """Each box of an ambiguous result (the chosen one and its candidates) described in words, all
+        of a frame's boxes as one batch of region descriptions on the frame's encoding; so a person can
+        be asked which one. A description that cannot be made leaves the text empty, never the result."""
+        for f, i, _ in plans:
+            res = results[f][i]
+            if res is not None and res.candidates and on_candidates is not None:
+                on_candidates(res)
+        for f, (frame, _) in enumerate(items):
+            boxes: List[GroundedBox] = []
+            for ff, i, plan in plans:
+                res = results[ff][i]
+                if ff == f and res is not None and res.status is Status.OK and plan.describe_candidates and res.ambiguous:
+                    boxes += res.objects[:1] + res.candidates
+            if not boxes:
+                continue
+            asks = [(0, k, self.plan(Command(id=f"describe-{k}", task="region", region_px=tuple(b.box_px),
+                                             max_new_tokens=DESCRIBE_TOKENS, decoding="free", max_candidates=0,
+                                             describe_candidates=0), frame)) for k, b in enumerate(boxes)]
+            try:
+                described = self._decode_frame(frame, asks, None, should_stop)
+            except (BackendError, Cancelled, RuntimeError, MemoryError):
+                continue
+            for k, box in enumerate(boxes):
+                box.description = described_as(described[(0, k)].text)
+
+    def _not_found(self, res: Result, plan: _Plan) -> None:
+        """A refer result with no object says why (presence below its threshold, or every box below score_threshold)."""
+        if plan.spec.task is not Task.REFER:
+            return
+        cfg = self.config
+        if 0 <= res.presence < cfg.presence_threshold:
+            res.not_found_reason = f"presence {res.presence:.2f} < presence_threshold {cfg.presence_threshold:g}"
+            res.objects, res.candidates, res.ambiguous, res.ambiguity = [], [], False, 0.0
+        elif not res.objects and any(e.boxes_norm for e in res.entities):
+            res.not_found_reason = f"every box scored below score_threshold {cfg.score_threshold:g}"
+        elif not res.objects:
+            res.not_found_reason = "the model placed no box"
 
     def _patch_probs(self, prompt_ids: List[int], gen: Generation, raw: str) -> List[Optional[float]]:
         """Probability of each location token in the parsed text, in order (None: from the prompt)."""

@@ -5,6 +5,7 @@ core.images is the reference and the fallback, so results do not depend on which
 """
 from __future__ import annotations
 
+import array
 import math
 from typing import Any, Optional, Tuple
 
@@ -109,13 +110,15 @@ def command_from_msg(msg: GroundingCommand) -> Command:
         region = (float(r.x_min), float(r.y_min), float(r.x_max), float(r.y_max))
     return Command(id=msg.id, task=msg.task or "refer", text=msg.text, region_px=region,
                    image_stamp_ns=stamp_to_ns(msg.image_stamp), max_new_tokens=int(msg.max_new_tokens),
-                   decoding=msg.decoding, no_repeat_ngram_size=int(msg.no_repeat_ngram_size), camera=msg.camera)
+                   decoding=msg.decoding, no_repeat_ngram_size=int(msg.no_repeat_ngram_size), camera=msg.camera,
+                   max_candidates=int(msg.max_candidates), describe_candidates=int(msg.describe_candidates))
 
 
 def command_to_msg(cmd: Command) -> GroundingCommand:
     msg = GroundingCommand(id=cmd.id, task=cmd.task, text=cmd.text, max_new_tokens=int(cmd.max_new_tokens),
                            decoding=cmd.decoding, image_stamp=ns_to_stamp(cmd.image_stamp_ns),
-                           no_repeat_ngram_size=int(cmd.no_repeat_ngram_size), camera=cmd.camera)
+                           no_repeat_ngram_size=int(cmd.no_repeat_ngram_size), camera=cmd.camera,
+                           max_candidates=int(cmd.max_candidates), describe_candidates=int(cmd.describe_candidates))
     if cmd.region_px is not None:
         msg.use_region = True
         msg.region = PixelBox(x_min=float(cmd.region_px[0]), y_min=float(cmd.region_px[1]),
@@ -141,7 +144,7 @@ def object_to_msg(obj: GroundedBox) -> GroundedObject:
                        span_start=int(max(0, obj.span[0])), span_end=int(max(0, obj.span[1])),
                        box=PixelBox(x_min=float(x0), y_min=float(y0), x_max=float(x1), y_max=float(y1)),
                        box_normalized=[float(v) for v in obj.box_norm],
-                       score=_f32(obj.score))
+                       score=_f32(obj.score), description=obj.description)
     if obj.point is not None:
         o.point = Point(x=float(obj.point[0]), y=float(obj.point[1]), z=float(obj.point[2]))
         o.point_valid = True
@@ -169,8 +172,9 @@ def mask_image(res: Result, header: Header) -> Image:
     labels = np.zeros(masks[0][1].shape, dtype=np.uint8)
     for label, mask in reversed(masks):
         labels[mask] = label
+    # array('B') is taken as is; bytes are checked element by element in Python by the message setter
     return Image(header=header, height=labels.shape[0], width=labels.shape[1], encoding="mono8", is_bigendian=0,
-                 step=labels.shape[1], data=labels.tobytes())
+                 step=labels.shape[1], data=array.array("B", labels.tobytes()))
 
 
 def result_to_msg(res: Result, queue_ms: float = 0.0, masks: bool = True) -> GroundingResult:
@@ -182,6 +186,9 @@ def result_to_msg(res: Result, queue_ms: float = 0.0, masks: bool = True) -> Gro
                           no_repeat_ngram_size=int(res.no_repeat_ngram_size),
                           geometry_frame_id=res.geometry_frame_id or res.frame_id)
     msg.objects = [object_to_msg(obj) for obj in res.objects]
+    msg.presence, msg.not_found_reason = float(res.presence), res.not_found_reason
+    msg.candidates = [object_to_msg(obj) for obj in res.candidates]
+    msg.ambiguous, msg.ambiguity = bool(res.ambiguous), _f32(res.ambiguity)
     if masks:
         msg.mask = mask_image(res, header)
     t = res.timings_ms
@@ -217,7 +224,8 @@ def cloud_of(res: Result) -> Optional[PointCloud2]:
     fields = [PointField(name=n, offset=o, datatype=t, count=1) for n, o, t in CLOUD_FIELDS]
     return PointCloud2(header=header_of(res.stamp_ns, res.geometry_frame_id or res.frame_id), height=1,
                        width=len(cloud), fields=fields, is_bigendian=False, point_step=CLOUD_DTYPE.itemsize,
-                       row_step=CLOUD_DTYPE.itemsize * len(cloud), is_dense=True, data=cloud.tobytes())
+                       row_step=CLOUD_DTYPE.itemsize * len(cloud), is_dense=True,
+                       data=array.array("B", cloud.tobytes()))
 
 
 def cloud_points(msg: PointCloud2) -> np.ndarray:

@@ -84,9 +84,13 @@ class LiveWork:
                      geometry_frame_id=next((r.geometry_frame_id for r in results if r.geometry_frame_id), frame.frame_id))
         for query, res in zip(queries, results):
             entry = TrackedQuery(query=query, token_ids=[int(t) for t in res.token_ids])
+            if res.status is Status.OK:
+                one = convert.result_to_msg(res, masks=False)
+                entry.presence, entry.candidates = one.presence, one.candidates
+                entry.ambiguous, entry.ambiguity = one.ambiguous, one.ambiguity
             if res.status is Status.OK and res.objects:
                 entry.found = True
-                entry.objects = convert.result_to_msg(res, masks=False).objects
+                entry.objects = one.objects
                 best = max(res.objects, key=lambda o: (o.score if o.score == o.score else -1.0))
                 entry.track_id = cam.standing.tracker.update(query, best.box_px)
             else:

@@ -36,6 +36,7 @@ from kosmos2_ros.core.config import ConfigError, Kosmos2Config, check_queries
 from kosmos2_ros.core.frames import Frame
 from kosmos2_ros.core.grounding import parse_generation
 from kosmos2_ros.core.loading import quiet_libraries
+from kosmos2_ros.core.object_geometry import invalidate_objects
 from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
 from kosmos2_ros.msg import GroundingCommand, GroundingResult, Tracks
 from kosmos2_ros.srv import Ground, SetQueries
@@ -137,6 +138,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         cfg = self.config
         try:
+            self.geometry_frames.close()
             self.geometry_frames = make_geometry_frames(self, cfg.target_frame, cfg.tf_timeout_s)
         except ImportError as exc:
             self.get_logger().error(f"cannot configure: {exc}")
@@ -204,6 +206,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._stop_commands("node is not active")
         for cam in self.cameras.values():
             cam.unsubscribe()
+        self.geometry_frames.close()
+        self.geometry_frames = GeometryFrames("", 0.0, None, lambda text: self.get_logger().warning(text))
         with self._lock:
             pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
@@ -278,7 +282,14 @@ class GroundingNode(ParametersMixin, LifecycleNode):
                                                              partial_text=parse_generation(raw).text,
                                                              partial_raw_text=raw))
 
-        job = self.submit(cmd, on_token=on_token, should_stop=lambda: goal_handle.is_cancel_requested)
+        def on_candidates(result: Result) -> None:
+            # the candidates as soon as they are known, before any descriptions of them
+            goal_handle.publish_feedback(GroundTask.Feedback(
+                tokens_generated=len(result.token_ids), partial_text=result.text, partial_raw_text=result.raw_text,
+                candidates=convert.result_to_msg(result, masks=False).candidates))
+
+        job = self.submit(cmd, on_token=on_token, should_stop=lambda: goal_handle.is_cancel_requested,
+                          on_candidates=on_candidates)
         job.future.result()
         msg: GroundingResult = job.message
         if msg.status == GroundingResult.STATUS_CANCELLED and goal_handle.is_cancel_requested:
@@ -289,13 +300,13 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             goal_handle.abort()
         return GroundTask.Result(result=msg)
 
-    def submit(self, command: Command, on_token: Any = None, should_stop: Any = None) -> Job:
+    def submit(self, command: Command, on_token: Any = None, should_stop: Any = None, on_candidates: Any = None) -> Job:
         """Queue a command; not active or a full queue is answered at once. Returns its job."""
         if not command.id:
             command.id = f"{self.get_name()}-{next(self._ids)}"
         if not command.camera:
             command.camera = next(iter(self.cameras))
-        job = Job(command, on_token=on_token, should_stop=should_stop)
+        job = Job(command, on_token=on_token, should_stop=should_stop, on_candidates=on_candidates)
         if not self._active or self._pipeline is None:
             self.worker.complete(job, Result.failure(command, Status.NOT_ACTIVE,
                                                      f"node is not active (state: {self.state_label})"), None)
@@ -341,7 +352,10 @@ class GroundingNode(ParametersMixin, LifecycleNode):
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
         """Publish a command's one result (and debug image, markers, detections)."""
         cam = self.cameras.get(result.camera) or next(iter(self.cameras.values()))
-        self.place_geometry([result])
+        try:
+            self.place_geometry([result])
+        except Exception as exc:  # noqa: BLE001 - a geometry failure must never lose the result
+            invalidate_objects(result.objects, f"could not move the geometry into {self.config.target_frame}: {exc}")
         job.message = self.outputs.publish(result, frame, queue_ms, self.config, cam.stats)
 
     def _every_second(self) -> None:

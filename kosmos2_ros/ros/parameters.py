@@ -42,6 +42,13 @@ PARAMETER_DOCS: Dict[str, str] = {
     "no_repeat_ngram_size": "no n-gram of this many tokens twice in a sequence; -1 = the checkpoint's "
                             "generation config (3 for microsoft/kosmos-2-patch14-224), 0 = off",
     "score_threshold": "boxes scoring below this are dropped, in [0, 1]",
+    "presence_threshold": "refer: when p(<object>) after the phrase (presence) is below this, answer OK with no "
+                          "object and say so in not_found_reason; a standing query is found: false. 0 = off; pick it "
+                          "from kosmos2-eval's presence figures on the real weights",
+    "max_candidates": "refer, phrase grounding, standing queries: up to this many other boxes the model considered "
+                      "(candidates); 0 = off",
+    "ambiguity_ratio": "a result is ambiguous when its best candidate scores at least this fraction of the chosen box",
+    "describe_candidates": "describe each box of an ambiguous result in words (region description, one batch)",
     "max_prompt_chars": "longest accepted command text",
     "max_frame_age_s": "a newest frame older than this gives STATUS_STALE_FRAME; 0 = no limit",
     "frame_cache_size": "recent frames kept so a command can name its frame by stamp",
@@ -72,6 +79,7 @@ PARAMETER_DOCS: Dict[str, str] = {
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
                                  "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph", "torch_mode",
+                                 "target_frame", "tf_timeout_s",
                                  "image_qos", "use_compressed", "cameras"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 

@@ -94,7 +94,9 @@ class ResultPublishers:
         """Why objects have no geometry, counted per reason (diagnostics); the first of each kind logged."""
         for obj in result.objects:
             geo = obj.geometry
-            if geo is not None and not geo.valid and stats.geometry_invalid(geo.error):
+            if geo is None or geo.valid or geo.error.endswith(": false)"):   # turned off by a parameter: nothing to tell
+                continue
+            if stats.geometry_invalid(geo.error):
                 self._node.get_logger().warning(f"command {result.id!r}: object {obj.phrase!r} has no geometry: "
                                                 f"{geo.error} (counted in /diagnostics; logged once per kind)")
 

@@ -37,6 +37,10 @@ class TfTransforms:
         self._buffer = tf2_ros.Buffer()
         self._listener = tf2_ros.TransformListener(self._buffer, node)
 
+    def close(self) -> None:
+        """Stop listening (the listener's /tf subscriptions go with it)."""
+        self._listener.unregister()
+
     def lookup(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> Tuple[np.ndarray, np.ndarray]:
         from rclpy.duration import Duration
         from rclpy.time import Time
@@ -59,6 +63,11 @@ class GeometryFrames:
         self.target, self.timeout_s, self.transforms, self._warn = target_frame, timeout_s, transforms, warn
         self._warned = False
         self.failures = 0
+
+    def close(self) -> None:
+        if self.transforms is not None and hasattr(self.transforms, "close"):
+            self.transforms.close()
+        self.transforms = None
 
     def place(self, results: Iterable[Result]) -> None:
         for res in results:

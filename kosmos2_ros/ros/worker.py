@@ -30,6 +30,7 @@ from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
 class Job:
     command: Command
     on_token: Optional[Callable] = None          # pipeline on_token (action feedback)
+    on_candidates: Optional[Callable] = None     # pipeline on_candidates (action feedback)
     should_stop: Optional[Callable[[], bool]] = None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
@@ -39,7 +40,7 @@ class Job:
     @property
     def batchable(self) -> bool:
         """Plain topic commands may share a batch; jobs with feedback or cancel run alone."""
-        return self.on_token is None and self.should_stop is None
+        return self.on_token is None and self.should_stop is None and self.on_candidates is None
 
 
 class FrameRejected(Exception):
@@ -215,7 +216,8 @@ class Worker:
         raised = False
         try:
             if len(batch) == 1:
-                results = [pipeline.run(job.command, frame, on_token=job.on_token, should_stop=self._stopper(job))]
+                results = [pipeline.run(job.command, frame, on_token=job.on_token, should_stop=self._stopper(job),
+                                        on_candidates=job.on_candidates)]
             elif len(frames) == 1:
                 results = pipeline.run_batch([j.command for j, _ in batch], frame, should_stop=self._stopper(None))
             else:

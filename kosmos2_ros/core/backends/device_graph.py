@@ -148,6 +148,8 @@ class DeviceGraphBackend(GraphBackend):
 
     def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
         """One step for every row; more rows than one step may hold decode in groups, each on its own arena."""
+        if not caches:
+            return np.zeros((0, self.vocab_size), dtype=np.float32), []
         size = self.max_rows or len(caches)
         parts = [self._decode_group(caches[i:i + size], token_ids[i:i + size], slot=i // size)
                  for i in range(0, len(caches), size)]

@@ -356,7 +356,8 @@ def context(trt: Any, engine: Any, label: str, profile: Optional[int] = None, st
         size = int(engine.device_memory_size_v2)
     else:
         ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
-        ctx.set_optimization_profile_async(profile, stream)
+        if ctx is not None and not ctx.set_optimization_profile_async(profile, stream):
+            raise BackendUnavailable(f"TensorRT could not select optimisation profile {profile} for the {label} context")
         size = int(engine.get_device_memory_size_for_profile_v2(profile))
     if ctx is None:
         raise BackendUnavailable(f"TensorRT could not create the {label} execution context (out of GPU memory?)")
