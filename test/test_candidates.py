@@ -202,3 +202,33 @@ def test_region_text_becomes_a_short_description():
     assert described_as("It is a red mug next to the laptop.") == "a red mug next to the laptop"
     assert described_as("It sits on the shelf.") == "sits on the shelf"
     assert described_as("") == ""
+
+
+@pytest.fixture(scope="module")
+def which_one_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny checkpoint trained briefly to answer an absent object with text (`which_one_answers`)."""
+    from kosmos2_ros.core.checkpoints import build_which_one_checkpoint
+
+    return build_which_one_checkpoint(str(tiny_model_dir), str(tmp_path_factory.mktemp("which_one")), steps=240)
+
+
+def test_presence_tells_present_from_absent_on_a_trained_toy(which_one_dir):
+    """On images it was not trained on, presence separates the toy's present objects from absent ones;
+    with presence_threshold 0.5 an absent one answers OK with no object and the reason."""
+    from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image
+    from kosmos2_ros.eval.metrics import auc
+
+    pipe = Pipeline.load(Kosmos2Config(model=str(which_one_dir), backend="torch", device="cpu", allow_download=False,
+                                       presence_threshold=0.5, max_candidates=0))
+    present, absent = [], []
+    for seed in range(8, 16):
+        frame = Frame(rgb=toy_image(seed))
+        for e, expr in enumerate(EXPRESSIONS):
+            res = pipe.run(Command(id=f"{seed}-{e}", task="refer", text=expr), frame)
+            is_absent = seed % 2 == 0 and e % 2 == 1
+            (absent if is_absent else present).append(res.presence)
+            if is_absent and res.presence < 0.5:
+                assert res.objects == [] and res.not_found_reason.startswith("presence ")
+    assert auc(present, absent) >= 0.95
+    assert np.mean(np.array(absent) >= 0.5) <= 0.1 and np.mean(np.array(present) < 0.5) <= 0.1
+    pipe.close()

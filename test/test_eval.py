@@ -388,3 +388,51 @@ def test_free_decoding_counts_boxes_as_the_papers_rule_on_transformers_output(fm
         assert len(pred["boxes_px"]) == len(expected)
         for got, want in zip(pred["boxes_px"], expected):
             assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_presence_roc_and_auc_on_hand_made_scores() -> None:
+    from kosmos2_ros.eval.metrics import auc, presence_and_candidates, roc
+
+    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auc([0.1], [0.9]) == 0.0 and auc([0.5], [0.5]) == 0.5
+    curve = roc([0.9, 0.4], [0.5, 0.1])
+    assert curve[0] == [0.0, 0.0] and curve[-1] == [1.0, 1.0] and [0.0, 0.5] in curve
+    records = [{"presence": 0.9, "iou": [0.7], "candidate_iou": [0.1], "ambiguous": False, "ambiguity": 0.2},
+               {"presence": 0.8, "iou": [0.1], "candidate_iou": [0.6], "ambiguous": True, "ambiguity": 0.9},
+               {"presence": 0.2, "iou": [0.2], "candidate_iou": [], "ambiguous": False, "ambiguity": 0.0}]
+    which = presence_and_candidates(records, [{"presence": 0.3}, {"presence": 0.1}], threshold=0.5, ambiguity_ratio=0.5)
+    assert which["acc@0.5_candidates"] == pytest.approx(2 / 3)       # the second one's truth is a candidate
+    assert which["by_ambiguous"]["ambiguous"] == {"acc@0.5": 0.0, "samples": 1}
+    assert which["by_ambiguous"]["not_ambiguous"] == {"acc@0.5": 0.5, "samples": 2}
+    pres = which["presence"]
+    assert pres["auc"] == pytest.approx(5 / 6) and pres["false_positive_rate"] == 0.0
+    assert pres["miss_rate"] == pytest.approx(1 / 3)
+    assert [t for t, _, _ in pres["rates_at"]] == [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+
+
+def test_refcoco_runs_report_candidates_ambiguity_and_presence(tiny_model_dir: Path, scenes, tmp_path: Path,
+                                                               capsys) -> None:
+    """Each expression also runs on another image of the set (negatives.jsonl) for the presence ROC;
+    metrics.json and summary.md carry acc@0.5_candidates, accuracy by the ambiguous flag and presence."""
+    images, scene_list = scenes
+    ann = tmp_path / "finetune_refcoco_val.json"
+    write_refcoco(ann, scene_list)
+    out = tmp_path / "which"
+    code, _, stderr = run_eval(capsys, "--annotations", str(ann), "--out", str(out), *common(tiny_model_dir, images))
+    assert code == 0, stderr
+    preds = read_predictions(out)
+    negatives = [json.loads(line) for line in (out / "negatives.jsonl").read_text().splitlines()]
+    assert {n["id"] for n in negatives} == {p["id"] for p in preds}
+    assert all(n["image"] != p["image"] for n, p in zip(sorted(negatives, key=lambda r: r["id"]),
+                                                          sorted(preds, key=lambda r: r["id"])))
+    m = json.loads((out / "metrics.json").read_text())
+    hits = sum(1 for p in preds if p["iou"][0] >= 0.5 or max(p["candidate_iou"] or [0]) >= 0.5)
+    assert m["acc@0.5_candidates"] == pytest.approx(hits / len(preds)) and m["acc@0.5_candidates"] >= m["acc@0.5"]
+    which = m["which_one"]
+    assert which["presence"]["positives"] == which["presence"]["negatives"] == len(preds)
+    assert 0.0 <= which["presence"]["auc"] <= 1.0
+    split = which["by_ambiguous"]
+    assert split["ambiguous"]["samples"] + split["not_ambiguous"]["samples"] == len(preds)
+    assert "Presence (each expression on its image vs on another image" in (out / "summary.md").read_text()
+    for png in ("presence_roc.png", "accuracy_vs_ambiguity.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 200

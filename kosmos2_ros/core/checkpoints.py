@@ -312,8 +312,14 @@ def _toy_target(vocab: Any, expr_index: int, bright: int) -> List[int]:
     return out + [vocab.object_close, vocab.eos]
 
 
-def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100, seed: int = 0) -> Path:
-    """Load `src_dir` (a tiny checkpoint), train its text decoder briefly on referring expressions, save to `out_dir`."""
+def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100, seed: int = 0,
+                                   target: Optional[Callable[[Any, int, int], List[int]]] = None) -> Path:
+    """Load `src_dir` (a tiny checkpoint), train its text decoder briefly on referring expressions, save to `out_dir`.
+
+    `target(vocab, expression index, image index)` -> the answer's ids (default `_toy_target`: a box that
+    depends on the expression and the image's brightness class); one image may have several answers
+    (a list of them: each becomes an example, so the model learns them as equally likely).
+    """
     import torch
     from PIL import Image
     from transformers import Kosmos2ForConditionalGeneration
@@ -334,8 +340,9 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
     for e, expr in enumerate(EXPRESSIONS):
         p = codec.encode(f"<grounding><phrase> {expr}</phrase>")
         for s in range(8):
-            tgt = _toy_target(vocab, e, s % 2)
-            examples.append((p.input_ids + tgt, p.image_mask + [0] * len(tgt), len(p.input_ids), s))
+            answers = target(vocab, e, s) if target is not None else [_toy_target(vocab, e, s % 2)]
+            for tgt in answers:
+                examples.append((p.input_ids + tgt, p.image_mask + [0] * len(tgt), len(p.input_ids), s))
     width = max(len(x[0]) for x in examples)
     ids = torch.full((len(examples), width), vocab.pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -351,9 +358,46 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
     data = dict(input_ids=ids, image_embeds=torch.cat([embeds[x[3]] for x in examples]),
                 image_embeds_position_mask=mask, attention_mask=att, labels=labels)
     gen = np.random.RandomState(seed)
-    fit(model, data, lambda n: gen.choice(n, 32, replace=False), steps, lr=3e-3, forward=model.text_model,
+    fit(model, data, lambda n: gen.choice(n, min(32, n), replace=False), steps, lr=3e-3, forward=model.text_model,
         params=model.text_model.parameters())
     out_path = Path(out_dir)
     model.save_pretrained(out_path)
     processor.save_pretrained(out_path)
     return out_path
+
+
+# -- a toy for "is it there, and which one" ----------------------------------------------------------
+#: Toy images (`toy_image(seed)`) stand for scene kinds by their brightness class: in a dark one
+#: (even seed) the expression's object is absent for odd expressions; in a bright one (odd seed) two
+#: objects fit every expression. The "which one" checkpoint is trained on exactly that.
+WHICH_ONE_ABSENT_TEXT = " is not in the image."
+
+
+def which_one_answers(vocab: Any, expr_index: int, image_index: int) -> List[List[int]]:
+    """The toy's answers: absent (text, no `<object>`), one box, or either of two boxes equally."""
+    first, absent = vocab.first_patch, []
+    bright = image_index % 2 == 1
+    a = (97 * expr_index + 40) % 400          # row 1..12, an upper-left cell
+    one = [vocab.object_open, first + a, first + a + 3 * 32 + 3, vocab.object_close, vocab.eos]
+    if not bright and expr_index % 2 == 1:
+        return [absent]                        # filled with the absent text by the builder
+    if not bright:
+        return [one]
+    b = a + 14                                 # another object, 14 cells to the right
+    two = [vocab.object_open, first + b, first + b + 3 * 32 + 3, vocab.object_close, vocab.eos]
+    return [one, two]
+
+
+def build_which_one_checkpoint(src_dir: str, out_dir: str, steps: int = 240, seed: int = 0) -> Path:
+    """A toy trained (from a tiny checkpoint) to answer presence and ambiguity from the image (see
+    `which_one_answers`): absent objects answer with text, two-object scenes with either box."""
+    from .loading import TextCodec, load_processor
+
+    processor = load_processor(src_dir)
+    absent = list(processor.tokenizer(WHICH_ONE_ABSENT_TEXT, add_special_tokens=False)["input_ids"])
+    absent.append(TextCodec(processor).vocab.eos)
+
+    def target(vocab: Any, e: int, s: int) -> List[List[int]]:
+        return [t if t else list(absent) for t in which_one_answers(vocab, e, s)]
+
+    return build_toy_grounding_checkpoint(src_dir, out_dir, steps=steps, seed=seed, target=target)

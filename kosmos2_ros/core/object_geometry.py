@@ -212,6 +212,8 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
                 plane, seg = None, None
         if seg is None and plane is not None:
             return ObjectGeometry.invalid("nothing stands above the support plane in the box")
+    if seg is None and _flat(pts[valid & inner], pts[around], sigma[valid & inner]):
+        return ObjectGeometry.invalid("nothing stands above the support plane in the box")
     if seg is None:
         plane = None
         z_ref = float(np.nanmedian(z[inner & valid]))
@@ -305,6 +307,18 @@ def _support_plane(points: np.ndarray, sigma: np.ndarray, rng: np.random.Generat
             return np.concatenate([normal, [-normal @ centroid]])
         points, sigma, tol = points[~chosen], sigma[~chosen], tol[~chosen]
     return None
+
+
+def _flat(inside: np.ndarray, around: np.ndarray, sigma: np.ndarray) -> bool:
+    """Whether the box's centre is one plane with most of its surroundings: a bare surface, no object."""
+    if len(inside) < 10 or len(around) < 10:
+        return False
+    centroid = inside.mean(axis=0)
+    normal = np.linalg.svd(inside - centroid, full_matrices=False)[2][2]
+    tol = np.maximum(0.006, 3 * sigma)
+    if np.mean(np.abs((inside - centroid) @ normal) < tol) < 0.9:
+        return False
+    return bool(np.mean(np.abs((around - centroid) @ normal) < float(np.median(tol))) >= 0.6)
 
 
 def _depth_edges(z: np.ndarray, sigma: np.ndarray) -> np.ndarray:

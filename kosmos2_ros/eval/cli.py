@@ -59,6 +59,8 @@ def _parser() -> _Parser:
     p.add_argument("--no-download", action="store_true", help="never fetch the model from the hub")
     p.add_argument("--limit", type=int, default=0, help="only the first N samples of the split (0 = all)")
     p.add_argument("--batch", type=int, default=8, help="samples of one image decoded together")
+    p.add_argument("--no-negatives", dest="negatives", action="store_false",
+                   help="referring expressions: skip running each expression on another image (presence ROC)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help='two configurations, each "key=value,key=value" over the flags above '
                         '(e.g. "backend=torch" "backend=tensorrt,precision=fp16"); runs both on the same samples')
@@ -135,7 +137,7 @@ def _evaluate(config: Any, dataset: Any, out: Path, args: argparse.Namespace,
     pipeline = load_pipeline(config)
     try:
         outcome = runner.run(pipeline, dataset, out, limit=args.limit, batch=args.batch,
-                             label=f"{PROG} {label or dataset.label}")
+                             label=f"{PROG} {label or dataset.label}", negatives=args.negatives)
         settings = runner.run_settings(pipeline, dataset)
         settings.update(device=config.device, batch=args.batch, limit=args.limit)
     finally:
@@ -144,7 +146,8 @@ def _evaluate(config: Any, dataset: Any, out: Path, args: argparse.Namespace,
     skipped = dict(dataset.skipped)
     for reason, n in outcome.skipped.items():
         skipped[reason] = skipped.get(reason, 0) + n
-    metrics = report.build_metrics(dataset, outcome.records, skipped, total, settings, outcome.seconds)
+    metrics = report.build_metrics(dataset, outcome.records, skipped, total, settings, outcome.seconds,
+                                   outcome.negatives, config.presence_threshold, config.ambiguity_ratio)
     report.write_run_report(out, metrics, outcome.records)
     key, value = report.headline(metrics)
     paper = metrics["paper"]

@@ -8,10 +8,15 @@
   IoU >= t (the paper's top-1; `any box` = any candidate, the paper's "upper bound").
 - Phrase grounding: Recall@k = the share of phrases where one of the first k candidates has
   IoU >= 0.5 with one of the phrase's ground-truth boxes.
+- "Which one" (referring expressions, `presence_and_candidates`): `acc@0.5_candidates` = the share
+  whose chosen box or one of the model's other candidate boxes (the result's `candidates`) reaches
+  IoU 0.5; accuracy split by the `ambiguous` flag and against `ambiguity`; and how well `presence`
+  tells an expression about its own image from the same expression about another image of the set
+  (negatives): the ROC curve, its AUC, and the false-positive and miss rates at a threshold.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .boxes import best_iou
 
@@ -69,3 +74,65 @@ def accuracy_curve(records: Iterable[dict], thresholds: Sequence[float] = CURVE_
     ious = [top_iou(r) for r in records]
     n = len(ious)
     return [[t, (sum(1 for v in ious if v >= t) / n) if n else 0.0] for t in thresholds]
+
+
+#: presence thresholds at which false-positive and miss rates are reported (to pick presence_threshold from).
+PRESENCE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+#: Edges of the ambiguity bins for accuracy against ambiguity (the last bin holds everything above).
+AMBIGUITY_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def roc(positives: Sequence[float], negatives: Sequence[float]) -> List[List[float]]:
+    """[[false-positive rate, true-positive rate], ...] as the threshold falls through every score."""
+    if not positives or not negatives:
+        return []
+    points = [[0.0, 0.0]]
+    for t in sorted(set(positives) | set(negatives), reverse=True):
+        points.append([sum(v >= t for v in negatives) / len(negatives), sum(v >= t for v in positives) / len(positives)])
+    return points
+
+
+def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """P(a positive's score > a negative's), ties counting half: the area under the ROC curve."""
+    if not positives or not negatives:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def presence_and_candidates(records: Sequence[dict], negatives: Sequence[dict], threshold: float,
+                            ambiguity_ratio: float) -> Dict[str, Any]:
+    """metrics.json's "which one" block for a referring-expression split (see the module docstring)."""
+    records = [r for r in records if "presence" in r]
+    n = len(records)
+
+    def acc(rs: Sequence[dict], key: str = "iou") -> float:
+        return sum(1 for r in rs if hit_at(r.get(key) or [], 1)) / len(rs) if rs else 0.0
+
+    with_candidates = [r for r in records if hit_at(r["iou"], 1) or max(r.get("candidate_iou") or [0.0]) >= THRESHOLD]
+    ambiguous = [r for r in records if r.get("ambiguous")]
+    clear = [r for r in records if not r.get("ambiguous")]
+    bins = []
+    edges = list(AMBIGUITY_BINS) + [float("inf")]
+    for lo, hi in zip(edges, edges[1:]):
+        inside = [r for r in records if lo <= float(r.get("ambiguity", 0.0)) < hi]
+        if inside:
+            bins.append([min(lo + 0.125, 1.0), acc(inside), len(inside)])
+    pos = [float(r["presence"]) for r in records if r.get("presence", -1) >= 0]
+    neg = [float(r["presence"]) for r in negatives if r.get("presence", -1) >= 0]
+    out: Dict[str, Any] = {
+        "acc@0.5_candidates": len(with_candidates) / n if n else 0.0,
+        "by_ambiguous": {"ambiguous": {"acc@0.5": acc(ambiguous), "samples": len(ambiguous)},
+                         "not_ambiguous": {"acc@0.5": acc(clear), "samples": len(clear)},
+                         "ambiguity_ratio": ambiguity_ratio},
+        "accuracy_vs_ambiguity": bins,
+    }
+    presence: Dict[str, Optional[Any]] = {"positives": len(pos), "negatives": len(neg), "threshold": threshold}
+    if pos and neg:
+        def rates(t: float) -> List[float]:
+            return [t, sum(v >= t for v in neg) / len(neg), sum(v < t for v in pos) / len(pos)]
+
+        presence.update(auc=auc(pos, neg), roc=roc(pos, neg), false_positive_rate=rates(threshold)[1],
+                        miss_rate=rates(threshold)[2], rates_at=[rates(t) for t in PRESENCE_THRESHOLDS])
+    out["presence"] = presence
+    return out

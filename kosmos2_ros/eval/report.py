@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .datasets import REC, Dataset
-from .metrics import accuracy_curve, per_category_recall, summarize, top_iou
+from .metrics import accuracy_curve, per_category_recall, presence_and_candidates, summarize, top_iou
 
 # The paper's zero-shot figures (Kosmos-2, arXiv 2306.14824, Tables 2 and 3; the unilm
 # kosmos-2/evaluation READMEs): what the real weights should reproduce.
@@ -32,7 +32,8 @@ def dataset_kind(dataset: Dataset, records: Sequence[dict]) -> str:
 
 
 def build_metrics(dataset: Dataset, records: List[dict], skipped: Dict[str, int], total: int,
-                  settings: Dict[str, Any], seconds: float = 0.0) -> Dict[str, Any]:
+                  settings: Dict[str, Any], seconds: float = 0.0, negatives: Sequence[dict] = (),
+                  presence_threshold: float = 0.0, ambiguity_ratio: float = 0.5) -> Dict[str, Any]:
     kind = dataset_kind(dataset, records)
     scores = summarize(records, kind)
     paper = PAPER.get((dataset.name, dataset.split))
@@ -49,6 +50,10 @@ def build_metrics(dataset: Dataset, records: List[dict], skipped: Dict[str, int]
     }
     if kind != REC:
         out["recall@1_by_category"] = per_category_recall(records)
+    elif any("presence" in r for r in records):
+        which = presence_and_candidates(records, negatives, presence_threshold, ambiguity_ratio)
+        out["acc@0.5_candidates"] = which.pop("acc@0.5_candidates")
+        out["which_one"] = which
     return out
 
 
@@ -81,6 +86,20 @@ def summary_markdown(metrics: Dict[str, Any], title: str = "kosmos2-eval") -> st
     if metrics.get("recall@1_by_category"):
         lines += ["", "| phrase type | recall@1 (%) |", "|---|---|"]
         lines += [f"| {c} | {100 * v:.2f} |" for c, v in metrics["recall@1_by_category"].items()]
+    which = metrics.get("which_one")
+    if which:
+        amb, clear, pres = which["by_ambiguous"]["ambiguous"], which["by_ambiguous"]["not_ambiguous"], which["presence"]
+        lines += ["", f"Which one: acc@0.5 with the candidates {100 * metrics['acc@0.5_candidates']:.2f} %; "
+                  f"ambiguous (ambiguity >= {which['by_ambiguous']['ambiguity_ratio']:g}) {100 * amb['acc@0.5']:.2f} % "
+                  f"of {amb['samples']}, not ambiguous {100 * clear['acc@0.5']:.2f} % of {clear['samples']} "
+                  "(`accuracy_vs_ambiguity.png`)."]
+        if "auc" in pres:
+            lines += ["", f"Presence (each expression on its image vs on another image of the set): AUC {pres['auc']:.3f}; "
+                      f"at presence_threshold {pres['threshold']:g}: false positives {100 * pres['false_positive_rate']:.1f} %, "
+                      f"misses {100 * pres['miss_rate']:.1f} % ({pres['positives']} / {pres['negatives']}; "
+                      "`presence_roc.png`)."]
+            lines += ["", "| presence_threshold | false positives (%) | misses (%) |", "|---|---|---|"]
+            lines += [f"| {t:g} | {100 * fp:.1f} | {100 * miss:.1f} |" for t, fp, miss in pres["rates_at"]]
     if not paper:
         lines += ["", "(No paper figure for this dataset/split: the paper reports RefCOCO/+ val, testA, testB; "
                   "RefCOCOg val, test; Flickr30k Entities val, test.)"]
@@ -97,6 +116,17 @@ def write_run_report(out: Path, metrics: Dict[str, Any], records: List[dict]) ->
                 title=f"{metrics['dataset']} {metrics['split']}: top-1 accuracy vs IoU threshold",
                 paper=metrics.get("paper"))
     contact_sheet(out / "worst_misses.png", records)
+    which = metrics.get("which_one")
+    if which:
+        if which["accuracy_vs_ambiguity"]:
+            plot_curves(out / "accuracy_vs_ambiguity.png",
+                        [("acc@0.5", [[x, a] for x, a, _ in which["accuracy_vs_ambiguity"]])],
+                        title="top-1 accuracy against ambiguity (best candidate / chosen score; last bin >= 1)",
+                        x_label="ambiguity")
+        if which["presence"].get("roc"):
+            plot_curves(out / "presence_roc.png", [(f"AUC {which['presence']['auc']:.3f}", which["presence"]["roc"])],
+                        title="presence: own image (true positives) vs another image (false positives)",
+                        x_label="false-positive rate")
 
 
 # -- pictures ----------------------------------------------------------------------------------------
@@ -111,8 +141,10 @@ def _font(size: int = 14):
 
 
 def plot_curves(path: Path, curves: Sequence[Tuple[str, Sequence[Sequence[float]]]], title: str = "",
-                paper: Optional[Dict[str, Any]] = None, size: Tuple[int, int] = (720, 460)) -> None:
-    """Accuracy (0-100 %) against IoU threshold, one line per curve; the paper's figure at 0.5 as a cross."""
+                paper: Optional[Dict[str, Any]] = None, size: Tuple[int, int] = (720, 460),
+                x_label: str = "IoU threshold") -> None:
+    """A rate (0-100 %) against x in [0, 1] (the IoU threshold unless told), one line per curve; the
+    paper's figure at 0.5 as a cross."""
     from PIL import Image, ImageDraw
 
     w, h = size
@@ -135,11 +167,11 @@ def plot_curves(path: Path, curves: Sequence[Tuple[str, Sequence[Sequence[float]
     d.rectangle([left, top, w - right, h - bottom], outline=(80, 80, 80))
     d.line([*xy(0.5, 0), xy(0.5, 1)[0], top], fill=(170, 170, 170), width=1)
     d.text((left, 10), title, fill=(0, 0, 0), font=font)
-    d.text((w // 2 - 40, h - 24), "IoU threshold", fill=(0, 0, 0), font=small)
+    d.text((w // 2 - 40, h - 24), x_label, fill=(0, 0, 0), font=small)
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     for i, (name, points) in enumerate(curves):
         colour = colours[i % len(colours)]
-        pts = [xy(t, a) for t, a in points]
+        pts = [xy(min(max(t, 0.0), 1.0), a) for t, a in points]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=3)
         for x, y in pts:

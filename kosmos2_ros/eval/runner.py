@@ -22,6 +22,7 @@ from .datasets import REC, Dataset, Sample
 from .metrics import candidate_ious, hit_at
 
 PREDICTIONS = "predictions.jsonl"
+NEGATIVES = "negatives.jsonl"      # presence of each expression on another image of the set
 RUN_FILE = "run.json"
 
 
@@ -35,6 +36,7 @@ class RunOutcome:
     skipped: Counter = field(default_factory=Counter)   # reason -> samples not evaluated in this run
     ran: int = 0                              # samples run now (not resumed)
     seconds: float = 0.0
+    negatives: List[dict] = field(default_factory=list)   # referring expressions on another image: presence
 
 
 def norm_text(text: str) -> str:
@@ -78,7 +80,13 @@ def candidates(result: Result, sample: Sample, pipeline: Pipeline, frame: Frame)
 def record_for(sample: Sample, result: Result, pipeline: Pipeline, frame: Frame) -> dict:
     boxes, scores = candidates(result, sample, pipeline, frame)
     ious = candidate_ious(boxes, sample.gt_boxes)
-    return {"id": sample.id, "kind": sample.kind, "image": sample.image,
+    which = {}
+    if sample.kind == REC:   # the model's other candidate boxes, presence and the ambiguity flag
+        cand = [[round(float(v), 3) for v in c.box_px] for c in result.candidates]
+        which = {"presence": round(float(result.presence), 6), "candidate_boxes_px": cand,
+                 "candidate_iou": [round(v, 6) for v in candidate_ious(cand, sample.gt_boxes)],
+                 "ambiguous": bool(result.ambiguous), "ambiguity": round(float(result.ambiguity), 6)}
+    return {"id": sample.id, "kind": sample.kind, "image": sample.image, **which,
             ("expression" if sample.kind == REC else "phrase"): sample.query, "context": sample.context,
             "boxes_px": boxes, "scores": [None if math.isnan(s) else round(s, 6) for s in scores],
             "gt_boxes": [[float(v) for v in b] for b in sample.gt_boxes],
@@ -156,7 +164,7 @@ def load_existing(out: Path, settings: Dict[str, Any]) -> Dict[str, dict]:
 
 
 def run(pipeline: Pipeline, dataset: Dataset, out: Path, limit: int = 0, batch: int = 8,
-        progress_stream: Optional[TextIO] = None, label: str = "eval") -> RunOutcome:
+        progress_stream: Optional[TextIO] = None, label: str = "eval", negatives: bool = True) -> RunOutcome:
     """Evaluate the first `limit` samples (0 = all) of `dataset`, appending to `out`/predictions.jsonl."""
     from ..cli import load_rgb
 
@@ -201,9 +209,55 @@ def run(pipeline: Pipeline, dataset: Dataset, out: Path, limit: int = 0, batch: 
                     outcome.ran += 1
                 progress.update(finished, outcome.ran)
     progress.update(finished, outcome.ran, final=True)
-    outcome.seconds = time.perf_counter() - t0
     outcome.records = [done[s.id] for s in samples if s.id in done]
+    if negatives:
+        outcome.negatives = run_negatives(pipeline, samples, out, batch)
+    outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def negative_pairs(samples: Sequence[Sample]) -> List[Tuple[Sample, str]]:
+    """Each referring expression paired with another image of the set (the next one, in order): the
+    object it names is almost surely absent there."""
+    images = list(OrderedDict.fromkeys(s.image for s in samples if s.kind == REC))
+    if len(images) < 2:
+        return []
+    other = {img: images[(i + 1) % len(images)] for i, img in enumerate(images)}
+    return [(s, other[s.image]) for s in samples if s.kind == REC]
+
+
+def run_negatives(pipeline: Pipeline, samples: Sequence[Sample], out: Path, batch: int) -> List[dict]:
+    """presence of every expression on another image (negatives.jsonl; resumed like the predictions)."""
+    from ..cli import load_rgb
+
+    path = out / NEGATIVES
+    done: Dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["id"]] = rec
+            except (ValueError, KeyError):
+                continue
+    by_image: OrderedDict[str, List[Sample]] = OrderedDict()
+    for sample, image in negative_pairs(samples):
+        if sample.id not in done:
+            by_image.setdefault(image, []).append(sample)
+    with path.open("a", encoding="utf-8") as sink:
+        for image, group in by_image.items():
+            try:
+                frame = Frame(rgb=load_rgb(image), frame_id=Path(image).name)
+            except (OSError, ValueError):
+                continue
+            for start in range(0, len(group), max(1, batch)):
+                chunk = group[start:start + max(1, batch)]
+                for sample, res in zip(chunk, pipeline.run_batch([command_for(s) for s in chunk], frame)):
+                    if res.status is Status.OK:
+                        rec = {"id": sample.id, "expression": sample.query, "image": image,
+                               "presence": round(float(res.presence), 6)}
+                        done[sample.id] = rec
+                        sink.write(json.dumps(rec) + "\n")
+    return [done[s.id] for s, _ in negative_pairs(samples) if s.id in done]
 
 
 def compare_records(a: Sequence[dict], b: Sequence[dict], threshold: float = 0.5) -> Dict[str, Any]:
