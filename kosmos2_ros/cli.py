@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
-from .core.defaults import DEFAULT_MODEL
+from .core.defaults import DEFAULT_MODEL, default_model
 from .core.loading import MODEL_ENV, quiet_libraries
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_MODEL, EXIT_COMMAND = 0, 1, 2, 3, 4
@@ -74,7 +73,7 @@ def _ground_parser() -> _Parser:
     from .core.tasks import Task
 
     p = _Parser(prog="kosmos2-ground", description="Run one Kosmos-2 task on one image (no ROS needed).")
-    p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL),
+    p.add_argument("--model", default=default_model(),
                    help=f"hub id or local directory (default: ${MODEL_ENV} or {DEFAULT_MODEL})")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--task", default="refer", choices=[t.value for t in Task])
@@ -187,7 +186,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
 
     prog = "kosmos2-demo"
     p = _Parser(prog=prog, description="Ground a few commands on generated images and write annotated PNGs.")
-    p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL))
+    p.add_argument("--model", default=default_model())
     p.add_argument("--backend", default=AUTO, help=" | ".join(CHOICES))
     p.add_argument("--out", default="out/demo", help="folder for annotated images and results.json")
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -15,11 +15,12 @@ from typing import Any, List, Optional
 def build_engines_main(argv: Optional[List[str]] = None) -> int:
     from .core.backends.base import BackendUnavailable
     from .core.backends.onnx import export
-    from .core.defaults import ARTIFACTS_DIR, DEFAULT_MODEL, PRECISIONS
+    from .core.defaults import ARTIFACTS_DIR, PRECISIONS, default_model
     from .core.loading import ModelNotFound, resolve_model
 
     ap = argparse.ArgumentParser(prog="kosmos2-build-engines", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
+    ap.add_argument("--model", default=default_model(),
+                    help="hub id or local directory (default: $KOSMOS2_MODEL, else the hub id)")
     ap.add_argument("--artifacts-dir", default=ARTIFACTS_DIR)
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS)
     ap.add_argument("--device", default="cuda", help="the GPU the engines are for and built on: cuda or cuda:N")

@@ -48,7 +48,8 @@ def parameters_table() -> str:
         doc = PARAMETER_DOCS.get(f.name, "").replace("|", "\\|")
         if f.name in DEFERRED_PARAMETERS:
             doc += " (next configure)"
-        rows.append(f"| {f.name} | {kind} | {_value(getattr(defaults, f.name))} | {rng} | {doc} |")
+        default = f.default if f.default is not dataclasses.MISSING else getattr(defaults, f.name)   # as declared
+        rows.append(f"| {f.name} | {kind} | {_value(default)} | {rng} | {doc} |")
     return "\n".join(rows) + "\n"
 
 

@@ -16,8 +16,6 @@ def test_defaults_are_valid() -> None:
 
 
 BAD = [
-    ("model", "", "model"),
-    ("model", "   ", "model"),
     ("backend", "tensorflow", "backend"),
     ("device", "gpu", "device"),
     ("device", "cudafoo", "device"),
@@ -219,3 +217,17 @@ def test_check_queries_knows_the_tokenizers_control_strings() -> None:
     assert check_queries(["the  mug"], 100) == ("the mug",)
     with pytest.raises(ConfigError, match="control token"):
         check_queries(["the [SPECIAL] mug"], 100, ("[SPECIAL]",))
+
+
+def test_the_model_is_given_else_the_environment_else_the_default(monkeypatch) -> None:
+    """One rule for every entry point (node parameter, YAML, CLIs): KOSMOS2_MODEL when no model is given."""
+    from kosmos2_ros.cli import _ground_parser
+    from kosmos2_ros.core.defaults import DEFAULT_MODEL
+
+    monkeypatch.delenv("KOSMOS2_MODEL", raising=False)
+    assert Kosmos2Config().model == DEFAULT_MODEL and Kosmos2Config(model="").model == DEFAULT_MODEL
+    monkeypatch.setenv("KOSMOS2_MODEL", "/models/kosmos2")
+    assert Kosmos2Config().model == "/models/kosmos2"
+    assert Kosmos2Config.from_dict({"model": ""}).model == "/models/kosmos2"          # the shipped YAML's value
+    assert Kosmos2Config(model="/other").model == "/other"                           # a given model wins
+    assert _ground_parser().parse_args(["--image", "x.png"]).model == "/models/kosmos2"

@@ -80,3 +80,13 @@ def test_live_perception_arguments() -> None:
         launch_args.parameter_overrides({"cameras": "[front, [wrist]]"})
     with pytest.raises(LaunchArgumentError, match="query_rate_hz must be a number"):
         launch_args.parameter_overrides({"query_rate_hz": "fast"})
+
+
+def test_every_given_value_is_checked_before_anything_starts() -> None:
+    """A camera listed twice, or any value the node would refuse, stops the launch with the node's reason."""
+    with pytest.raises(LaunchArgumentError, match="launch argument: cameras: a name is listed twice"):
+        launch_args.parameter_overrides({"cameras": "[front, front]"})
+    with pytest.raises(LaunchArgumentError, match="launch argument: .*backend must be one of"):
+        launch_args.parameter_overrides({"backend": "llama.cpp"})
+    with pytest.raises(LaunchArgumentError, match="query_rate_hz"):
+        launch_args.parameter_overrides({"query_rate_hz": "-3"})

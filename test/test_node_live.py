@@ -213,8 +213,12 @@ def test_bad_queries_are_refused_with_the_reason(live: LiveTester) -> None:
     assert not res.successful and "control token" in res.reason
     (res,) = live.t.set_parameters({"queries": [f"thing {i}" for i in range(9)]})
     assert not res.successful and "at most 8" in res.reason
+    good = live.set_queries("front", ["the mug", "the cup"])
+    assert good.success and list(good.queries) == ["the mug", "the cup"]
     bad = live.set_queries("front", [""])
     assert not bad.success and "empty" in bad.error
+    assert list(bad.queries) == ["the mug", "the cup"]        # refused: the queries still in force
+    assert live.set_queries("front", []).success
     bad = live.set_queries("rear", ["the mug"])
     assert not bad.success and "'rear'" in bad.error and "'front'" in bad.error
     bad = live.set_queries("wrist", ["x" * 5000])

@@ -529,3 +529,12 @@ def test_missing_model_fails_configure_clearly(tmp_path: Path) -> None:
     finally:
         t.close()
         proc.stop()
+
+
+def test_a_bad_command_is_invalid_before_its_frame_is_looked_up(node: tuple) -> None:
+    """A control token about a frame the node does not have: INVALID (the command is what to fix), not NO_FRAME."""
+    _, t = node
+    res = t.run(t.command("bad-first", "refer", "the <phrase> mug", stamp_ns=123))
+    assert res.status == 4, res.error
+    res = t.run(t.command("bad-first-2", "region", stamp_ns=123))
+    assert res.status == 4 and "needs a region" in res.error

@@ -173,3 +173,36 @@ def test_640x480_frames_arrive_and_commands_get_fresh_ones(default_node: tuple, 
             time.sleep(0.3)
     finally:
         camera.stop()
+
+
+def test_kosmos2_model_is_read_by_the_node_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """No model parameter: the node loads $KOSMOS2_MODEL, the same rule as the CLIs."""
+    domain = free_domain()
+    proc = NodeProcess({"max_frame_age_s": 0}, domain, tmp_path / "node.log", env={"KOSMOS2_MODEL": str(tiny_model_dir)})
+    t = Tester(domain)
+    try:
+        t.wait_active(proc=proc)
+        assert f"loading model {str(tiny_model_dir)!r}" in proc.log()
+    finally:
+        t.close()
+        assert proc.stop() == 0, proc.log()
+
+
+def test_what_this_machine_lacks_is_refused_when_set(default_node: tuple) -> None:
+    """A CUDA device that does not exist, a backend whose package is missing: refused at once with the
+    reason; a change that can only apply later says so."""
+    import importlib.util
+
+    proc, t = default_node
+    (gpu,) = t.set_parameters({"device": "cuda:7"})
+    assert not gpu.successful and "device cuda:7 does not exist: torch sees" in gpu.reason
+    if importlib.util.find_spec("tensorrt") is None:
+        (trt,) = t.set_parameters({"backend": "tensorrt"})
+        assert not trt.successful and trt.reason == "backend tensorrt needs tensorrt, which is not installed here"
+    (later,) = t.set_parameters({"cuda_graph": False})
+    assert later.successful
+    deadline = time.monotonic() + 5
+    while "cuda_graph: takes effect at the next configure" not in proc.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "cuda_graph: takes effect at the next configure (lifecycle cleanup + configure)" in proc.log()
+    assert t.set_parameters({"cuda_graph": True})[0].successful

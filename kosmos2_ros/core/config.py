@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 from .backends.registry import AUTO, PRECISION_CHOICES
 from .backends.registry import CHOICES as BACKENDS
 from .decoding import DecodingMode
-from .defaults import ARTIFACTS_DIR, DEFAULT_MODEL, TORCH_MODES
+from .defaults import ARTIFACTS_DIR, TORCH_MODES, default_model
 from .tasks import PromptError, sanitize_text
 
 DECODING = tuple(m.value for m in DecodingMode)
@@ -56,7 +56,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Kosmos2Config:
     # Model
-    model: str = DEFAULT_MODEL                       # hub id or local directory
+    model: str = ""                                  # hub id or local directory; "" = $KOSMOS2_MODEL, else the default
     backend: str = AUTO                              # auto | tensorrt | onnxruntime | torch (backends.registry)
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
     precision: str = AUTO                            # auto (fp16 on a GPU, fp32 on the CPU) | fp32 | fp16 | bf16
@@ -101,6 +101,8 @@ class Kosmos2Config:
     encode_ahead_hz: float = 0.0                     # most frames per second encoded while idle; 0 = off
 
     def __post_init__(self) -> None:
+        if not self.model.strip():   # the one rule of every entry point: given, else $KOSMOS2_MODEL, else the default
+            object.__setattr__(self, "model", default_model())
         # Direct construction is validated too, so no unchecked config reaches the pipeline.
         self.validate()
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
+from .defaults import MODEL_ENV
 from .vocab import GroundingVocab
 
-MODEL_ENV = "KOSMOS2_MODEL"
 _HOW_TO_POINT = (f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "
                  f"model.safetensors, processor files), given as --model DIR, the `model` parameter, or "
                  f"the {MODEL_ENV} environment variable.")

@@ -336,8 +336,26 @@ class Pipeline:
         return results  # type: ignore[return-value]
 
     # -- commands --------------------------------------------------------------------------
-    def plan(self, command: Command, frame: Frame) -> _Plan:
-        """Validate a command against a frame; PromptError says what is wrong."""
+    def check_command(self, command: Command) -> Optional[str]:
+        """What is wrong with a command on its own, before any frame is looked up (None: nothing).
+
+        The node answers such a command INVALID even when its camera has no fresh frame: the
+        command, not the camera, is what needs fixing. What depends on the frame (a region outside
+        the image) is checked by `plan`.
+        """
+        try:
+            task, *_ = self._settings(command)
+            region = (0.0, 0.0, 1.0, 1.0) if command.region_px is not None else None
+            if TASKS[task].needs_region and region is None:
+                raise PromptError(f"task {task.value!r} needs a region (use_region and region in pixels)")
+            build_prompts(TaskRequest(task=task, text=command.text, region_norm=region),
+                          sorted(self.vocab.control_strings), self.config.max_prompt_chars)
+        except (PromptError, ValueError) as exc:
+            return str(exc)
+        return None
+
+    def _settings(self, command: Command) -> Tuple[Task, int, DecodingMode, int, int, bool]:
+        """A command's task and decoding settings, its own or the config's; PromptError when out of range."""
         task = Task.parse(command.task)
         limit = self.config.max_new_tokens_limit
         max_new = int(command.max_new_tokens or self.config.max_new_tokens)
@@ -345,6 +363,15 @@ class Pipeline:
             raise PromptError(f"max_new_tokens {max_new} outside [1, {limit}] (parameter max_new_tokens_limit)")
         mode = DecodingMode.parse(command.decoding or self.config.decoding)
         ngram = self.no_repeat_ngram_size(command)
+        wanted = self.config.max_candidates if command.max_candidates < 0 else int(command.max_candidates)
+        if not 0 <= wanted <= MAX_CANDIDATES:
+            raise PromptError(f"max_candidates {wanted} outside [0, {MAX_CANDIDATES}]")
+        describe = self.config.describe_candidates if command.describe_candidates < 0 else bool(command.describe_candidates)
+        return task, max_new, mode, ngram, wanted, describe
+
+    def plan(self, command: Command, frame: Frame) -> _Plan:
+        """Validate a command against a frame; PromptError says what is wrong."""
+        task, max_new, mode, ngram, wanted, describe = self._settings(command)
         spec = TASKS[task]
         region_norm = None
         if spec.needs_region:
@@ -362,10 +389,6 @@ class Pipeline:
         prompts = build_prompts(request, sorted(self.vocab.control_strings), self.config.max_prompt_chars)
         ids = [self.codec.encode(p.text, p.bboxes) for p in prompts]
         text = sanitize_text(command.text, (), self.config.max_prompt_chars)
-        wanted = self.config.max_candidates if command.max_candidates < 0 else int(command.max_candidates)
-        if not 0 <= wanted <= MAX_CANDIDATES:
-            raise PromptError(f"max_candidates {wanted} outside [0, {MAX_CANDIDATES}]")
-        describe = self.config.describe_candidates if command.describe_candidates < 0 else bool(command.describe_candidates)
         return _Plan(command, spec, text, prompts, ids, max_new, mode, ngram, wanted, describe)
 
     def no_repeat_ngram_size(self, command: Optional[Command] = None) -> int:

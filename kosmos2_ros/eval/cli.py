@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -27,8 +26,7 @@ from ..cli import (
     add_ngram_argument,
     load_pipeline,
 )
-from ..core.defaults import ARTIFACTS_DIR, DEFAULT_MODEL
-from ..core.loading import MODEL_ENV
+from ..core.defaults import ARTIFACTS_DIR, default_model
 
 PROG = "kosmos2-eval"
 
@@ -47,7 +45,7 @@ def _parser() -> _Parser:
     p.add_argument("--split", default="", help="split name (default: from the file name; Flickr folder: test)")
     p.add_argument("--name", default="", help="dataset name (default: the file's dataset_name or its file name)")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json, summary.md, pictures")
-    p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL))
+    p.add_argument("--model", default=default_model())
     p.add_argument("--backend", default="torch", choices=CHOICES,
                    help="torch (default: the reference), or the backend to check against the paper's figures")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -70,6 +70,12 @@ def parameter_overrides(arguments: Mapping[str, str]) -> Dict[str, object]:
             out[name] = parse_float(name, value)
         else:
             out[name] = value
+    try:   # each given value checked as the node will check it, before anything starts
+        from kosmos2_ros.core.config import ConfigError, Kosmos2Config
+
+        Kosmos2Config.from_dict(out)
+    except ConfigError as exc:
+        raise LaunchArgumentError(f"launch argument: {exc}") from None
     return out
 
 

@@ -327,14 +327,16 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             known = ", ".join(repr(n) for n in self.cameras if n) or "one unnamed camera (leave camera empty)"
             response.success, response.error = False, f"unknown camera {request.camera!r}; this node has: {known}"
             return response
+        targets = [self.cameras[request.camera]] if request.camera else list(self.cameras.values())
         pipeline = self._pipeline
         controls = tuple(sorted(pipeline.vocab.control_strings)) if pipeline is not None else ()
         try:
             queries = check_queries(list(request.queries), self.config.max_prompt_chars, controls)
         except ConfigError as exc:
+            # refused: nothing changed, so answer the queries in force (the first target camera's)
             response.success, response.error = False, str(exc)
+            response.queries = list(targets[0].standing.queries) if targets else []
             return response
-        targets = [self.cameras[request.camera]] if request.camera else list(self.cameras.values())
         for cam in targets:
             cam.standing.set(queries)
         self.worker.poke()

@@ -25,7 +25,8 @@ from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
 from kosmos2_ros.core.defaults import PRECISIONS
 
 PARAMETER_DOCS: Dict[str, str] = {
-    "model": "Hugging Face hub id or local directory saved with save_pretrained",
+    "model": "Hugging Face hub id or local directory saved with save_pretrained; empty = $KOSMOS2_MODEL, "
+             "else microsoft/kosmos-2-patch14-224 (the one rule of every entry point)",
     "backend": backend_registry.describe(),
     "device": "auto | cpu | cuda | cuda:N",
     "precision": "auto (fp16 on a GPU, fp32 on the CPU) | " + " | ".join(PRECISIONS),
@@ -72,8 +73,8 @@ PARAMETER_DOCS: Dict[str, str] = {
     "queries": "standing referring expressions grounded on every camera's newest frame (~/tracks); "
                "~/set_queries replaces them per camera",
     "query_rate_hz": "most standing-query frames per second per camera; 0 = as fast as the model allows",
-    "encode_ahead_hz": "most frames per second encoded (vision encoder + prompt head) while idle, so a command "
-                       "pays only its own suffix and decode; 0 = off",
+    "encode_ahead_hz": "most frames per second encoded (vision encoder + prompt head) while idle, summed over all "
+                       "cameras (two 10 Hz cameras want 20), so a command pays only its own suffix and decode; 0 = off",
 }
 # Changing these at runtime is accepted and validated, but takes effect on the next configure
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
@@ -144,6 +145,10 @@ class ParametersMixin:
             new, problem = self._config_after(changes)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        if {"backend", "device"} & set(changes):
+            missing = backend_registry.machine_problem(new.backend, new.device)
+            if missing:
+                return SetParametersResult(successful=False, reason=missing)
         for name in changes:
             self._refused_at_start.pop(name, None)
         self.param_error = self._parameter_problems(problem)
@@ -151,8 +156,9 @@ class ParametersMixin:
         self._config_changed(new, set(changes))
         deferred = sorted(set(changes) & DEFERRED_PARAMETERS)
         if deferred and self.state_label != "unconfigured":
-            self.get_logger().info(f"{', '.join(deferred)} changed: applies on the next configure "
-                                   "(lifecycle cleanup + configure)")
+            note = f"{', '.join(deferred)}: takes effect at the next configure (lifecycle cleanup + configure)"
+            self.get_logger().info(note)
+            return SetParametersResult(successful=True, reason=note)
         return SetParametersResult(successful=True)
 
     def _config_after(self, changes: Dict[str, Any]) -> Tuple[Kosmos2Config, str]:

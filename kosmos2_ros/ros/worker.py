@@ -203,6 +203,10 @@ class Worker:
         if pipeline is None:
             self.complete(job, Result.failure(job.command, Status.NOT_ACTIVE, "node is not active"), None)
             return
+        problem = pipeline.check_command(job.command)   # the command first: a bad one is INVALID, whatever the camera
+        if problem is not None:
+            self.complete(job, Result.failure(job.command, Status.INVALID, problem), None)
+            return
         try:
             frame = self._resolve(job.command)
         except FrameRejected as rej:

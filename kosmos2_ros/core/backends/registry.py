@@ -26,6 +26,7 @@ class BackendSpec:
     options: Tuple[str, ...]        # keyword options its constructor takes besides the model directory
     precisions: Tuple[str, ...]     # precisions it runs
     summary: str                    # one line for parameter docs and --help
+    requires: Tuple[str, ...] = ()  # Python packages it cannot run without (checked when the parameter is set)
 
     def module(self) -> Any:
         """The backend's folder (its `__init__`: light, no heavy imports)."""
@@ -35,14 +36,14 @@ class BackendSpec:
 REGISTRY: Tuple[BackendSpec, ...] = (
     BackendSpec("tensorrt", "tensorrt", "TensorRTBackend",
                 ("device", "precision", "artifacts_dir", "build_engines", "cuda_graph"), PRECISIONS,
-                "TensorRT engines on an NVIDIA GPU (build them with kosmos2-build-engines)"),
+                "TensorRT engines on an NVIDIA GPU (build them with kosmos2-build-engines)", ("tensorrt", "torch")),
     BackendSpec("onnxruntime", "onnx", "OnnxBackend",
                 ("device", "precision", "artifacts_dir", "allow_pickle", "model", "threads"), ("fp32",),
-                "onnxruntime over the exported fp32 ONNX graphs (exported on first use)"),
+                "onnxruntime over the exported fp32 ONNX graphs (exported on first use)", ("onnxruntime",)),
     BackendSpec("torch", "torch", "create",
                 ("device", "precision", "allow_pickle", "model", "cuda_graph", "torch_mode"), PRECISIONS,
                 "torch: on a GPU a static KV arena and CUDA graphs; on the CPU transformers' modules, the "
-                "reference every other backend equals token for token"),
+                "reference every other backend equals token for token", ("torch", "transformers")),
 )
 BY_NAME: Dict[str, BackendSpec] = {s.name: s for s in REGISTRY}
 #: Backends selectable by name.
@@ -71,6 +72,23 @@ def spec(name: str) -> BackendSpec:
         return BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; expected one of: {', '.join(CHOICES)}") from None
+
+
+def machine_problem(backend: str, device: str) -> str:
+    """What this machine lacks for a backend or device, checkable at once (a parameter set is refused
+    with it): a missing package, a CUDA device that does not exist. "" when nothing is known missing."""
+    import importlib.util
+
+    if backend != AUTO:
+        missing = [m for m in spec(backend).requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"backend {backend} needs {' and '.join(missing)}, which is not installed here"
+    if device.startswith("cuda"):
+        count = cuda_device_count()
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            return f"device {device} does not exist: torch sees {count} CUDA device(s)"
+    return ""
 
 
 def resolve_precision(name: str, device: str, precision: str, options: Mapping[str, Any]) -> str:
