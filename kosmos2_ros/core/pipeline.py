@@ -529,13 +529,8 @@ class Pipeline:
                 if any(box_iou(box_norm, k) >= 0.5 for k in kept):
                     continue
                 kept.append(box_norm)
-                box_px = geometry.to_pixels(box_norm)
-                point = None
-                if self.config.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
-                    point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, self.config.depth_inner_fraction,
-                                         self.config.min_depth_m, self.config.max_depth_m)
-                found.append((cand.score, GroundedBox(phrase, index, (0, 0), box_px, tuple(box_norm), cand.score,
-                                                      point, self._object_geometry(box_px, frame, geometry))))
+                found.append((cand.score, self._grounded(phrase, index, (0, 0), geometry.to_pixels(box_norm),
+                                                         box_norm, cand.score, frame, geometry)))
         found.sort(key=lambda f: -f[0])
         res.candidates = [box for _, box in found[:plan.max_candidates]]
         chosen = max((o.score for o in res.objects if o.score == o.score), default=0.0)
@@ -610,13 +605,20 @@ class Pipeline:
             for box_norm, box_px, score in zip(ent.boxes_norm, ent.boxes_px, ent.scores):
                 if not math.isnan(score) and score < cfg.score_threshold:
                     continue
-                point = None
-                if cfg.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
-                    point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
-                                         cfg.min_depth_m, cfg.max_depth_m)
-                res.objects.append(GroundedBox(ent.phrase, index, ent.span, box_px, tuple(box_norm), score, point,
-                                               self._object_geometry(box_px, frame, geometry)))
+                res.objects.append(self._grounded(ent.phrase, index, ent.span, box_px, box_norm, score, frame,
+                                                  geometry))
         res.geometry_frame_id = frame.frame_id
+
+    def _grounded(self, phrase: str, index: int, span: Tuple[int, int], box_px: Box, box_norm: Box, score: float,
+                  frame: Frame, geometry: InputGeometry) -> GroundedBox:
+        """One object of a result (chosen box or candidate): its 3D point and geometry where depth allows."""
+        cfg = self.config
+        point = None
+        if cfg.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
+            point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
+                                 cfg.min_depth_m, cfg.max_depth_m)
+        return GroundedBox(phrase, index, span, box_px, tuple(box_norm), score, point,
+                           self._object_geometry(box_px, frame, geometry))
 
     def _object_geometry(self, box_px: Box, frame: Frame, geometry: InputGeometry) -> ObjectGeometry:
         """The object's manipulation geometry, or why there is none; never an error for the result."""

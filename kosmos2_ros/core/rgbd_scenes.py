@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -304,7 +304,3 @@ def random_scene(rng: np.random.Generator, width: int = 640, height: int = 480, 
 def plain_geometry(width: int, height: int) -> InputGeometry:
     """The model input's window for a processor that resizes the whole image (the tiny checkpoints')."""
     return InputGeometry(width, height, 0.0, 0.0, float(width), float(height))
-
-
-def scene_summary(scene: RgbdScene) -> Dict[str, float]:
-    return {"objects": len(scene.objects), "visible": sum(int(t.mask.any()) for t in scene.truths)}

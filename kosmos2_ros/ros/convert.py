@@ -233,6 +233,18 @@ def cloud_points(msg: PointCloud2) -> np.ndarray:
     return np.frombuffer(bytes(msg.data), dtype=CLOUD_DTYPE)
 
 
+def _hypothesis(obj: GroundedObject) -> Any:  # pragma: no cover - vision_msgs absent here
+    """The object's phrase and score as a vision_msgs hypothesis (Humble+: `.hypothesis.class_id`; older: `.id`)."""
+    hyp = ObjectHypothesisWithPose()
+    target = getattr(hyp, "hypothesis", hyp)
+    if hasattr(target, "class_id"):
+        target.class_id = obj.phrase
+    else:
+        target.id = obj.phrase
+    target.score = float(obj.score)
+    return hyp
+
+
 def detections_from(msg: GroundingResult) -> Optional[Any]:
     """vision_msgs/Detection2DArray (phrase as class_id) where vision_msgs is installed, else None."""
     if not HAVE_VISION_MSGS:
@@ -245,13 +257,7 @@ def detections_from(msg: GroundingResult) -> Optional[Any]:
         pos = getattr(center, "position", center)   # Humble+: Pose2D.position; older: geometry_msgs/Pose2D
         pos.x, pos.y = (b.x_min + b.x_max) / 2.0, (b.y_min + b.y_max) / 2.0
         det.bbox.size_x, det.bbox.size_y = b.x_max - b.x_min, b.y_max - b.y_min
-        hyp = ObjectHypothesisWithPose()
-        target = getattr(hyp, "hypothesis", hyp)
-        if hasattr(target, "class_id"):
-            target.class_id = obj.phrase
-        else:
-            target.id = obj.phrase
-        target.score = float(obj.score)
+        hyp = _hypothesis(obj)
         if obj.point_valid:
             hyp.pose.pose.position = obj.point
         det.results.append(hyp)
@@ -276,13 +282,7 @@ def detections_3d_from(msg: GroundingResult) -> Optional[Any]:
         det = Detection3D(header=header)
         det.bbox.center = obj.pose
         det.bbox.size = obj.size
-        hyp = ObjectHypothesisWithPose()
-        target = getattr(hyp, "hypothesis", hyp)
-        if hasattr(target, "class_id"):
-            target.class_id = obj.phrase
-        else:
-            target.id = obj.phrase
-        target.score = float(obj.score)
+        hyp = _hypothesis(obj)
         hyp.pose.pose = obj.pose
         det.results.append(hyp)
         if hasattr(det, "id"):

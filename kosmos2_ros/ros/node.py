@@ -47,7 +47,7 @@ from .command_intake import CommandPublisherCheck, without_event_waitables
 from .live import LiveWork
 from .parameters import ParametersMixin
 from .publishing import ResultPublishers
-from .tf_adapter import GeometryFrames, make_geometry_frames
+from .tf_adapter import make_geometry_frames
 from .worker import FrameRejected, Job, Worker
 
 try:  # Humble and later
@@ -99,7 +99,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self.outputs = ResultPublishers(self)
         # Object geometry stays in the camera's frame until configure sets target_frame up.
-        self.geometry_frames = GeometryFrames("", 0.0, None, lambda text: self.get_logger().warning(text))
+        self.geometry_frames = make_geometry_frames(self, "", 0.0)
         # No QoS-event waitables on the command topics (they slowed command intake many-fold under
         # load; command_intake explains); `_command_publishers` gives their warning instead.
         self._command_sub = self.create_subscription(GroundingCommand, "~/command", self._on_command, COMMAND_HISTORY,
@@ -207,7 +207,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         for cam in self.cameras.values():
             cam.unsubscribe()
         self.geometry_frames.close()
-        self.geometry_frames = GeometryFrames("", 0.0, None, lambda text: self.get_logger().warning(text))
+        self.geometry_frames = make_geometry_frames(self, "", 0.0)
         with self._lock:
             pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
