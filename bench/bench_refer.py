@@ -12,7 +12,8 @@ encoding and the image prefix at least once per frame.
   max_new_tokens=5)`; 5 covers `<object><p><p></object></s>`, a one-box answer and its eos.
 * ours: `Pipeline.run_batch(commands, frame)` per frame (vision once, prefix KV shared,
   suffixes prefilled together, decode steps batched), for torch and onnxruntime backends,
-  free (max_new_tokens 5) and constrained decoding.
+  free (max_new_tokens 5) and constrained decoding; onnxruntime at each of `--precisions`
+  (fp32, and the int8 / int4 graphs quantized from it).
 
 Latency per command is the wall time until its answer (a batch's commands are answered
 together, so each gets the batch's time); commands/s = commands / time spent in that path.
@@ -21,10 +22,17 @@ the process's CPU time per command, a second view of the same work. `boxes ==` c
 location tokens against the baseline's wherever the baseline produced a well-formed box
 (random full-size weights never do); `tokens ==` checks free decoding's token ids exactly.
 p95 over few samples is just the worst; the iteration counts are printed.
+
+A second table takes each path apart: vision ms per frame, prefill ms of one whole prompt (image
+and expression), decode ms per token at batch 1, resident memory (peak RSS of a process that
+loads only that path and answers one command), graph size on disk, and how many free-decoding
+commands gave fp32's tokens (quantized paths against onnxruntime fp32; the others against the
+baseline). On CPU full-size runs a third gives each precision's floor (`roofline.py`).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -36,7 +44,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import roofline  # noqa: E402
 from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
+from kosmos2_ros.core.defaults import QUANTIZED_PRECISIONS  # noqa: E402
 
 
 def _patches(ids: List[int], vocab) -> List[int]:
@@ -57,12 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="torch,onnxruntime", help="any of torch, onnxruntime, tensorrt")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (baseline on the same device)")
     ap.add_argument("--precision", default="fp16", help="tensorrt engines' precision (the others run fp32)")
+    ap.add_argument("--precisions", default="fp32", help="onnxruntime's precisions, e.g. fp32,int8,int4")
+    ap.add_argument("--resident", default="", help=argparse.SUPPRESS)   # internal: peak RSS of one path
     args = ap.parse_args(argv)
+    if args.resident:
+        return resident_child(args)
 
     import torch
     from transformers import Kosmos2ForConditionalGeneration
 
-    from kosmos2_ros.core.backends.torch.backend import TorchBackend
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
     from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.frames import Frame
@@ -84,6 +97,11 @@ def main(argv=None) -> int:
             build_toy_grounding_checkpoint(str(build_tiny_checkpoint(work / "tiny")), str(model_dir))
     print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}",
           flush=True)
+    # The graphs first, before anything else is loaded: quantizing holds the fp32 weights a second time.
+    from kosmos2_ros.core.backends.onnx import export
+    for precision in [p for _, b, p in paths(args) if b == "onnxruntime"]:
+        export.ensure_exported(str(model_dir), str(work / "artifacts"), precision=precision, log=print)
+        gc.collect()
     processor = load_processor(str(model_dir))
     model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device).eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -102,38 +120,25 @@ def main(argv=None) -> int:
     def baseline_one(img: np.ndarray, expr: str) -> List[int]:
         return reference_generate(model, processor, f"<grounding><phrase> {expr}</phrase>", img, max_new).new_ids
 
-    # -- ours: one backend object per kind, shared by its two modes ------------------------------
-    pipes = {}
-    for backend_name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    # -- ours: one backend object per path, shared by its two modes ------------------------------
+    pipes, backends = {}, {}
+    for label, backend_name, precision in paths(args):
         t = time.perf_counter()
-        precision = args.precision if backend_name == "tensorrt" else "fp32"
-        if backend_name == "torch":
-            backend = TorchBackend(str(model_dir), device=args.device, model=model)
-        elif backend_name == "onnxruntime":
-            from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
-            backend = OnnxBackend(str(model_dir), device=args.device, artifacts_dir=str(work / "artifacts"),
-                                  model=model if args.device == "cpu" else None)
-        elif backend_name == "tensorrt":
-            from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
-            backend = TensorRTBackend(str(model_dir), device=args.device, precision=precision,
-                                      artifacts_dir=str(work / "artifacts"), build_engines=True)
-        else:
-            raise SystemExit(f"unknown backend {backend_name}")
-        print(f"{backend_name} backend ready in {time.perf_counter() - t:.1f} s", flush=True)
+        backends[label] = backend = make_backend(backend_name, precision, model_dir, work, args.device, model)
+        print(f"{label} backend ready in {time.perf_counter() - t:.1f} s", flush=True)
         for mode in ("free", "constrained"):
             cfg = Kosmos2Config(model=str(model_dir), backend=backend_name, device=args.device, decoding=mode,
                                 precision=precision, max_new_tokens=max_new, enable_3d=False)
-            pipes[(backend_name, mode)] = Pipeline(cfg, backend, processor,
-                                                   checkpoint_no_repeat_ngram_size(str(model_dir)))
+            pipes[(label, mode)] = Pipeline(cfg, backend, processor, checkpoint_no_repeat_ngram_size(str(model_dir)))
 
     # Paths take turns frame by frame, so load from other processes hits them alike.
     baseline_one(images[0], EXPRESSIONS[0])  # warm-up
     for pipe in pipes.values():
         pipe.run(Command(id="w", task="refer", text=EXPRESSIONS[0]), Frame(rgb=images[0], stamp_ns=1, frame_id="cam"))
-    rows = []
+    rows, fp32_rate = [], {}
     for k in (1, 4):
         acc: Dict[str, dict] = {key: {"lat": [], "wall": 0.0, "cpu": 0.0, "n": 0, "same": True, "checked": 0,
-                                      "tok": True} for key in ["baseline"] + list(pipes)}
+                                      "tok": True, "tok_n": 0} for key in ["baseline"] + list(pipes)}
         for f, exprs in workload(k):
             reference, ref_tokens = {}, {}
             a = acc["baseline"]
@@ -148,6 +153,7 @@ def main(argv=None) -> int:
                 ref_tokens[e] = out
                 # Only a well-formed box (<object> p p </object>) must be reproduced by every path.
                 reference[e] = _patches(out, vocab) if vocab.object_close in out else None
+            fp32_tokens = {}
             for (backend_name, mode), pipe in pipes.items():
                 a = acc[(backend_name, mode)]
                 frame = Frame(rgb=images[f], stamp_ns=1000 + f, frame_id="cam")  # a new frame: no cache
@@ -161,7 +167,12 @@ def main(argv=None) -> int:
                     if res.status != 0:
                         raise SystemExit(f"{backend_name}/{mode}: {res.status.name} {res.error}")
                     if mode == "free":
-                        a["tok"] &= res.token_ids == ref_tokens[e]
+                        if backend_name == "onnxruntime":
+                            fp32_tokens[e] = res.token_ids
+                        quantized = backend_name.split()[-1] in QUANTIZED_PRECISIONS
+                        want = fp32_tokens.get(e) if quantized else ref_tokens[e]
+                        a["tok"] &= res.token_ids == want
+                        a["tok_n"] += res.token_ids == want
                     if reference[e] is not None:
                         a["checked"] += 1
                         a["same"] &= _patches(res.token_ids, vocab) == reference[e]
@@ -175,12 +186,13 @@ def main(argv=None) -> int:
             st = _stats(a["lat"], a["wall"], a["n"], a["cpu"])
             rows.append((backend_name, mode, k, st, (st["cps"] / base["cps"], base["cpu"] / st["cpu"]),
                          (f"{'yes' if a['same'] else 'NO'} {a['checked']}/{a['n']}",
-                          ("yes" if a["tok"] else "NO") if mode == "free" else "-"), a["n"]))
+                          f"{'yes' if a['tok'] else 'NO'} {a['tok_n']}/{a['n']}" if mode == "free" else "-"), a["n"]))
+        fp32_rate[k] = {label: acc[(label, "free")]["tok_n"] / max(acc[(label, "free")]["n"], 1) for label, _ in pipes}
 
     print()
     print(f"checkpoint: {'full-size architecture, random weights' if args.full_size else 'toy (tiny, trained)'}"
           f" ({n_params / 1e9:.3f} B params), fp32 (tensorrt: {args.precision}), {args.device},"
-          f" {torch.get_num_threads()} threads, {os.cpu_count()} cores;"
+          f" {torch.get_num_threads()} threads, {os.cpu_count()} cores; onnxruntime {args.precisions};"
           f" {frames} frames per workload, max_new_tokens {max_new}")
     head = (f"| {'path':34} | {'decoding':11} | expr/frame | cmds | p50 ms/cmd | p95 ms/cmd | cmds/s "
             "| cmds/s x base | CPU s/cmd | CPU x base | boxes == (well-formed) | tokens == |")
@@ -189,34 +201,183 @@ def main(argv=None) -> int:
     for name, mode, k, st, ratio, same, n in rows:
         print(f"| {name:34} | {mode:11} | {k:10d} | {n:4d} | {st['p50']:10.1f} | {st['p95']:10.1f} | {st['cps']:6.2f} |"
               f" {ratio[0]:12.2f}x | {st['cpu']:9.3f} | {ratio[1]:9.2f}x | {same[0]:22} | {same[1]:9} |")
+    phases = phase_rows(args, processor, backends, images[0])
+    sizes = roofline.model_sizes(model, torch)
+    # Free this process's paths before measuring each alone in its own process (the full-size model
+    # and three graph sets would not fit twice in 24 GB).
+    for backend in backends.values():
+        backend.close()
+    pipes.clear()
+    backends.clear()
+    model = None
+    gc.collect()
+    print()
+    print_phases(args, model_dir, work, phases, fp32_rate)
     if args.full_size and args.device == "cpu":   # tiny checkpoints: per-call overhead, not compute, sets the time
-        print_floor(model, processor, torch, [r for r in rows if r[0].startswith("transformers")], max_new)
+        print_floor(sizes, processor, torch, rows, max_new, [p for _, b, p in paths(args) if b == "onnxruntime"])
     return 0
 
 
-def print_floor(model, processor, torch, baselines, max_new: int) -> None:
-    """The exact-fp32 floor of our path next to the measured baseline: the largest ratio possible here."""
-    from bench import roofline
+def paths(args) -> List[tuple]:
+    """(label, backend, precision) of every path of ours, onnxruntime fp32 before its quantized graphs."""
+    out = []
+    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        if name == "onnxruntime":
+            asked = {p.strip() for p in args.precisions.split(",") if p.strip()} | {"fp32"}
+            precisions = [p for p in ("fp32",) + QUANTIZED_PRECISIONS if p in asked]
+            out += [(name if p == "fp32" else f"{name} {p}", name, p) for p in precisions]
+        else:
+            out.append((name, name, args.precision if name == "tensorrt" else "fp32"))
+    return out
+
+
+def make_backend(name: str, precision: str, model_dir: Path, work: Path, device: str, model=None):
+    if name == "torch":
+        from kosmos2_ros.core.backends.torch.backend import TorchBackend
+        return TorchBackend(str(model_dir), device=device, model=model)
+    if name == "onnxruntime":
+        from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
+        return OnnxBackend(str(model_dir), device=device, precision=precision, artifacts_dir=str(work / "artifacts"),
+                           model=model if device == "cpu" else None)
+    if name == "tensorrt":
+        from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
+        return TensorRTBackend(str(model_dir), device=device, precision=precision,
+                               artifacts_dir=str(work / "artifacts"), build_engines=True)
+    raise SystemExit(f"unknown backend {name}")
+
+
+def resident_child(args) -> int:
+    """Load one path alone (`--resident label`), answer one command, print the peak RSS in bytes."""
+    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.frames import Frame
+    from kosmos2_ros.core.loading import load_processor
+    from kosmos2_ros.core.pipeline import Command, Pipeline
+
+    model_dir = Path(args.model)
+    processor = load_processor(str(model_dir))
+    image = toy_image(100, size=224)
+    if args.resident == "baseline":
+        import torch
+        from transformers import Kosmos2ForConditionalGeneration
+
+        from kosmos2_ros.core.reference import reference_generate
+        model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        reference_generate(model, processor, f"<grounding><phrase> {EXPRESSIONS[0]}</phrase>", image, 5)
+    else:
+        _, name, precision = next(p for p in paths(args) if p[0] == args.resident)
+        backend = make_backend(name, precision, model_dir, Path(args.workdir), args.device)
+        cfg = Kosmos2Config(model=str(model_dir), backend=name, device=args.device, precision=precision,
+                            max_new_tokens=5, enable_3d=False)
+        res = Pipeline(cfg, backend, processor).run(Command(id="m", task="refer", text=EXPRESSIONS[0]),
+                                                    Frame(rgb=image, stamp_ns=1, frame_id="cam"))
+        assert res.status == 0, res.error
+    # VmHWM, this process's own peak: ru_maxrss would carry the parent's peak over fork and exec.
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"RESIDENT {peak_kb * 1024}")
+    return 0
+
+
+def resident_gb(args, label: str, model_dir: Path, work: Path) -> float:
+    """Peak RSS of a process that loads only `label`'s path and answers one command."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--resident", label, "--model", str(model_dir), "--workdir", str(work),
+           "--backends", args.backends, "--precisions", args.precisions, "--device", args.device,
+           "--precision", args.precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.rsplit("RESIDENT ", 1)[1].split()[0]) / 1e9
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def _phase_ms(backend, pixels, prompt, repeat: int):
+    """(vision, prefill of the whole prompt, one decode step at batch 1) medians in ms."""
+    embeds = backend.encode_image(pixels)
+    vision = _median_ms(lambda: backend.encode_image(pixels), repeat)
+    prefill = _median_ms(lambda: backend.prefill(embeds, prompt.input_ids, prompt.image_mask), repeat)
+    state = {"cache": backend.prefill(embeds, prompt.input_ids, prompt.image_mask)[1]}
+
+    def step():
+        state["cache"] = backend.decode(state["cache"], 5)[1]
+    return vision, prefill, _median_ms(step, 4 * repeat)
+
+
+def phase_rows(args, processor, backends, image) -> dict:
+    """label -> (vision ms, prefill ms, decode ms/token, graphs on disk) of each path of ours."""
+    from kosmos2_ros.core.backends.onnx import export, quantize
     from kosmos2_ros.core.loading import TextCodec
 
-    machine = roofline.measure(torch)
-    sizes = roofline.model_sizes(model, torch)
+    prompt = TextCodec(processor).encode(f"<grounding><phrase> {EXPRESSIONS[0]}</phrase>")
+    pixels = np.asarray(processor.image_processor(image, return_tensors="np")["pixel_values"], dtype=np.float32)
+    rows = {}
+    for label, backend in backends.items():
+        vision, prefill, decode = _phase_ms(backend, pixels, prompt, 3 if args.full_size else 10)
+        disk = "-"
+        if backend.name == "onnxruntime":
+            files = export.graph_files(backend.manifest, backend.precision)
+            disk = f"{quantize.graph_bytes(backend.graph_dir, files) / 1e9:.2f}"
+        rows[label] = (vision, prefill, decode, disk, len(prompt.input_ids))
+    return rows
+
+
+def print_phases(args, model_dir, work, phases, fp32_rate) -> None:
+    """The phases table, with each path's resident memory measured alone."""
+    resident = {label: resident_gb(args, label, model_dir, work) for label in ["baseline"] + list(phases)}
+    ref = phases.get("onnxruntime")
+    base = resident.get("onnxruntime", float("nan"))
+    tokens = next(iter(phases.values()))[4] if phases else 0
+    print(f"phases (a prompt of {tokens} tokens, medians); resident = peak RSS of a process with only that path "
+          "loaded, one command answered")
+    print("| path | vision ms | prefill ms | decode ms/token | decode x fp32 ort | resident GB | resident / fp32 ort "
+          "| graphs on disk GB | free tokens == fp32 (1, 4 expr/frame) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| transformers generate (baseline) | - | - | - | - | {resident['baseline']:.2f} | "
+          f"{resident['baseline'] / base:.2f} | - | ref |")
+    for label, (vision, prefill, decode, disk, _) in phases.items():
+        rate = ", ".join(f"{fp32_rate[k][label] * 100:.0f} %" for k in (1, 4))
+        print(f"| {label} | {vision:.1f} | {prefill:.1f} | {decode:.1f} | "
+              f"{ref[2] / decode if ref else float('nan'):.2f}x | {resident[label]:.2f} | "
+              f"{resident[label] / base:.2f} | {disk} | {rate} |")
+
+
+def print_floor(sizes, processor, torch, rows, max_new: int, precisions: List[str]) -> None:
+    """Each precision's floor on this machine (`roofline`) next to the measured path."""
+    from kosmos2_ros.core.loading import TextCodec
+
+    machines = roofline.measure(torch, tuple(dict.fromkeys(["fp32"] + precisions)))
     codec = TextCodec(processor)
     ids = [codec.encode(f"<grounding><phrase> {e}</phrase>").input_ids for e in EXPRESSIONS]
     head = ids[0].index(codec.vocab.grounding) + 1
+    mean_len = sum(len(i) for i in ids) / len(ids)
     print()
-    print(f"exact fp32 floor on this machine: {machine.gflops:.0f} GFLOP/s GEMM, {machine.gbs:.1f} GB/s weight streaming"
-          f" (best measured); vision {sizes[0]} tokens x {sizes[1] / 1e6:.0f} M, decoder {sizes[2] / 1e6:.0f} M"
-          f" + lm_head {sizes[3] / 1e6:.0f} M matrix params")
-    print("| expr/frame | baseline ms/cmd (measured p50) | baseline floor ms/cmd | constrained floor ms/cmd "
-          "| best possible x baseline |")
+    print(f"floors (bench/roofline.py: rates measured with torch's and onnxruntime's kernels at the model's shapes); "
+          f"vision {sizes[0]} tokens x {sizes[1] / 1e6:.0f} M, decoder {sizes[2] / 1e6:.0f} M + lm_head "
+          f"{sizes[3] / 1e6:.0f} M matrix params")
+    print(f"  memory read {next(iter(machines.values())).gbs:.1f} GB/s (the best of one pass over 1 GB and every "
+          "kernel's streaming: the decode steps' bound)")
+    for kind, m in machines.items():
+        print(f"  {kind} weights: {m.gflops:.0f} G(FL)OP/s matrix rate, kernels stream {m.kernel_gbs:.1f} GB/s of "
+              f"their bytes ({m.source})")
+    print("| path | expr/frame | measured p50 ms/cmd | floor ms/cmd | measured / floor |")
     print("|---|---|---|---|---|")
-    for _, _, k, st, *_ in baselines:
-        mean_len = sum(len(i) for i in ids) / len(ids)
-        base = roofline.floor_s(sizes, machine, int(mean_len), max_new - 1) * 1e3
-        # ours: one prefix per frame, k suffixes (+ the forced <object>), two batched steps (p2, close)
-        ours = roofline.floor_s(sizes, machine, int(head + k * (mean_len - head + 1)), 2) * 1e3 / k
-        print(f"| {k} | {st['p50']:.0f} | {base:.0f} | {ours:.0f} | {st['p50'] / ours:.2f}x |")
+    for name, mode, k, st, *_ in rows:
+        if name.startswith("transformers"):
+            floor = roofline.floor_s(sizes, machines, int(mean_len), max_new - 1) * 1e3
+        elif mode == "constrained" and name.startswith("onnxruntime"):
+            precision = name.split()[-1] if name != "onnxruntime" else "fp32"
+            # one prefix per frame, k suffixes (+ the forced <object>), two batched steps (p2, close)
+            floor = roofline.floor_s(sizes, machines, int(head + k * (mean_len - head + 1)), 2, precision) * 1e3 / k
+        else:
+            continue
+        print(f"| {name} ({mode}) | {k} | {st['p50']:.0f} | {floor:.0f} | {st['p50'] / floor:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -340,7 +340,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny checkpoint (a smoke run)")
     ap.add_argument("--model", default="", help="a saved checkpoint to use instead of building one")
     ap.add_argument("--backends", default="auto,torch",
-                    help="comma list: the backends 'ours' runs on (auto = the node's default choice here)")
+                    help="comma list: the backends 'ours' runs on (auto = the node's default choice here); "
+                         "backend:precision for another precision, e.g. onnxruntime:int8")
+    ap.add_argument("--artifacts-dir", default="", help="where graphs are cached (default: the config's)")
     ap.add_argument("--camera-hz", type=float, default=0.0, help="live camera rate (default 0.25 full size, 5 small)")
     ap.add_argument("--commands", type=int, default=0, help="commands per path (default 16 full size, 20 small)")
     ap.add_argument("--gap-s", type=float, default=0.0, help="mean gap between commands (default 6 s full size)")
@@ -362,6 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
     from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.defaults import QUANTIZED_PRECISIONS
     from kosmos2_ros.core.loading import load_processor, quiet_libraries
     from kosmos2_ros.core.pipeline import Pipeline
 
@@ -379,14 +382,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     processor = load_processor(model)
     reference = Kosmos2ForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
     pipelines: Dict[str, Any] = {}
+    artifacts = {"artifacts_dir": args.artifacts_dir} if args.artifacts_dir else {}
     for name in backends:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(Kosmos2Config(model=model, backend=name, device="cpu", allow_download=False),
-                             model=reference)
+        backend, _, precision = name.partition(":")
+        pipe = Pipeline.load(Kosmos2Config(model=model, backend=backend, device="cpu", allow_download=False,
+                                           precision=precision or "auto", **artifacts), model=reference)
         pipelines[name] = pipe
         print(f"ours on {name}: {pipe.backend_reason}; ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    labels = {name: f"ours ({pipe.backend.name}{', backend auto' if name == 'auto' else ''})"
+    labels = {name: f"ours ({pipe.backend.name}{', backend auto' if name == 'auto' else ''}"
+                    f"{', ' + pipe.backend.precision if pipe.backend.precision in QUANTIZED_PRECISIONS else ''})"
               for name, pipe in pipelines.items()}
 
     rows: List[str] = []
@@ -411,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows.append(f"| standing queries: frames/s with {q} quer{'y' if q == 1 else 'ies'}: {labels[name]} | "
                             f"generate per query per frame {naive_fps:.3f} | {ours:.3f} | {ours / naive_fps:.2f}x |")
                 print(rows[-1], flush=True)
-    node_backend = backends[0]
+    node_backend = backends[0].partition(":")[0]
     for pipe in pipelines.values():
         pipe.close()
     pipelines.clear()

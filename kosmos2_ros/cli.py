@@ -83,7 +83,10 @@ def _ground_parser() -> _Parser:
     p.add_argument("--backend", default=AUTO, choices=CHOICES,
                    help="auto (default): tensorrt where a GPU and engines exist, else onnxruntime, else torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="auto: fp16 on a GPU, fp32 on the CPU; int8 / int4: onnxruntime's quantized graphs")
+    p.add_argument("--artifacts-dir", default=Kosmos2Config.artifacts_dir,
+                   help="where ONNX graphs (and their int8 / int4 variants) and TensorRT engines are cached")
     p.add_argument("--decoding", default=Kosmos2Config.decoding, choices=DECODING,
                    help="constrained: referring expressions decode only location tokens (fast); free: plain greedy")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -118,7 +121,7 @@ def ground_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = Kosmos2Config.from_dict(dict(
             model=args.model, backend=args.backend, device=args.device, precision=args.precision,
-            decoding=args.decoding, max_new_tokens=args.max_new_tokens,
+            artifacts_dir=args.artifacts_dir, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             max_new_tokens_limit=max(512, args.max_new_tokens), score_threshold=args.score_threshold,
             allow_download=not args.no_download, enable_3d=False))
@@ -130,7 +133,7 @@ def ground_main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelLoadError as exc:
         return _fail(prog, EXIT_MODEL, str(exc))
     load_ms = (time.perf_counter() - t0) * 1e3
-    if args.backend == "auto":
+    if args.backend == "auto" or pipeline.backend.caveat:
         print(f"{prog}: {pipeline.backend_reason}", file=sys.stderr)
     command = Command(id="cli", task=args.task, text=args.text,
                       region_px=tuple(args.region) if args.region else None)

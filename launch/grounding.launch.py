@@ -4,7 +4,13 @@
         depth_topic:=/camera/aligned_depth_to_color/image_raw
 
 camera_info is read from the image topic's sibling (`/camera/color/camera_info` above) unless
-camera_info_topic is given. Topic defaults are relative, so `namespace:=robot1` moves them too.
+camera_info_topic is given. Several cameras get their driver topics the same way, one per camera:
+
+    ros2 launch kosmos2_ros grounding.launch.py cameras:="[front, wrist]" \
+        image_topics:="[/front/color/image_raw, /wrist/color/image_raw]" \
+        depth_topics:="[/front/aligned_depth_to_color/image_raw, /wrist/aligned_depth_to_color/image_raw]"
+
+Topic defaults are relative, so `namespace:=robot1` moves them too.
 The node reads config/grounding.yaml (or params_file); the model, backend, use_compressed,
 enable_3d and autostart arguments override it when given (an empty value keeps the YAML's).
 Everything is checked before anything starts: a missing rviz2 or a bad argument stops the
@@ -46,9 +52,21 @@ def _arguments(share: str) -> list:
                               description="Hub id or local directory of the checkpoint (empty: the YAML's value)"),
         DeclareLaunchArgument("backend", default_value="",
                               description="auto | tensorrt | onnxruntime | torch (empty: the YAML's value)"),
+        DeclareLaunchArgument("image_topics", default_value="",
+                              description="Per camera, in the order of cameras: its driver's colour topic, e.g. "
+                                          "\"[/front/color/image_raw, /wrist/color/image_raw]\" (camera_info: "
+                                          "each one's sibling; empty: <camera>/image)"),
+        DeclareLaunchArgument("depth_topics", default_value="",
+                              description="Per camera, in the order of cameras: its aligned depth topic, e.g. "
+                                          "\"[/front/aligned_depth_to_color/image_raw, /wrist/aligned_depth_to_color/"
+                                          "image_raw]\" (empty: <camera>/depth/image)"),
+        DeclareLaunchArgument("camera_info_topics", default_value="",
+                              description="Per camera, in the order of cameras: its CameraInfo topic "
+                                          "(empty: the sibling of its image topic)"),
         DeclareLaunchArgument("cameras", default_value="",
                               description="Cameras served by the one model, e.g. \"[front, wrist]\": topics front/image, "
-                                          "front/camera_info, front/depth/image, ... (remap those per camera); "
+                                          "front/camera_info, front/depth/image, ... unless image_topics / "
+                                          "depth_topics name each camera's driver topics; "
                                           "image_topic, camera_info_topic and depth_topic apply with no cameras "
                                           "(empty: the YAML's value)"),
         DeclareLaunchArgument("queries", default_value="",
@@ -76,7 +94,7 @@ def _actions(context, share: str) -> list:
     """Validate every argument, then return the node (and RViz): all or nothing."""
     arg = {name: LaunchConfiguration(name).perform(context) for name in
            ("image_topic", "camera_info_topic", "depth_topic", "dds_profile", "use_rviz", "params_file",
-            *launch_args.OVERRIDE_ARGUMENTS)}
+            *launch_args.CAMERA_TOPIC_ARGUMENTS, *launch_args.OVERRIDE_ARGUMENTS)}
     use_rviz = launch_args.parse_bool("use_rviz", arg["use_rviz"])
     problem = launch_args.missing_packages(use_rviz, launch_args.ament_package_exists)
     if problem:
@@ -89,7 +107,8 @@ def _actions(context, share: str) -> list:
         output="screen",
         emulate_tty=True,
         parameters=[arg["params_file"], launch_args.parameter_overrides(arg)],
-        remappings=launch_args.remappings(arg["image_topic"], arg["camera_info_topic"], arg["depth_topic"]),
+        remappings=(launch_args.remappings(arg["image_topic"], arg["camera_info_topic"], arg["depth_topic"])
+                    + launch_args.camera_remappings(arg)),
         additional_env=launch_args.dds_environment(arg["dds_profile"], os.environ),
         arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
     )]

@@ -1,7 +1,8 @@
-"""Generate the parameter and launch-argument tables of docs/node.md from the code, so they cannot drift.
+"""Generate tables of the docs from the code, so they cannot drift: docs/node.md's parameter and
+launch-argument tables, docs/backends.md's table of what int8 / int4 quantize and why.
 
     scripts/ros-env python scripts/gen_docs.py            # rewrite the generated blocks
-    scripts/ros-env python scripts/gen_docs.py --check    # exit 1 when docs/node.md differs (test_docs.py)
+    scripts/ros-env python scripts/gen_docs.py --check    # exit 1 when a doc differs (test_docs.py)
 
 Parameters come from the one config (`core/config.Kosmos2Config`: names, types, defaults), its
 ranges (`config.RANGES`) and the node's descriptions (`ros/parameters.PARAMETER_DOCS`, which
@@ -78,7 +79,18 @@ def launch_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-GENERATORS = {"parameters": parameters_table, "launch_arguments": launch_table}
+def quantized_table() -> str:
+    """core/backends/onnx/quantize.QUANTIZED_CHOICES: what int8 / int4 do to which products, and why."""
+    from kosmos2_ros.core.backends.onnx.quantize import QUANTIZED_CHOICES
+
+    rows = ["| what | int8 / int4 | why (measured) |", "|---|---|---|"]
+    rows += [f"| {what} | {how} | {why} |" for what, how, why in QUANTIZED_CHOICES]
+    return "\n".join(rows) + "\n"
+
+
+GENERATORS = {"parameters": parameters_table, "launch_arguments": launch_table, "quantized": quantized_table}
+#: Which generated blocks each doc holds.
+DOCS = {DOC: {"parameters", "launch_arguments"}, ROOT / "docs" / "backends.md": {"quantized"}}
 
 
 def render(text: str) -> str:
@@ -87,21 +99,23 @@ def render(text: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="exit 1 when docs/node.md differs from the code")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a doc differs from the code")
     args = ap.parse_args(argv)
-    text = DOC.read_text()
-    found = {m.group(2) for m in BLOCK.finditer(text)}
-    if found != set(GENERATORS):
-        print(f"docs/node.md must hold the generated blocks {sorted(GENERATORS)}, has {sorted(found)}", file=sys.stderr)
-        return 1
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("docs/node.md is out of date with the code: run scripts/ros-env python scripts/gen_docs.py",
-                  file=sys.stderr)
+    for doc, blocks in DOCS.items():
+        name = doc.relative_to(ROOT)
+        text = doc.read_text()
+        found = {m.group(2) for m in BLOCK.finditer(text)}
+        if found != blocks:
+            print(f"{name} must hold the generated blocks {sorted(blocks)}, has {sorted(found)}", file=sys.stderr)
             return 1
-        return 0
-    DOC.write_text(new)
+        new = render(text)
+        if args.check:
+            if new != text:
+                print(f"{name} is out of date with the code: run scripts/ros-env python scripts/gen_docs.py",
+                      file=sys.stderr)
+                return 1
+        else:
+            doc.write_text(new)
     return 0
 
 

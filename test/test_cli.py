@@ -111,6 +111,21 @@ def test_cli_bad_arguments_one_line(tiny_model_dir: Path, image_path: Path, args
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_cli_runs_quantized_graphs(tiny_model_dir: Path, image_path: Path, tmp_path: Path) -> None:
+    """`--precision int4` on onnxruntime: quantized into --artifacts-dir, a result, and the one line
+    saying this checkpoint is too small for its error to mean anything."""
+    proc = run_cli("--model", str(tiny_model_dir), "--image", str(image_path), "--text", "a red square", "--json",
+                   "--no-download", "--backend", "onnxruntime", "--precision", "int4", "--artifacts-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "ok"
+    assert "int4; this checkpoint is too small to quantize sensibly" in proc.stderr
+    assert list(tmp_path.glob("onnx/*/int4/decoder/decoder.onnx"))
+    refused = run_cli("--model", str(tiny_model_dir), "--image", str(image_path), "--no-download",
+                      "--backend", "torch", "--precision", "int8")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "backend torch runs fp32, fp16, bf16, not int8 (use backend: onnxruntime)" in refused.stderr
+
+
 def test_cli_missing_model_says_what_was_tried(image_path: Path, tmp_path: Path) -> None:
     proc = run_cli("--model", str(tmp_path / "no-such-model"), "--image", str(image_path), "--no-download")
     assert proc.returncode == 3

@@ -20,7 +20,7 @@ BAD = [
     ("device", "gpu", "device"),
     ("device", "cudafoo", "device"),
     ("device", "cuda:", "device"),
-    ("precision", "int8", "precision"),
+    ("precision", "int3", "precision"),
     ("decoding", "beam", "decoding"),
     ("image_qos", "best_effort", "image_qos"),
     ("max_new_tokens", 0, "max_new_tokens"),

@@ -299,6 +299,25 @@ def test_intrinsics_from_camera_info() -> None:
     assert intrinsics_from(CameraInfo()) is None     # all-zero K: uncalibrated
 
 
+def test_camera_info_matrix_follows_the_image_topic() -> None:
+    """Rectified topics (image_rect*) use P and no distortion; raw ones use K and D."""
+    from sensor_msgs.msg import CameraInfo
+
+    from kosmos2_ros.ros.convert import intrinsics_from, is_rectified
+
+    info = CameraInfo(width=640, height=480, distortion_model="plumb_bob", d=[-0.3, 0.1, 0.0, 0.0, 0.0],
+                      k=[500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1],
+                      p=[480.0, 0, 322.0, 0, 0, 390.0, 238.0, 0, 0, 0, 1, 0])
+    rect = intrinsics_from(info, rectified=True)
+    assert (rect.fx, rect.fy, rect.cx, rect.cy, rect.matrix, rect.distorted) == (480.0, 390.0, 322.0, 238.0, "P", False)
+    raw = intrinsics_from(info)
+    assert (raw.fx, raw.cx, raw.matrix, raw.distortion[:2], raw.distorted) == (500.0, 320.0, "K", (-0.3, 0.1), True)
+    assert intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0, 31.5, 0, 55.0, 23.5, 0, 0, 1]),
+                           rectified=True).matrix == "K"      # no P given: K
+    assert is_rectified("/cam/color/image_rect") and is_rectified("image_rect_color")
+    assert not is_rectified("/cam/color/image_raw") and not is_rectified("/image_rect/raw")
+
+
 def test_python_statuses_are_the_message_constants():
     """`pipeline.Status` (the core has no ROS) names and numbers exactly GroundingResult.STATUS_*."""
     from kosmos2_ros.core.pipeline import Status

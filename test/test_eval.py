@@ -289,17 +289,23 @@ def test_flickr_entities_recall_equals_an_independent_computation(tiny_model_dir
     assert "| flickr30k_entities val | recall@1 | 77.80 |" in (out / "summary.md").read_text()
 
 
-def test_compare_torch_and_onnxruntime_agree_on_every_token(tiny_model_dir: Path, scenes, tmp_path: Path,
-                                                            capsys) -> None:
+def _compare(capsys, tiny_model_dir: Path, scenes, tmp_path: Path, ann_name: str, a: str, b: str) -> Tuple[Path, dict]:
+    """`kosmos2-eval --compare a b` on 4 samples; (its output directory, compare.json)."""
     images, scene_list = scenes
-    ann = tmp_path / "finetune_refcoco+_testA.json"
+    ann = tmp_path / ann_name
     write_refcoco(ann, scene_list)
     out = tmp_path / "cmp"
-    code, stdout, stderr = run_eval(capsys, "--annotations", str(ann), "--out", str(out), "--limit", "4",
-                                    "--artifacts-dir", str(tmp_path / "art"), *common(tiny_model_dir, images),
-                                    "--compare", "backend=torch", "backend=onnxruntime, precision=fp32")
+    code, _, stderr = run_eval(capsys, "--annotations", str(ann), "--out", str(out), "--limit", "4",
+                               "--artifacts-dir", str(tmp_path / "art"), *common(tiny_model_dir, images),
+                               "--compare", a, b)
     assert code == 0, stderr
-    result = json.loads((out / "compare.json").read_text())
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_compare_torch_and_onnxruntime_agree_on_every_token(tiny_model_dir: Path, scenes, tmp_path: Path,
+                                                            capsys) -> None:
+    out, result = _compare(capsys, tiny_model_dir, scenes, tmp_path, "finetune_refcoco+_testA.json",
+                           "backend=torch", "backend=onnxruntime, precision=fp32")
     assert result["samples"] == 4 and result["identical_token_ids"] == 1.0 and result["top_box_agreement"] == 1.0
     assert result["a"]["acc@0.5"] == result["b"]["acc@0.5"]
     assert result["b"]["settings"]["backend"] == "onnxruntime"
@@ -308,6 +314,15 @@ def test_compare_torch_and_onnxruntime_agree_on_every_token(tiny_model_dir: Path
     assert parse_spec("backend=tensorrt, precision=fp16") == {"backend": "tensorrt", "precision": "fp16"}
     with pytest.raises(ValueError):
         parse_spec("backend")
+
+
+def test_compare_accepts_quantized_weights(tiny_model_dir: Path, scenes, tmp_path: Path, capsys) -> None:
+    """The acceptance run the README asks for before a robot relies on int8: fp32 against int8 on
+    the same samples, with the settings each ran with (the tiny checkpoint's numbers mean nothing)."""
+    _, result = _compare(capsys, tiny_model_dir, scenes, tmp_path, "finetune_refcoco_val.json",
+                         "backend=onnxruntime,precision=fp32", "backend=onnxruntime,precision=int8")
+    assert result["samples"] == 4 and 0.0 <= result["identical_token_ids"] <= 1.0
+    assert (result["a"]["settings"]["precision"], result["b"]["settings"]["precision"]) == ("fp32", "int8")
 
 
 def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_model_dir: Path, scenes, tmp_path: Path, capsys) -> None:

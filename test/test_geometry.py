@@ -180,8 +180,8 @@ def pinhole(u: float, v: float, z: float, k: CameraIntrinsics = K) -> tuple:
 
 def test_box_point_3d_matches_pinhole() -> None:
     depth = np.full((480, 640), 2.0, dtype=np.float32)
-    point = box_point_3d((100, 50, 200, 150), depth, K)
-    assert point is not None
+    point, why = box_point_3d((100, 50, 200, 150), depth, K)
+    assert point is not None and why == ""
     assert np.allclose(point, pinhole(150, 100, 2.0))
     assert np.allclose(point, (-0.68, -0.7, 2.0))
 
@@ -190,7 +190,7 @@ def test_box_point_3d_uses_median_of_the_inner_part() -> None:
     depth = np.full((480, 640), 5.0, dtype=np.float32)    # background far away
     depth[90:110, 140:160] = 1.2                           # the object, at the box centre
     depth[95, 150] = np.nan                                # a hole
-    point = box_point_3d((130, 80, 170, 120), depth, K, inner_fraction=0.5)
+    point, _ = box_point_3d((130, 80, 170, 120), depth, K, inner_fraction=0.5)
     assert point is not None and math.isclose(point[2], 1.2, rel_tol=1e-6)
     assert np.allclose(point, pinhole(150, 100, 1.2))
 
@@ -198,26 +198,72 @@ def test_box_point_3d_uses_median_of_the_inner_part() -> None:
 def test_box_point_3d_scales_box_to_a_smaller_depth_image() -> None:
     depth = np.full((240, 320), 3.0, dtype=np.float32)
     depth[40:60, 60:90] = 1.0                                # object at colour box (120..180, 80..120)
-    point = box_point_3d((120, 80, 180, 120), depth, K)
+    point, _ = box_point_3d((120, 80, 180, 120), depth, K)
     assert point is not None and math.isclose(point[2], 1.0)
     assert np.allclose(point, pinhole(150, 100, 1.0))        # back-projected with colour intrinsics
 
 
+def test_a_centre_far_behind_the_box_is_not_the_object() -> None:
+    """A hollow or thin object (a frame, a mug seen through its handle): the box's centre sees the
+    wall 2 m behind it, its rim is at 0.6 m. The point is the rim, where the object is."""
+    depth = np.full((480, 640), 2.0, dtype=np.float32)
+    depth[100:200, 200:300] = 0.6
+    depth[125:175, 225:275] = 2.0                            # the hole in the middle
+    point, why = box_point_3d((200, 100, 300, 200), depth, K)
+    assert why == "" and point[2] == pytest.approx(0.6)
+    assert np.allclose(point, pinhole(250, 150, 0.6), atol=2e-3)
+    # A box holding only the wall has no nearer surface: the wall is what it shows.
+    assert box_point_3d((400, 300, 450, 350), depth, K)[0][2] == pytest.approx(2.0)
+    # A speck nearer than the wall (under 10 % of the box) is not taken for the object.
+    depth[300:303, 400:403] = 0.5
+    assert box_point_3d((400, 300, 450, 350), depth, K)[0][2] == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize("depth_value", [np.nan, 0.0, 0.01, 50.0])
-def test_box_point_3d_invalid_depth_is_none(depth_value: float) -> None:
+def test_box_point_3d_invalid_depth_says_why(depth_value: float) -> None:
     depth = np.full((480, 640), depth_value, dtype=np.float32)
-    assert box_point_3d((100, 50, 200, 150), depth, K, min_depth=0.05, max_depth=20.0) is None
+    point, why = box_point_3d((100, 50, 200, 150), depth, K, min_depth=0.05, max_depth=20.0)
+    assert point is None and why.startswith("no valid depth at the box's centre (none in [0.05, 20] m of 2500 pixels")
 
 
 def test_box_point_3d_invalid_intrinsics_or_box() -> None:
     depth = np.full((480, 640), 2.0, dtype=np.float32)
-    assert box_point_3d((100, 50, 200, 150), depth, CameraIntrinsics(0.0, 400.0, 320.0, 240.0)) is None
-    assert box_point_3d((100, 50, 200, 150), depth, CameraIntrinsics(500.0, float("nan"), 320.0, 240.0)) is None
-    assert box_point_3d((700, 500, 800, 600), depth, K) is None       # outside the image
-    assert box_point_3d((100, 50, 100, 150), depth, K) is None        # empty box
+    bad = "camera_info has no valid intrinsics"
+    assert box_point_3d((100, 50, 200, 150), depth, CameraIntrinsics(0.0, 400.0, 320.0, 240.0)) == (None, bad)
+    assert box_point_3d((100, 50, 200, 150), depth, CameraIntrinsics(500.0, float("nan"), 320.0, 240.0)) == (None, bad)
+    outside = (None, "the box is empty or outside the depth image")
+    assert box_point_3d((700, 500, 800, 600), depth, K) == outside
+    assert box_point_3d((100, 50, 100, 150), depth, K) == outside
+
+
+def test_raw_images_are_undistorted_with_d() -> None:
+    """A point projected through a distorting lens (OpenCV's model, as camera_info's D) comes back
+    where it was; the pinhole alone would miss it by centimetres at the image's edge."""
+    import cv2
+
+    d = (-0.3, 0.1, 0.001, -0.002, 0.0)
+    raw = CameraIntrinsics.from_k([500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1], 640, 480, d, "plumb_bob")
+    truth = np.array([[0.5, -0.35, 1.5]])
+    kmat = np.array([[500.0, 0, 320.0], [0, 400.0, 240.0], [0, 0, 1]])
+    (u, v), = cv2.projectPoints(truth, np.zeros(3), np.zeros(3), kmat, np.array(d))[0].reshape(-1, 2)
+    depth = np.full((480, 640), 1.5, dtype=np.float32)
+    box = (u - 10, v - 10, u + 10, v + 10)
+    point, _ = box_point_3d(box, depth, raw)
+    assert np.allclose(point, truth[0], atol=1e-3)
+    pinhole_only, _ = box_point_3d(box, depth, K)
+    assert np.abs(np.array(pinhole_only) - truth[0]).max() > 0.02
+    fisheye = CameraIntrinsics.from_k([500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1], 640, 480, (0.1, 0.01, 0, 0),
+                                      "equidistant")
+    (fu, fv), = cv2.fisheye.projectPoints(truth.reshape(-1, 1, 3), np.zeros(3), np.zeros(3), kmat,
+                                          np.array([0.1, 0.01, 0, 0]))[0].reshape(-1, 2)
+    point, _ = box_point_3d((fu - 10, fv - 10, fu + 10, fv + 10), depth, fisheye)
+    assert np.allclose(point, truth[0], atol=1e-3)
+    assert raw.scaled(320, 240).distortion == d and raw.scaled(320, 240).fx == 250.0
 
 
 def test_intrinsics_from_k() -> None:
     k = [500.0, 0.0, 320.0, 0.0, 400.0, 240.0, 0.0, 0.0, 1.0]
     assert CameraIntrinsics.from_k(k, 640, 480) == K
+    p = [510.0, 0.0, 318.0, 0.0, 0.0, 405.0, 242.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert CameraIntrinsics.from_p(p, 640, 480) == CameraIntrinsics(510.0, 405.0, 318.0, 242.0, 640, 480, (), matrix="P")
     assert K.valid()

@@ -30,6 +30,33 @@ def test_remappings_default_to_relative_siblings() -> None:
     assert "depth/image" not in dict(launch_args.remappings("/cam/image", "", ""))
 
 
+def test_each_camera_gets_its_driver_topics() -> None:
+    realsense = {"cameras": "[front, wrist]",
+                 "image_topics": "[/front/color/image_raw, /wrist/color/image_raw]",
+                 "depth_topics": "[/front/aligned_depth_to_color/image_raw, /wrist/aligned_depth_to_color/image_raw]"}
+    assert dict(launch_args.camera_remappings(realsense)) == {
+        "front/image": "/front/color/image_raw", "front/camera_info": "/front/color/camera_info",
+        "front/depth/image": "/front/aligned_depth_to_color/image_raw",
+        "wrist/image": "/wrist/color/image_raw", "wrist/camera_info": "/wrist/color/camera_info",
+        "wrist/depth/image": "/wrist/aligned_depth_to_color/image_raw"}
+    # An empty item keeps that camera's defaults; camera_info_topics overrides the sibling.
+    mixed = {"cameras": "[front, wrist]", "image_topics": '["", /w/image_rect]', "camera_info_topics": '["", /w/info]'}
+    assert dict(launch_args.camera_remappings(mixed)) == {"wrist/image": "/w/image_rect", "wrist/camera_info": "/w/info"}
+    assert launch_args.camera_remappings({"cameras": "[front, wrist]"}) == []
+    assert launch_args.camera_remappings({}) == []
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"image_topics": "[/a/image]"}, "no cameras are named"),
+    ({"cameras": "[front, wrist]", "image_topics": "[/a/image]"}, "1 topics for 2 cameras"),
+    ({"cameras": "[front]", "depth_topics": "[/a, /b]"}, "depth_topics has 2 topics for 1 cameras"),
+    ({"cameras": "[front]", "image_topics": "[[/a]]"}, "must be a list of strings"),
+])
+def test_per_camera_topics_are_checked_before_anything_starts(arguments, message) -> None:
+    with pytest.raises(LaunchArgumentError, match=message):
+        launch_args.camera_remappings(arguments)
+
+
 def test_parameter_overrides_only_given_arguments() -> None:
     assert launch_args.parameter_overrides({"model": "", "backend": " ", "autostart": "true"}) == {"autostart": True}
     assert launch_args.parameter_overrides({"model": "/m", "enable_3d": "0"}) == {"model": "/m", "enable_3d": False}

@@ -184,14 +184,31 @@ def test_refer_and_tracks_carry_geometry(node: tuple) -> None:
 
 
 def test_without_depth_results_are_as_before_and_say_why(node: tuple) -> None:
-    _, t, geo = node
+    """No depth for a frame: the object keeps its box and says why it has no point and no geometry;
+    /diagnostics counts both reasons by kind and the log has the first of each."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    proc, t, geo = node
+    diagnostics: list = []
+    t.node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
     scene = render(OBJECTS, W, H, distance=0.8)
     stamp = geo.publish(scene, with_depth=False)
     res = t.run(t.command("geo-nodepth", "region", region=scene.truths[0].box, stamp_ns=stamp))
     assert res.status == OK, res.error
     (obj,) = res.objects
     assert not obj.geometry_valid and obj.geometry_error == "no depth image paired with this frame"
-    assert not obj.point_valid and res.mask.width == 0 and len(res.mask.data) == 0
+    assert not obj.point_valid and obj.point_error == "no depth image paired with this frame"
+    assert res.mask.width == 0 and len(res.mask.data) == 0
+    deadline, values = time.monotonic() + 10, {}
+    while "no depth image paired with this frame" not in values.get("point_invalid_reasons", "") \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {}
+    assert int(values["point_invalid"]) >= 1, values
+    assert "no depth image paired with this frame: " in values["geometry_invalid_reasons"]
+    log = proc.log()
+    assert log.count("has no 3D point: no depth image paired with this frame") == 1
+    assert log.count("has no geometry: no depth image paired with this frame") == 1
 
 
 def test_target_frame_without_tf2_fails_configure_with_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:

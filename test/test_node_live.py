@@ -1,7 +1,11 @@
 """Live perception in a real node process (issue 12): two cameras on one model, standing queries
 on ~/tracks, a command flood beside them, lifecycle, and encoding ahead. Tiny checkpoint, real DDS.
 
-One node serves the module: cameras [front, wrist], so it reads /front/image, /wrist/image, ...
+One node serves the module: cameras [front, wrist], set up through the launch file's per-camera
+topic arguments (`launch_args.camera_remappings`). front reads the default topics (/front/image,
+a raw image, /front/camera_info, /front/depth/image); wrist reads a driver's topics in namespace
+wrist, its colour image rectified by image_proc: /wrist/color/image_rect, its sibling
+/wrist/color/camera_info and /wrist/aligned_depth_to_color/image_raw.
 Standing queries are off (no `queries`) except in the tests about them, which set and clear them.
 """
 from __future__ import annotations
@@ -18,6 +22,13 @@ DOMAIN = free_domain()
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = range(8)
 W, H = 64, 48
 CAMERAS = ("front", "wrist")
+#: The launch arguments that set the cameras up, and where each camera's driver publishes.
+LAUNCH_ARGUMENTS = {"cameras": "[front, wrist]", "image_topics": '["", /wrist/color/image_rect]',
+                    "depth_topics": '["", /wrist/aligned_depth_to_color/image_raw]'}
+DRIVER_TOPICS = {"front": {"image": "/front/image", "camera_info": "/front/camera_info",
+                           "depth": "/front/depth/image"},
+                 "wrist": {"image": "/wrist/color/image_rect", "camera_info": "/wrist/color/camera_info",
+                           "depth": "/wrist/aligned_depth_to_color/image_raw"}}
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,7 +47,12 @@ class LiveTester:
         self.t = tester
         n = tester.node
         reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
-        self.image_pubs = {cam: n.create_publisher(Image, f"/{cam}/image", reliable) for cam in CAMERAS}
+        from sensor_msgs.msg import CameraInfo
+
+        self.image_pubs = {cam: n.create_publisher(Image, DRIVER_TOPICS[cam]["image"], reliable) for cam in CAMERAS}
+        self.depth_pubs = {cam: n.create_publisher(Image, DRIVER_TOPICS[cam]["depth"], reliable) for cam in CAMERAS}
+        self.info_pubs = {cam: n.create_publisher(CameraInfo, DRIVER_TOPICS[cam]["camera_info"], reliable)
+                          for cam in CAMERAS}
         self.tracks: List[Any] = []
         self._lock = threading.Lock()
         n.create_subscription(Tracks, "/kosmos2/tracks", self._on_tracks, 50)
@@ -97,9 +113,12 @@ class LiveTester:
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTester]:
     log = tmp_path_factory.mktemp("live_node") / "node.log"
+    from kosmos2_ros.ros import launch_args
+
     proc = NodeProcess({"model": str(tiny_model_dir), "cameras": "[front, wrist]", "max_frame_age_s": 0,
                         "queue_size": 4, "max_new_tokens": 16, "query_rate_hz": 2.0},
-                       DOMAIN, log, script=str(ROOT / "bin" / "grounding_node"))
+                       DOMAIN, log, script=str(ROOT / "bin" / "grounding_node"),
+                       remaps=dict(launch_args.camera_remappings(LAUNCH_ARGUMENTS)))
     tester = Tester(DOMAIN, topic_ns="/front")
     try:
         tester.wait_active(proc=proc)
@@ -149,6 +168,45 @@ def test_each_camera_answers_with_its_own_frame(live: LiveTester) -> None:
     assert (got["c-wrist"].image_width, got["c-wrist"].image_height) == (80, 60)
 
 
+def test_each_camera_reads_its_drivers_depth_and_camera_info(live: LiveTester) -> None:
+    """Each camera's depth and camera_info arrive on its own topics and make its 3D points, with the
+    matrix its image needs: K with the distortion D undone for front's raw image, P for wrist's
+    rectified one (the two differ here, so a point says which was used)."""
+    import numpy as np
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from kosmos2_ros.core.geometry import CameraIntrinsics
+    from kosmos2_ros.ros.convert import header_of
+
+    k = [50.0, 0.0, W / 2, 0.0, 50.0, H / 2, 0.0, 0.0, 1.0]
+    p = [40.0, 0.0, W / 2 - 4, 0.0, 0.0, 40.0, H / 2 + 3, 0.0, 0.0, 0.0, 1.0, 0.0]
+    d = [-0.2, 0.05, 0.0, 0.0, 0.0]
+    stamps = {}
+    for cam in CAMERAS:
+        stamps[cam] = stamp = next_stamp()
+        header = header_of(stamp, f"{cam}_optical")
+        live.info_pubs[cam].publish(CameraInfo(header=header, width=W, height=H, distortion_model="plumb_bob",
+                                               d=d, k=k, p=p))
+        depth = np.full((H, W), 800, dtype=np.uint16)      # a wall 0.8 m away: every box has depth
+        live.depth_pubs[cam].publish(Image(header=header, height=H, width=W, encoding="16UC1", step=2 * W,
+                                           data=depth.tobytes()))
+    time.sleep(0.3)
+    for cam in CAMERAS:
+        live.publish(cam, scene(W, H, 3), stamps[cam], f"{cam}_optical")
+        assert live.wait_frame(cam, stamps[cam]).status == OK
+    expected = {"front": CameraIntrinsics.from_k(k, W, H, d), "wrist": CameraIntrinsics.from_p(p, W, H)}
+    for cam in CAMERAS:
+        msg = live.command(f"d-{cam}", cam, text="the red box")
+        live.t.command_pub.publish(msg)
+        res = live.t.wait_result(msg.id)
+        assert res.status == OK and res.objects, res.error
+        obj = res.objects[0]
+        assert obj.point_valid and obj.point_error == "", obj.point_error
+        u, v = (obj.box.x_min + obj.box.x_max) / 2, (obj.box.y_min + obj.box.y_max) / 2
+        xn, yn = expected[cam].normalized(u, v)
+        np.testing.assert_allclose([obj.point.x, obj.point.y, obj.point.z], [xn * 0.8, yn * 0.8, 0.8], atol=2e-3)
+
+
 def test_unknown_camera_is_invalid_and_names_the_cameras(live: LiveTester) -> None:
     res = live.t.run(live.command("c-rear", "rear", text="the red box"))
     assert res.status == INVALID and "'rear'" in res.error and "'front'" in res.error and "'wrist'" in res.error
@@ -157,7 +215,8 @@ def test_unknown_camera_is_invalid_and_names_the_cameras(live: LiveTester) -> No
 
 def test_a_camera_that_stops_goes_stale_while_the_other_serves(live: LiveTester) -> None:
     assert all(r.successful for r in live.t.set_parameters({"max_frame_age_s": 0.5}))
-    streams = {cam: CameraStream(live.t, W, H, 10.0, True, topic=f"/{cam}/image", frame_id=f"{cam}_optical")
+    streams = {cam: CameraStream(live.t, W, H, 10.0, True, topic=DRIVER_TOPICS[cam]["image"],
+                                 frame_id=f"{cam}_optical")
                for cam in CAMERAS}
     try:
         time.sleep(1.0)
@@ -226,7 +285,8 @@ def test_bad_queries_are_refused_with_the_reason(live: LiveTester) -> None:
 
 
 def test_per_camera_queries_via_the_service(live: LiveTester) -> None:
-    streams = {cam: CameraStream(live.t, W, H, 10.0, True, topic=f"/{cam}/image", frame_id=f"{cam}_optical")
+    streams = {cam: CameraStream(live.t, W, H, 10.0, True, topic=DRIVER_TOPICS[cam]["image"],
+                                 frame_id=f"{cam}_optical")
                for cam in CAMERAS}
     try:
         start = time.monotonic()

@@ -79,7 +79,8 @@ def test_launch_file_declares_its_arguments() -> None:
             declared[call.args[0].value] = described
     expected = {"namespace", "image_topic", "camera_info_topic", "depth_topic", "use_compressed", "enable_3d",
                 "params_file", "model", "backend", "autostart", "dds_profile", "use_rviz", "log_level",
-                "cameras", "queries", "query_rate_hz", "encode_ahead_hz"}
+                "cameras", "queries", "query_rate_hz", "encode_ahead_hz", "image_topics", "depth_topics",
+                "camera_info_topics"}
     assert set(declared) == expected and all(declared.values())
     assert 'executable="grounding_node"' in source and "rviz2" in source
     compile(source, "grounding.launch.py", "exec")
@@ -220,8 +221,8 @@ def test_3d_points_from_synthetic_depth(node: tuple) -> None:
             intr = CameraIntrinsics(fx, fy, cx, cy, W, H)
             for obj in res.objects:
                 box = (obj.box.x_min, obj.box.y_min, obj.box.x_max, obj.box.y_max)
-                want = box_point_3d(box, depth_m, intr, 0.5, 0.05, 20.0)
-                assert obj.point_valid == (want is not None)
+                want, why = box_point_3d(box, depth_m, intr, 0.5, 0.05, 20.0)
+                assert obj.point_valid == (want is not None) and obj.point_error == why
                 if want is None:
                     continue
                 np.testing.assert_allclose([obj.point.x, obj.point.y, obj.point.z], want, rtol=1e-4, atol=1e-4)
@@ -331,6 +332,7 @@ def test_debug_image_and_diagnostics(node: tuple) -> None:
                 "commands_ok", "commands_failed", "queue_depth"):
         assert key in values
     assert int(values["commands_ok"]) > 0 and int(values["frames_received"]) > 0
+    assert "point_invalid_reasons" in values and "geometry_invalid_reasons" in values
 
 
 # -- bad input: an error status each, and the node still answers ---------------------------
@@ -425,7 +427,8 @@ def test_stale_frame(node: tuple) -> None:
 def test_bad_parameters_are_refused_with_a_reason(node: tuple) -> None:
     _, t = node
     for values, words in (({"max_new_tokens": 0}, "max_new_tokens"), ({"backend": "nope"}, "backend"),
-                          ({"score_threshold": 2.0}, "score_threshold"), ({"max_frame_age_s": "soon"}, "float"),
+                          ({"score_threshold": 2.0}, "score_threshold"),
+                          ({"max_frame_age_s": "soon"}, "max_frame_age_s must be a number"),
                           ({"image_qos": "fast"}, "image_qos")):
         (result,) = t.set_parameters(values)
         assert not result.successful and words in result.reason, (values, result.reason)

@@ -206,3 +206,73 @@ def test_what_this_machine_lacks_is_refused_when_set(default_node: tuple) -> Non
         time.sleep(0.05)
     assert "cuda_graph: takes effect at the next configure (lifecycle cleanup + configure)" in proc.log()
     assert t.set_parameters({"cuda_graph": True})[0].successful
+
+
+def test_parameters_keep_their_types_and_say_why_not(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`-p max_frame_age_s:=1` and a runtime `1` keep a double a double (`ros2 param describe` says
+    double), `[]` keeps queries a string array, and a value of the wrong type gets the node's own
+    one-line reason, not rclpy's type numbers."""
+    from rcl_interfaces.msg import ParameterType
+    from rcl_interfaces.srv import DescribeParameters
+
+    domain = free_domain()
+    proc = NodeProcess({"model": str(tiny_model_dir), "max_frame_age_s": 1, "queue_size": "abc"}, domain,
+                       tmp_path / "node.log")
+    t = Tester(domain)
+    client = t.node.create_client(DescribeParameters, "/kosmos2/describe_parameters")
+
+    def types(*names: str) -> dict:
+        described = t.wait_for(client.call_async(DescribeParameters.Request(names=list(names)))).descriptors
+        return {d.name: d.type for d in described}
+
+    try:
+        log = _wait_log(proc, "will not configure")
+        assert "queue_size: start-up value refused (queue_size must be an integer, got 'abc' (str))" in log, log
+        assert client.wait_for_service(timeout_sec=10)
+        assert types("max_frame_age_s")["max_frame_age_s"] == ParameterType.PARAMETER_DOUBLE
+        (age,) = t.set_parameters({"max_frame_age_s": 2})
+        (threshold,) = t.set_parameters({"score_threshold": 1})
+        (queries,) = t.set_parameters({"queries": []})        # as `ros2 param set ... "[]"` sends it
+        assert age.successful and threshold.successful and queries.successful
+        assert types("max_frame_age_s", "score_threshold", "queries") == {
+            "max_frame_age_s": ParameterType.PARAMETER_DOUBLE, "score_threshold": ParameterType.PARAMETER_DOUBLE,
+            "queries": ParameterType.PARAMETER_STRING_ARRAY}
+        (word,) = t.set_parameters({"queue_size": "abc"})
+        assert not word.successful and word.reason == "queue_size must be an integer, got 'abc' (str)"
+        (flag,) = t.set_parameters({"enable_3d": 1})
+        assert not flag.successful and flag.reason == "enable_3d must be true or false, got 1 (int)"
+        (fixed,) = t.set_parameters({"queue_size": 4})
+        assert fixed.successful and types("queue_size")["queue_size"] == ParameterType.PARAMETER_INTEGER
+        assert t.change_state("configure")
+    finally:
+        t.close()
+        assert proc.stop() == 0, proc.log()
+
+
+def test_ctrl_c_with_a_camera_streaming_shuts_down_quietly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C, or launch passing it on) while frames and commands keep arriving: exit 0 and
+    nothing alarming. rclpy's executor destroyed its guard condition under callbacks still running,
+    which printed "The following exception was never retrieved: cannot use Destroyable ..." at exit."""
+    domain = free_domain()
+    proc = NodeProcess({"model": str(tiny_model_dir), "max_frame_age_s": 0, "queries": "[the red box]",
+                        "cameras": "[front, wrist]", "encode_ahead_hz": 5.0}, domain, tmp_path / "node.log")
+    t = Tester(domain, topic_ns="/front")
+    cameras = []
+    try:
+        t.wait_active(proc=proc)
+        cameras = [CameraStream(t, 640, 480, 10, reliable=False, topic=f"/{name}/image") for name in ("front", "wrist")]
+        for i in range(30):
+            msg = t.command(f"flow-{i}", "refer", "the red box")
+            msg.camera = "front" if i % 2 else "wrist"
+            t.command_pub.publish(msg)
+            time.sleep(0.2)
+        assert proc.stop() == 0, proc.log()
+        log = proc.log()
+        assert "shutting down" in log
+        for alarming in ("never retrieved", "Traceback", "Destroyable", "InvalidHandle"):
+            assert alarming not in log, log
+    finally:
+        for camera in cameras:
+            camera.stop()
+        t.close()
+        proc.stop()

@@ -105,7 +105,7 @@ def test_explicit_backend_resolves_precision_auto_where_it_runs(tiny_model_dir):
 def test_auto_falls_back_to_torch_without_onnxruntime_or_at_reduced_precision(tiny_model_dir, tmp_path, monkeypatch):
     name, _, why = registry.choose_backend(str(tiny_model_dir), {"device": "cpu", "precision": "bf16",
                                                                  "artifacts_dir": str(tmp_path)})
-    assert name == "torch" and "not onnxruntime on cpu: it runs the fp32 graphs, precision is bf16" in why
+    assert name == "torch" and "not onnxruntime on cpu: it runs fp32, int8, int4" in why
     monkeypatch.setattr(registry.BY_NAME["onnxruntime"].module(), "unusable", lambda *_: "onnxruntime not installed")
     name, _, why = registry.choose_backend(str(tiny_model_dir), {"device": "cpu", "artifacts_dir": str(tmp_path)})
     assert name == "torch" and "not onnxruntime on cpu: onnxruntime not installed" in why

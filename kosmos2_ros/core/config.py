@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
-from .backends.registry import AUTO, PRECISION_CHOICES
+from .backends.registry import AUTO, PRECISION_CHOICES, precision_problem
 from .backends.registry import CHOICES as BACKENDS
 from .decoding import DecodingMode
 from .defaults import ARTIFACTS_DIR, TORCH_MODES, default_model
@@ -59,7 +59,7 @@ class Kosmos2Config:
     model: str = ""                                  # hub id or local directory; "" = $KOSMOS2_MODEL, else the default
     backend: str = AUTO                              # auto | tensorrt | onnxruntime | torch (backends.registry)
     device: str = "auto"                             # auto | cpu | cuda | cuda:N
-    precision: str = AUTO                            # auto (fp16 on a GPU, fp32 on the CPU) | fp32 | fp16 | bf16
+    precision: str = AUTO                            # auto (fp16 on a GPU, fp32 on the CPU) | fp32 | fp16 | bf16 | int8 | int4
     allow_download: bool = True                      # may fetch the model from the hub
     allow_pickle_weights: bool = False               # refuse *.bin/*.pt weights unless true
     artifacts_dir: str = ARTIFACTS_DIR               # ONNX graphs and TensorRT engines
@@ -165,6 +165,7 @@ class Kosmos2Config:
         need(bool(self.model.strip()), "model must name a hub id or a directory")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.precision in PRECISION_CHOICES, f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
+        need(not precision_problem(self.backend, self.precision), precision_problem(self.backend, self.precision))
         need(self.torch_mode in TORCH_MODES, f"torch_mode must be one of {TORCH_MODES}, got {self.torch_mode!r}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -21,7 +21,9 @@ def default_model() -> str:
 ARTIFACTS_DIR = "~/.cache/kosmos2_ros"
 #: Numeric precisions of weights and compute, fp32 first (the reference).
 PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", "bf16")
-#: torch / numpy dtype names of each precision.
+#: Quantized weights (onnxruntime on the CPU; `backends.onnx.quantize` says what each quantizes).
+QUANTIZED_PRECISIONS: Tuple[str, ...] = ("int8", "int4")
+#: torch / numpy dtype names of each (float) precision.
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: How the torch backend runs (`backends.torch.backend.create`): auto = the static path (static KV
 #: arena, CUDA graphs) on a GPU and transformers' modules (the reference) on the CPU.

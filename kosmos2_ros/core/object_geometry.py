@@ -147,14 +147,6 @@ def depth_like(depth_m: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(d, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def intrinsics_for_image(k: CameraIntrinsics, width: int, height: int) -> CameraIntrinsics:
-    """The intrinsics scaled to an image of another size than camera_info's."""
-    if not k.width or not k.height or (k.width, k.height) == (width, height):
-        return k
-    sx, sy = width / k.width, height / k.height
-    return CameraIntrinsics(k.fx * sx, k.fy * sy, k.cx * sx, k.cy * sy, width, height)
-
-
 def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarray, intrinsics: CameraIntrinsics,
                     cell_px: Tuple[float, float], config: GeometryConfig = GeometryConfig(),
                     with_mask: bool = True) -> ObjectGeometry:
@@ -172,7 +164,7 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
         return ObjectGeometry.invalid("the box is outside the image")
     if not intrinsics.valid():
         return ObjectGeometry.invalid("camera_info has no valid intrinsics (k)")
-    k = intrinsics_for_image(intrinsics, width, height)
+    k = intrinsics.scaled(width, height)
     depth = depth_like(depth_m, width, height)
     mx, my = config.margin_cells * cell_px[0], config.margin_cells * cell_px[1]
     wx0, wy0 = int(max(0, math.floor(x0 - mx))), int(max(0, math.floor(y0 - my)))
@@ -191,7 +183,8 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
         # depth there is in the box is its surroundings, not the object
         return ObjectGeometry.invalid(f"no depth on the object: {int((valid & inner).sum())} of {int(inner.sum())} "
                                       "pixels at the box's centre have depth")
-    pts = np.stack([(xs + 0.5 - k.cx) * z / k.fx, (ys + 0.5 - k.cy) * z / k.fy, z], axis=-1)
+    xn, yn = k.normalized(xs + 0.5, ys + 0.5)
+    pts = np.stack([xn * z, yn * z, z], axis=-1)
     sigma = DEPTH_NOISE_K * np.nan_to_num(z, nan=1.0) ** 2
     rng = np.random.default_rng(config.seed)
     # The plane from what surrounds the box (the window's margin), or from all but its centre if that is too little.

@@ -66,6 +66,7 @@ class GroundedBox:
     point: Optional[Tuple[float, float, float]] = None
     geometry: Optional[ObjectGeometry] = None   # mask, refined box, 3D box, grasp, cloud (`object_geometry`)
     description: str = ""                       # the box described in words (describe_candidates)
+    point_error: str = ""                       # why there is no point
 
 
 @dataclass
@@ -156,6 +157,8 @@ class Pipeline:
         self.backend = backend
         precision = getattr(backend, "precision", config.precision)
         self.backend_reason = backend_reason or f"backend {backend.name} (configured), {precision}"
+        if getattr(backend, "caveat", ""):
+            self.backend_reason += f"; {backend.caveat}"
         self.processor = processor
         self.checkpoint_no_repeat_ngram_size = int(checkpoint_no_repeat_ngram_size)
         self.codec = TextCodec(processor)
@@ -613,24 +616,31 @@ class Pipeline:
                   frame: Frame, geometry: InputGeometry) -> GroundedBox:
         """One object of a result (chosen box or candidate): its 3D point and geometry where depth allows."""
         cfg = self.config
-        point = None
-        if cfg.enable_3d and frame.depth_m is not None and frame.intrinsics is not None:
-            point = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
-                                 cfg.min_depth_m, cfg.max_depth_m)
+        point, why = None, self._no_depth_reason(frame)
+        if not why:
+            point, why = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
+                                      cfg.min_depth_m, cfg.max_depth_m)
         return GroundedBox(phrase, index, span, box_px, tuple(box_norm), score, point,
-                           self._object_geometry(box_px, frame, geometry))
+                           self._object_geometry(box_px, frame, geometry), point_error=why)
+
+    def _no_depth_reason(self, frame: Frame) -> str:
+        """Why no object of this frame can have a 3D point or geometry ("" when it can)."""
+        if not self.config.enable_3d:
+            return "3D is off (enable_3d: false)"
+        if frame.depth_m is None:
+            return "no depth image paired with this frame"
+        if frame.intrinsics is None:
+            return "no camera_info for this camera"
+        return ""
 
     def _object_geometry(self, box_px: Box, frame: Frame, geometry: InputGeometry) -> ObjectGeometry:
         """The object's manipulation geometry, or why there is none; never an error for the result."""
         cfg = self.config
-        if not cfg.enable_3d:
-            return ObjectGeometry.invalid("3D is off (enable_3d: false)")
-        if not cfg.object_geometry:
+        if cfg.enable_3d and not cfg.object_geometry:
             return ObjectGeometry.invalid("object geometry is off (object_geometry: false)")
-        if frame.depth_m is None:
-            return ObjectGeometry.invalid("no depth image paired with this frame")
-        if frame.intrinsics is None:
-            return ObjectGeometry.invalid("no camera_info for this camera")
+        why = self._no_depth_reason(frame)
+        if why:
+            return ObjectGeometry.invalid(why)
         cell = (geometry.win_w / GRID, geometry.win_h / GRID)
         try:
             return object_geometry(box_px, frame.rgb, frame.depth_m, frame.intrinsics, cell,

@@ -130,7 +130,8 @@ class Camera:
         self._depths.append((convert.stamp_to_ns(msg.header.stamp), depth))
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        intr = convert.intrinsics_from(msg)
+        image = self.subs[0].topic_name if self.subs else self.topic("image")
+        intr = convert.intrinsics_from(msg, rectified=convert.is_rectified(image))
         if intr is not None:
             self.intrinsics = intr
 

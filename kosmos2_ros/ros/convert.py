@@ -94,11 +94,27 @@ def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "bgr8") -> Ima
                  is_bigendian=0, step=step, data=data)
 
 
-def intrinsics_from(msg: CameraInfo) -> Optional[CameraIntrinsics]:
-    k = list(msg.k)
-    if len(k) != 9:
-        return None
-    intr = CameraIntrinsics.from_k(k, int(msg.width), int(msg.height))
+#: Image topics whose pixels are rectified (image_proc's names: image_rect, image_rect_color, ...).
+RECTIFIED_MARK = "image_rect"
+
+
+def is_rectified(image_topic: str) -> bool:
+    return RECTIFIED_MARK in image_topic.rstrip("/").rpartition("/")[2]
+
+
+def intrinsics_from(msg: CameraInfo, rectified: bool = False) -> Optional[CameraIntrinsics]:
+    """What camera_info says about the image topic's pixels: P for a rectified image (no
+    distortion left; falls back to K when P is unset), else K with the distortion D to undo."""
+    width, height = int(msg.width), int(msg.height)
+    p = list(msg.p)
+    if rectified and len(p) == 12 and p[0] > 0:
+        intr = CameraIntrinsics.from_p(p, width, height)
+    else:
+        k = list(msg.k)
+        if len(k) != 9:
+            return None
+        d = () if rectified else tuple(float(v) for v in msg.d)
+        intr = CameraIntrinsics.from_k(k, width, height, d, msg.distortion_model)
     return intr if intr.valid() else None
 
 
@@ -148,6 +164,8 @@ def object_to_msg(obj: GroundedBox) -> GroundedObject:
     if obj.point is not None:
         o.point = Point(x=float(obj.point[0]), y=float(obj.point[1]), z=float(obj.point[2]))
         o.point_valid = True
+    else:
+        o.point_error = obj.point_error or "no 3D point computed"
     geo: Optional[ObjectGeometry] = obj.geometry
     if geo is not None and geo.valid:
         b = geo.box_refined

@@ -79,12 +79,47 @@ def parameter_overrides(arguments: Mapping[str, str]) -> Dict[str, object]:
     return out
 
 
+#: Per-camera topic lists, aligned with `cameras` (the one place cameras are set up).
+CAMERA_TOPIC_ARGUMENTS = ("image_topics", "depth_topics", "camera_info_topics")
+
+
 def remappings(image_topic: str, camera_info_topic: str, depth_topic: str) -> List[Tuple[str, str]]:
     """The node's camera topics. camera_info defaults to the image topic's sibling and the
     compressed image follows the image (image_transport's convention, applied by the node)."""
     remaps = [("image", image_topic), ("camera_info", camera_info_topic.strip() or camera_info_for(image_topic))]
     if depth_topic.strip():
         remaps.append(("depth/image", depth_topic))
+    return remaps
+
+
+def camera_remappings(arguments: Mapping[str, str]) -> List[Tuple[str, str]]:
+    """Each named camera's driver topics: `image_topics`, `depth_topics` and `camera_info_topics`
+    are lists in the order of `cameras` (empty: the camera keeps `<name>/image`, ...; an empty
+    item keeps that camera's default). camera_info defaults to each image topic's sibling, as
+    for one camera. For two RealSense drivers in namespaces front and wrist:
+
+        cameras:="[front, wrist]" image_topics:="[/front/color/image_raw, /wrist/color/image_raw]"
+        depth_topics:="[/front/aligned_depth_to_color/image_raw, /wrist/aligned_depth_to_color/image_raw]"
+    """
+    cameras = parse_list("cameras", arguments.get("cameras", "").strip() or "[]")
+    lists = {name: parse_list(name, arguments.get(name, "").strip() or "[]") for name in CAMERA_TOPIC_ARGUMENTS}
+    for name, topics in lists.items():
+        if topics and not cameras:
+            raise LaunchArgumentError(f"launch argument {name} lists topics per camera, but no cameras are named "
+                                      "(set cameras:=\"[front, wrist]\"; for one camera use image_topic, "
+                                      "depth_topic and camera_info_topic)")
+        if topics and len(topics) != len(cameras):
+            raise LaunchArgumentError(f"launch argument {name} has {len(topics)} topics for {len(cameras)} cameras "
+                                      f"{cameras}: give one per camera, in the same order (\"\" keeps a default)")
+    remaps: List[Tuple[str, str]] = []
+    for i, camera in enumerate(cameras):
+        image, depth, info = (lists[n][i].strip() if lists[n] else "" for n in CAMERA_TOPIC_ARGUMENTS)
+        if image:
+            remaps.append((f"{camera}/image", image))
+        if info or image:
+            remaps.append((f"{camera}/camera_info", info or camera_info_for(image)))
+        if depth:
+            remaps.append((f"{camera}/depth/image", depth))
     return remaps
 
 

@@ -9,10 +9,11 @@ command's.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable, List, Optional
 
 from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Command, GroundedBox, Pipeline, Result, Status
+from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
 from kosmos2_ros.core.standing import EncodeAhead, next_camera
 from kosmos2_ros.msg import TrackedQuery, Tracks
 
@@ -108,6 +109,5 @@ class LiveWork:
                      width=frame.width, height=frame.height, camera=cam.name, geometry_frame_id=msg.geometry_frame_id)
         for index, (entry, one) in enumerate(zip(msg.queries, results)):
             for obj in one.objects:
-                res.objects.append(GroundedBox(f"{entry.query} #{entry.track_id}", index, obj.span, obj.box_px,
-                                               obj.box_norm, obj.score, obj.point, obj.geometry))
+                res.objects.append(replace(obj, phrase=f"{entry.query} #{entry.track_id}", entity_index=index))
         return res

@@ -153,7 +153,9 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         with self._lock:
             self._pipeline = pipeline
-        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s")
+        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.2f} s: {pipeline.backend_reason}")
+        if pipeline.backend.caveat:
+            self.get_logger().warning(pipeline.backend.caveat)
         self._make_cameras()
         for cam in self.cameras.values():
             cam.subscribe(cfg, self._sensor_group)
@@ -398,6 +400,31 @@ def _init_rclpy(args: List[str]) -> bool:
         return False
 
 
+def _stop_executor(executor: MultiThreadedExecutor, node: GroundingNode, timeout_s: float = 2.0) -> None:
+    """Shut the executor down without racing its own threads.
+
+    rclpy's MultiThreadedExecutor.shutdown destroys its guard condition before it joins the threads
+    still running callbacks, and a callback finishing then triggers the destroyed guard: at exit
+    Python printed "The following exception was never retrieved: cannot use Destroyable because
+    destruction was requested" (with a camera streaming, nearly every Ctrl-C). So no new work
+    first (the node leaves the executor), then the callbacks in flight finish and their outcomes
+    are collected, then the executor shuts down.
+    """
+    try:
+        executor.remove_node(node)
+    except Exception:  # noqa: BLE001 - already removed, or an rclpy without it: shut down anyway
+        pass
+    in_flight = list(getattr(executor, "_futures", ()))   # MultiThreadedExecutor's handler tasks
+    deadline = time.monotonic() + timeout_s
+    while any(not f.done() for f in in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for f in in_flight:
+        error = f.exception() if f.done() else None      # fetched: nothing is printed for it at exit
+        if error is not None and type(error).__name__ != "InvalidHandle":
+            node.get_logger().warning(f"a callback failed while shutting down: {type(error).__name__}: {error}")
+    executor.shutdown()
+
+
 def _spin_once(executor: MultiThreadedExecutor, timeout_sec: float) -> None:
     """One executor turn that survives entities destroyed under it.
 
@@ -450,7 +477,7 @@ def main(args: Optional[List[str]] = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        executor.shutdown()
+        _stop_executor(executor, node)
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

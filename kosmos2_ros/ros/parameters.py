@@ -15,21 +15,21 @@ from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
     ParameterDescriptor,
-    ParameterType,
     SetParametersResult,
 )
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 
 from kosmos2_ros.core.backends import registry as backend_registry
 from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
-from kosmos2_ros.core.defaults import PRECISIONS
+from kosmos2_ros.core.defaults import PRECISIONS, QUANTIZED_PRECISIONS
 
 PARAMETER_DOCS: Dict[str, str] = {
     "model": "Hugging Face hub id or local directory saved with save_pretrained; empty = $KOSMOS2_MODEL, "
              "else microsoft/kosmos-2-patch14-224 (the one rule of every entry point)",
     "backend": backend_registry.describe(),
     "device": "auto | cpu | cuda | cuda:N",
-    "precision": "auto (fp16 on a GPU, fp32 on the CPU) | " + " | ".join(PRECISIONS),
+    "precision": "auto (fp16 on a GPU, fp32 on the CPU) | " + " | ".join(PRECISIONS + QUANTIZED_PRECISIONS)
+                 + " (int8 / int4: onnxruntime)",
     "allow_download": "may fetch the model from the hub when it is not cached",
     "allow_pickle_weights": "accept *.bin / *.pt weights (pickle); refused by default",
     "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
@@ -85,28 +85,63 @@ DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "all
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 
 
+#: What each parameter type accepts, for the node's own refusal line.
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list of strings"}
+
+
+def typed_value(default: Any, value: Any) -> Tuple[bool, Any]:
+    """(whether `value` fits the parameter whose default is `default`, the value in the default's
+    type). An integer fits a double (and becomes one), an integral double fits an integer, and an
+    empty array of any type (`[]` parses as a byte or bool array) fits a string array."""
+    if isinstance(default, bool) or isinstance(default, str):
+        return isinstance(value, type(default)), value
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if isinstance(default, tuple):
+        items = list(value) if isinstance(value, (list, tuple)) else None
+        ok = items is not None and all(isinstance(i, str) for i in items)
+        return ok, items if ok else value
+    return True, value
+
+
+def type_refusal(name: str, default: Any, value: Any) -> str:
+    kind = KIND_NAMES[tuple if isinstance(default, tuple) else type(default)]
+    return f"{name} must be {kind}, got {value!r} ({type(value).__name__})"
+
+
 def parameter_descriptor(name: str, default: Any) -> ParameterDescriptor:
-    """Type, description and (where the config has one) range, as `ros2 param describe` shows them."""
+    """Description and (where the config has one) range, as `ros2 param describe` shows them.
+
+    Dynamically typed, so that rclpy passes every value to the node, which keeps each parameter
+    its own type (`typed_value`, before the value is stored) and refuses the rest with its own line
+    instead of rclpy's "Wrong parameter type, expected '2' got '4'"."""
     doc = PARAMETER_DOCS.get(name, name)
     if name in DEFERRED_PARAMETERS:
         doc += " (a change applies on the next configure)"
     low_high = RANGES.get(name)
     if isinstance(default, tuple):
-        # A string array; dynamic typing lets `[]` (which rclpy types as a byte array) through too.
-        return ParameterDescriptor(description=doc + " (string array)", dynamic_typing=True)
-    if isinstance(default, float):
-        # Floats accept integers too (`-p max_frame_age_s:=1`); Kosmos2Config checks the type.
-        descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
-        if low_high:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low_high[0]),
-                                                                  to_value=float(low_high[1]), step=0.0)]
-        return descriptor
-    kind = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-            str: ParameterType.PARAMETER_STRING}[type(default)]
-    descriptor = ParameterDescriptor(description=doc, type=kind)
-    if low_high and isinstance(default, int):
+        doc += " (string array)"
+    descriptor = ParameterDescriptor(description=doc, dynamic_typing=True)
+    if low_high and isinstance(default, float):
+        descriptor.floating_point_range = [FloatingPointRange(from_value=float(low_high[0]),
+                                                              to_value=float(low_high[1]), step=0.0)]
+    elif low_high and isinstance(default, int) and not isinstance(default, bool):
         descriptor.integer_range = [IntegerRange(from_value=int(low_high[0]), to_value=int(low_high[1]), step=1)]
     return descriptor
+
+
+def ros_parameter(name: str, value: Any) -> Any:
+    """An rclpy Parameter holding `value` as its Python type says (an empty list: a string array)."""
+    from rclpy.parameter import Parameter
+
+    if isinstance(value, list) and not value:
+        return Parameter(name, Parameter.Type.STRING_ARRAY, [])
+    return Parameter(name, value=value)
 
 
 class ParametersMixin:
@@ -121,24 +156,55 @@ class ParametersMixin:
 
     def _declare_parameters(self) -> None:
         defaults = Kosmos2Config()
+        overrides = getattr(self, "_parameter_overrides", {})   # -p / params file values (rclpy's own map)
         for name in CONFIG_FIELDS:
             default = getattr(defaults, name)
             descriptor = parameter_descriptor(name, default)
-            if isinstance(default, tuple):
-                default = list(default)
+            value = list(default) if isinstance(default, tuple) else default
+            if name in overrides and overrides[name].value is not None:   # (a YAML `[]` arrives unset)
+                ok, given = typed_value(default, overrides[name].value)
+                if ok:
+                    value = given           # `-p max_frame_age_s:=1` declares the double 1.0
+                else:
+                    self._refused_at_start[name] = (f"{name}: start-up value refused "
+                                                    f"({type_refusal(name, default, given)}); set it to configure")
             try:
-                self.declare_parameter(name, default, descriptor)
+                self.declare_parameter(name, value, descriptor, ignore_override=True)
             except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
                 low_high = RANGES.get(name)
                 why = f"must be in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else str(exc)
                 self._refused_at_start[name] = f"{name}: start-up value refused ({why}); set it to configure"
-                self.declare_parameter(name, default, descriptor, ignore_override=True)
+                self.declare_parameter(name, list(default) if isinstance(default, tuple) else default, descriptor,
+                                       ignore_override=True)
+        if hasattr(self, "add_pre_set_parameters_callback"):    # rclpy of Jazzy and later (not Humble)
+            self.add_pre_set_parameters_callback(self._keep_parameter_types)
+
+    def _keep_parameter_types(self, params: List[Any]) -> List[Any]:
+        """Before rclpy stores a change: a value that fits its parameter in another type (an integer
+        for a double, `[]` for a string array) is stored in the parameter's own type. On Humble,
+        without this hook, such a value is accepted and keeps the type it was sent as."""
+        defaults = Kosmos2Config()
+        out = []
+        for p in params:
+            if p.name in CONFIG_FIELDS:
+                ok, value = typed_value(getattr(defaults, p.name), p.value)
+                if ok and (type(value) is not type(p.value) or (isinstance(value, list) and not value)):
+                    p = ros_parameter(p.name, value)
+            out.append(p)
+        return out
 
     def _parameter_values(self) -> Dict[str, Any]:
         return {name: self.get_parameter(name).value for name in CONFIG_FIELDS}
 
     def _on_set_parameters(self, params: List[Any]) -> SetParametersResult:
-        changes = {p.name: p.value for p in params if p.name in CONFIG_FIELDS}
+        defaults = Kosmos2Config()
+        changes = {}
+        for p in params:
+            if p.name in CONFIG_FIELDS:
+                ok, changes[p.name] = typed_value(getattr(defaults, p.name), p.value)
+                if not ok:
+                    return SetParametersResult(successful=False,
+                                               reason=type_refusal(p.name, getattr(defaults, p.name), p.value))
         if not changes:
             return SetParametersResult(successful=True)
         try:

@@ -91,10 +91,15 @@ class ResultPublishers:
             self._node.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
 
     def _count_geometry(self, result: Result, stats: visualize.Stats) -> None:
-        """Why objects have no geometry, counted per reason (diagnostics); the first of each kind logged."""
+        """Why objects have no 3D point or no geometry, counted per reason (diagnostics); the first of
+        each kind logged. A reason that is a parameter turned off says nothing new and is not counted."""
         for obj in result.objects:
+            if obj.point is None and obj.point_error and not obj.point_error.endswith(": false)") \
+                    and stats.point_invalid(obj.point_error):
+                self._node.get_logger().warning(f"command {result.id!r}: object {obj.phrase!r} has no 3D point: "
+                                                f"{obj.point_error} (counted in /diagnostics; logged once per kind)")
             geo = obj.geometry
-            if geo is None or geo.valid or geo.error.endswith(": false)"):   # turned off by a parameter: nothing to tell
+            if geo is None or geo.valid or geo.error.endswith(": false)"):
                 continue
             if stats.geometry_invalid(geo.error):
                 self._node.get_logger().warning(f"command {result.id!r}: object {obj.phrase!r} has no geometry: "

@@ -91,6 +91,7 @@ class Stats:
         self.frames_rejected = 0
         self.last_image_error = ""
         self.geometry_reasons: Counter = Counter()
+        self.point_reasons: Counter = Counter()
 
     def frame(self, ok: bool, error: str = "") -> None:
         with self._lock:
@@ -101,10 +102,17 @@ class Stats:
 
     def geometry_invalid(self, error: str) -> bool:
         """Count an object without geometry by the kind of reason; True the first time that kind is seen."""
+        return self._count(self.geometry_reasons, error)
+
+    def point_invalid(self, error: str) -> bool:
+        """Count an object without a 3D point by the kind of reason; True the first time that kind is seen."""
+        return self._count(self.point_reasons, error)
+
+    def _count(self, reasons: Counter, error: str) -> bool:
         kind = error.split(" (")[0].split(":")[0].strip() or "unknown"
         with self._lock:
-            self.geometry_reasons[kind] += 1
-            return self.geometry_reasons[kind] == 1
+            reasons[kind] += 1
+            return reasons[kind] == 1
 
     def result(self, status: int, total_ms: float) -> None:
         with self._lock:
@@ -128,6 +136,8 @@ class Stats:
                 "last_image_error": self.last_image_error,
                 "geometry_invalid": str(sum(self.geometry_reasons.values())),
                 "geometry_invalid_reasons": "; ".join(f"{k}: {v}" for k, v in self.geometry_reasons.most_common()),
+                "point_invalid": str(sum(self.point_reasons.values())),
+                "point_invalid_reasons": "; ".join(f"{k}: {v}" for k, v in self.point_reasons.most_common()),
             }
             for st in Status:
                 if st is not Status.OK:

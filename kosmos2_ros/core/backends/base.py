@@ -96,6 +96,9 @@ class Backend(abc.ABC):
     pad_token_id: int
     #: whether `truncate` works (lets a lone command skip the separate prefix prefill)
     can_truncate: bool = False
+    #: one line the user should read with this backend's results ("" when none), e.g. that
+    #: quantized weights of a checkpoint this small say nothing of the real model's error
+    caveat: str = ""
 
     @abc.abstractmethod
     def encode_image(self, pixel_values: np.ndarray) -> Any:

@@ -11,8 +11,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
-from ..defaults import PRECISIONS
-from .base import cuda_capability, cuda_device_count
+from ..defaults import PRECISIONS, QUANTIZED_PRECISIONS
+from .base import BackendUnavailable, cuda_capability, cuda_device_count
 
 #: The name that lets the registry choose (`choose_backend`).
 AUTO = "auto"
@@ -38,8 +38,9 @@ REGISTRY: Tuple[BackendSpec, ...] = (
                 ("device", "precision", "artifacts_dir", "build_engines", "cuda_graph"), PRECISIONS,
                 "TensorRT engines on an NVIDIA GPU (build them with kosmos2-build-engines)", ("tensorrt", "torch")),
     BackendSpec("onnxruntime", "onnx", "OnnxBackend",
-                ("device", "precision", "artifacts_dir", "allow_pickle", "model", "threads"), ("fp32",),
-                "onnxruntime over the exported fp32 ONNX graphs (exported on first use)", ("onnxruntime",)),
+                ("device", "precision", "artifacts_dir", "allow_pickle", "model", "threads"), ("fp32",) + QUANTIZED_PRECISIONS,
+                "onnxruntime over the exported ONNX graphs: fp32, or int8 / int4 quantized from them (made on "
+                "first use)", ("onnxruntime",)),
     BackendSpec("torch", "torch", "create",
                 ("device", "precision", "allow_pickle", "model", "cuda_graph", "torch_mode"), PRECISIONS,
                 "torch: on a GPU a static KV arena and CUDA graphs; on the CPU transformers' modules, the "
@@ -56,8 +57,8 @@ OPTIONS = frozenset(o for s in REGISTRY for o in s.options)
 #: GPU is dozens of times faster than onnxruntime on the CPU, whatever the order of the registry.
 PREFERENCE: Tuple[Tuple[str, str], ...] = (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cuda"),
                                            ("onnxruntime", "cpu"), ("torch", "cpu"))
-#: What `precision:` accepts besides the precisions: `auto` (`resolve_precision`).
-PRECISION_CHOICES: Tuple[str, ...] = (AUTO,) + PRECISIONS
+#: What `precision:` accepts: `auto` (`resolve_precision`), the float precisions and the quantized ones.
+PRECISION_CHOICES: Tuple[str, ...] = (AUTO,) + PRECISIONS + QUANTIZED_PRECISIONS
 #: GPUs without native fp16 arithmetic (compute capability below 5.3, and sm61: 1/64 rate).
 NO_FAST_FP16 = ((6, 1),)
 
@@ -65,6 +66,15 @@ NO_FAST_FP16 = ((6, 1),)
 def describe() -> str:
     """One line for the `backend` parameter's documentation."""
     return f"inference backend: {AUTO} (the fastest usable here) | " + " | ".join(BACKENDS)
+
+
+def precision_problem(backend: str, precision: str) -> str:
+    """Why a named backend cannot run a precision ("" when it can, or for auto)."""
+    if precision == AUTO or backend == AUTO or precision in spec(backend).precisions:
+        return ""
+    takers = [s.name for s in REGISTRY if precision in s.precisions]
+    return (f"backend {backend} runs {', '.join(spec(backend).precisions)}, not {precision}"
+            + (f" (use backend: {' or '.join(takers)})" if takers else ""))
 
 
 def spec(name: str) -> BackendSpec:
@@ -134,6 +144,9 @@ def choose_backend(model_dir: str, options: Mapping[str, Any]) -> Tuple[str, Dic
         entry = BY_NAME[name]
         dev = device if want is not None else kind
         precision = resolve_precision(name, dev, str(options.get("precision", AUTO)), options)
+        if precision not in entry.precisions:
+            passed.append(f"not {name} on {kind}: it runs {', '.join(entry.precisions)}")
+            continue
         resolved = dict(options, device=dev, precision=precision)
         reason = entry.module().unusable(model_dir, {k: v for k, v in resolved.items() if k in entry.options})
         if not reason:
@@ -155,6 +168,9 @@ def create_backend(name: str, model_dir: str, **options: Any) -> Any:
     if name == AUTO:
         name, options, _ = choose_backend(model_dir, options)
     entry = spec(name)
+    problem = precision_problem(name, str(options.get("precision", AUTO)))
+    if problem:
+        raise BackendUnavailable(problem)
     if options.get("precision", AUTO) == AUTO:
         options = dict(options, precision=resolve_precision(
             name, _device_for(name, str(options.get("device", AUTO))), AUTO, options))

@@ -1,9 +1,9 @@
 """onnxruntime backend: the exported graphs (`export`, beside it) behind the `Backend` interface.
 
 CPU here; CUDA when onnxruntime-gpu is installed. The graphs are exported into
-`artifacts_dir` on first use (keyed by the model's hash and the export version). fp32 only:
-these graphs are the reference the fp16/bf16 graph variants (exported with their precision in
-the graph, for TensorRT's strongly typed engines) are checked against.
+`artifacts_dir` on first use (keyed by the model's hash and the export version). fp32 is the
+reference the fp16/bf16 graph variants (TensorRT's strongly typed engines) are checked against;
+int8 and int4 run graphs quantized from it (`quantize`) for CPUs and small Jetsons.
 
 Prefill runs rows together for real: several caches of different lengths are packed into one
 batch, with holes in the key/value tensors masked out by `attention_mask` and positions
@@ -19,11 +19,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ...defaults import ARTIFACTS_DIR
+from ...defaults import ARTIFACTS_DIR, QUANTIZED_PRECISIONS
 from ..base import BackendError, BackendUnavailable
 from ..graph import GraphBackend
 from ..kv_cache import NUMPY, ArenaPool, KVCache, appended, pack_appends, packed_past
-from . import export
+from . import PRECISIONS, export, quantize
+from .quantize import QuantizeError
 
 #: The cache type of this backend (kept for callers that name it).
 OrtCache = KVCache
@@ -54,13 +55,19 @@ class OnnxBackend(GraphBackend):
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime Python package not importable ({exc}); "
                                      "pip install onnxruntime (or onnxruntime-gpu)") from None
-        if precision != "fp32":
-            raise BackendUnavailable(f"the onnxruntime backend runs the fp32 graphs; precision {precision!r} "
-                                     "needs backend: tensorrt (or use precision: fp32)")
-        self.precision = "fp32"
-        self.graph_dir, self.manifest = export.ensure_exported(
-            model_dir, artifacts_dir, allow_export=True, model=model, allow_pickle=allow_pickle)
+        if precision not in PRECISIONS:
+            raise BackendUnavailable(f"the onnxruntime backend runs precisions {', '.join(PRECISIONS)}; "
+                                     f"{precision!r} needs backend: tensorrt or torch")
+        self.precision = precision
+        try:
+            self.graph_dir, self.manifest = export.ensure_exported(
+                model_dir, artifacts_dir, allow_export=True, model=model, allow_pickle=allow_pickle,
+                precision=precision)
+        except QuantizeError as exc:
+            raise BackendUnavailable(str(exc)) from exc
         m = self.manifest
+        files = export.graph_files(m, precision)
+        self.caveat = quantize.caveat(m["variants"][precision]) if precision in QUANTIZED_PRECISIONS else ""
         self.vocab_size = int(m["vocab_size"])
         self.pad_token_id = int(m["pad_token_id"])
         self.layers, self.heads, self.head_dim = int(m["layers"]), int(m["heads"]), int(m["head_dim"])
@@ -72,8 +79,8 @@ class OnnxBackend(GraphBackend):
             opts.intra_op_num_threads = int(threads)
         self.providers = providers_for(device, ort.get_available_providers())
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self._vision = ort.InferenceSession(str(self.graph_dir / m["files"]["vision"]), opts, providers=self.providers)
-        self._decoder = ort.InferenceSession(str(self.graph_dir / m["files"]["decoder"]), opts, providers=self.providers)
+        self._vision = ort.InferenceSession(str(self.graph_dir / files["vision"]), opts, providers=self.providers)
+        self._decoder = ort.InferenceSession(str(self.graph_dir / files["decoder"]), opts, providers=self.providers)
         self._kv_names = list(m["inputs"]["decoder"][5:])
         self._no_image = np.zeros((1, 1, self.embed_dim), dtype=np.float32)
         self._limit = self.max_positions - self.pad_token_id - 2

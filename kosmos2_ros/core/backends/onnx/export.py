@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ...defaults import DTYPE_NAMES, PRECISIONS
+from ...defaults import DTYPE_NAMES, PRECISIONS, QUANTIZED_PRECISIONS
 from ..base import Backend, position_ids
 from ..kv_cache import KVCache
 from ..modules import MASK_VALUE, MIN_POSITION_ROWS, _modules, decoder_module, torch_dtype, vision_module  # noqa: F401 (re-exported)
@@ -356,19 +356,30 @@ def _export_graphs(model: Any, root: Path, precision: str, log: Any) -> dict:
 
 def ensure_exported(model_dir: str, artifacts_dir: str, allow_export: bool = True, model: Any = None,
                     allow_pickle: bool = False, log: Any = None, precision: str = "fp32") -> Tuple[Path, dict]:
-    """The graphs for `model_dir` under `artifacts_dir` (fp32, and `precision`'s when it is fp16 or
-    bf16), exporting what is missing first; the model is loaded at most once."""
+    """The graphs for `model_dir` under `artifacts_dir` (fp32, and `precision`'s), exporting what is
+    missing first: fp16 / bf16 are traced from the model (loaded at most once), int8 / int4 are
+    quantized from the fp32 graphs (`quantize`; again when the recipe or onnxruntime changed)."""
+    from . import quantize
+
+    if precision not in PRECISIONS + QUANTIZED_PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS + QUANTIZED_PRECISIONS}, got {precision!r}")
     out = onnx_dir(artifacts_dir, model_dir)
     manifest = read_manifest(out)
-    if manifest is not None and precision in manifest.get("variants", {}):
+    variant = (manifest or {}).get("variants", {}).get(precision)
+    if variant is not None and (precision not in QUANTIZED_PRECISIONS or quantize.is_current(variant, precision)):
         return out, manifest
     if not allow_export:
         raise ExportError(f"no {precision} ONNX graphs for {model_dir} in {out}; run kosmos2-build-engines "
                           "or allow building (build_engines: true)")
-    model = model if model is not None else load_for_export(model_dir, allow_pickle)
     if manifest is None:
+        model = model if model is not None else load_for_export(model_dir, allow_pickle)
         manifest = export_model(model_dir, out, model=model, log=log)
-    if precision not in manifest["variants"]:
+    if precision in QUANTIZED_PRECISIONS:
+        variant = quantize.quantize_variant(out, manifest, precision, log)
+        manifest = dict(manifest, variants=dict(manifest["variants"], **{precision: variant}))
+        _write_manifest(out, manifest)
+    elif precision not in manifest["variants"]:
+        model = model if model is not None else load_for_export(model_dir, allow_pickle)
         manifest = export_variant(model_dir, out, precision, model=model, log=log)
     return out, manifest
 
@@ -461,7 +472,7 @@ class GraphBackend(Backend):
         if precision == "bf16":
             self._torch_modules(model if model is not None else load_for_export(model_dir))
         else:
-            self._sessions(graph_files(m, precision), np.dtype(ONNX_TYPES[precision]))
+            self._sessions(graph_files(m, precision), np.dtype(m["variants"][precision]["dtypes"]["kv"]))
 
     def _sessions(self, files: Dict[str, str], kv_dtype: Any) -> None:
         import onnxruntime as ort
@@ -549,6 +560,15 @@ def forced_margins(ref: Any, other: Any, e_ref: Any, e_other: Any, input_ids: An
     """`compare_logits` of two backends teacher-forced on `ref`'s greedy `tokens`."""
     return compare_logits(forced_logits(ref, e_ref, input_ids, image_mask, tokens),
                           forced_logits(other, e_other, input_ids, image_mask, tokens))
+
+
+def first_divergence(ref_tokens: List[int], other_tokens: List[int], ref_logits: List[np.ndarray]) -> Optional[float]:
+    """None when the token lists are equal; else `ref`'s logit margin, at the first step they
+    differ, between its own token and the other's (`ref_logits[i]`: ref's logits before token i)."""
+    for i, (a, b) in enumerate(zip(ref_tokens, other_tokens)):
+        if a != b:
+            return float(ref_logits[i][a] - ref_logits[i][b])
+    return None if len(ref_tokens) == len(other_tokens) else 0.0
 
 
 #: A differing greedy token is a near-tie when the reference's top-two margin there is within
