@@ -314,6 +314,11 @@ def test_camera_info_matrix_follows_the_image_topic() -> None:
     assert (raw.fx, raw.cx, raw.matrix, raw.distortion[:2], raw.distorted) == (500.0, 320.0, "K", (-0.3, 0.1), True)
     assert intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0, 31.5, 0, 55.0, 23.5, 0, 0, 1]),
                            rectified=True).matrix == "K"      # no P given: K
+    odd = CameraInfo(width=640, height=480, distortion_model="plumb_bob", d=[0.1, 0.2, 0.3],   # 3: OpenCV takes none
+                     k=[500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1])
+    assert intrinsics_from(odd).distortion == ()
+    assert intrinsics_from(CameraInfo(width=640, height=480, distortion_model="equidistant", d=[0.1, 0.0, 0.0, 0.0],
+                                      k=[500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1])).distorted
     assert is_rectified("/cam/color/image_rect") and is_rectified("image_rect_color")
     assert not is_rectified("/cam/color/image_raw") and not is_rectified("/image_rect/raw")
 

@@ -87,7 +87,11 @@ def test_cache_keys_differ_per_precision_and_follow_the_recipe(graphs, tiny_mode
     stamp = (out / files["int4"]).stat().st_mtime_ns
     OnnxBackend(str(tiny_model_dir), device="cpu", precision="int4", artifacts_dir=str(art)).close()
     assert (out / files["int4"]).stat().st_mtime_ns == stamp
-    # Another recipe (or onnxruntime version) quantizes again.
+    # Graphs made by another onnxruntime (on a desktop, copied to a robot) are kept.
+    other_tool = dict(manifest["variants"]["int4"], quantization=dict(manifest["variants"]["int4"]["quantization"],
+                                                                       tool="onnxruntime 0.0.1"))
+    assert quantize.is_current(other_tool, "int4")
+    # Another recipe quantizes again.
     changed = dict(quantize.RECIPES, int4=dict(quantize.RECIPES["int4"],
                                                 decoder=quantize.GraphRecipe("weight-only", bits=4, block_size=32)))
     monkeypatch.setattr(quantize, "RECIPES", changed)
@@ -161,6 +165,15 @@ def test_bad_precisions_refused_with_the_choices(tiny_model_dir, tmp_path):
         OnnxBackend(str(tiny_model_dir), device="cpu", precision="fp16", artifacts_dir=str(tmp_path))
     with pytest.raises(export.ExportError, match="precision must be one of"):
         export.ensure_exported(str(tiny_model_dir), str(tmp_path), precision="int3")
+
+
+def test_quantized_graphs_run_on_the_cpu(tiny_model_dir, tmp_path):
+    from kosmos2_ros.core.backends import onnx as onnx_backend
+
+    with pytest.raises(BackendUnavailable, match="int8 runs on the CPU"):
+        OnnxBackend(str(tiny_model_dir), device="cuda", precision="int8", artifacts_dir=str(tmp_path))
+    assert "runs on the CPU" in onnx_backend.unusable(str(tiny_model_dir), {"precision": "int4", "device": "cuda:0",
+                                                                         "artifacts_dir": str(tmp_path)})
 
 
 def test_auto_picks_onnxruntime_for_a_quantized_precision(tiny_model_dir, tmp_path):

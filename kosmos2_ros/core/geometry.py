@@ -164,8 +164,9 @@ def depth_to_meters(depth: np.ndarray, encoding: str) -> np.ndarray:
 #: then sees the background through or past the object (a mug's handle, a thin or hollow object).
 FOREGROUND_GAP_M = 0.10
 FOREGROUND_GAP_FRACTION = 0.15
-#: The nearer surface must cover this fraction of the box's valid depth to be taken as the object.
-MIN_FOREGROUND_FRACTION = 0.10
+#: The nearer surface must cover this fraction of the box's valid depth to be taken as the object
+#: (the 10th percentile defines it, so a smaller share would always pass).
+MIN_FOREGROUND_FRACTION = 0.30
 
 
 def box_point_3d(box_px: Sequence[float], depth_m: np.ndarray, intrinsics: CameraIntrinsics,

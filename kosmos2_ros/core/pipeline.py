@@ -618,8 +618,11 @@ class Pipeline:
         cfg = self.config
         point, why = None, self._no_depth_reason(frame)
         if not why:
-            point, why = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
-                                      cfg.min_depth_m, cfg.max_depth_m)
+            try:
+                point, why = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
+                                          cfg.min_depth_m, cfg.max_depth_m)
+            except Exception as exc:  # noqa: BLE001 - a point that cannot be made must not fail the result
+                point, why = None, f"3D point failed: {type(exc).__name__}: {exc}"
         return GroundedBox(phrase, index, span, box_px, tuple(box_norm), score, point,
                            self._object_geometry(box_px, frame, geometry), point_error=why)
 

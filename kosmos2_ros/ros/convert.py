@@ -94,6 +94,8 @@ def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "bgr8") -> Ima
                  is_bigendian=0, step=step, data=data)
 
 
+#: Distortion models the node undoes, and the D lengths OpenCV takes for them.
+DISTORTION_LENGTHS = {"plumb_bob": (4, 5), "rational_polynomial": (8, 12, 14), "equidistant": (4,)}
 #: Image topics whose pixels are rectified (image_proc's names: image_rect, image_rect_color, ...).
 RECTIFIED_MARK = "image_rect"
 
@@ -114,7 +116,10 @@ def intrinsics_from(msg: CameraInfo, rectified: bool = False) -> Optional[Camera
         if len(k) != 9:
             return None
         d = () if rectified else tuple(float(v) for v in msg.d)
-        intr = CameraIntrinsics.from_k(k, width, height, d, msg.distortion_model)
+        model = msg.distortion_model or "plumb_bob"
+        if len(d) not in DISTORTION_LENGTHS.get(model, ()):
+            d = ()      # a model or length OpenCV does not take: no undistortion rather than a failing command
+        intr = CameraIntrinsics.from_k(k, width, height, d, model)
     return intr if intr.valid() else None
 
 

@@ -18,6 +18,8 @@ def unusable(model_dir: str, options: Mapping[str, Any]) -> str:
     if precision not in PRECISIONS:
         return f"it runs {', '.join(PRECISIONS)}, precision is {precision}"
     device = str(options.get("device", "auto"))
+    if precision in QUANTIZED_PRECISIONS and device.startswith("cuda"):
+        return f"{precision} runs on the CPU (onnxruntime's quantized kernels), device is {device}"
     if device.startswith("cuda"):
         import onnxruntime
 

@@ -77,7 +77,12 @@ class OnnxBackend(GraphBackend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
-        self.providers = providers_for(device, ort.get_available_providers())
+        if precision in QUANTIZED_PRECISIONS and str(device).startswith("cuda"):
+            raise BackendUnavailable(f"{precision} runs on the CPU (onnxruntime's quantized kernels); use device: cpu "
+                                     "(or auto)")
+        # The quantized graphs' kernels are CPU kernels: on CUDA they would fall back with copies between devices.
+        self.providers = providers_for("cpu" if precision in QUANTIZED_PRECISIONS else device,
+                                       ort.get_available_providers())
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._vision = ort.InferenceSession(str(self.graph_dir / files["vision"]), opts, providers=self.providers)
         self._decoder = ort.InferenceSession(str(self.graph_dir / files["decoder"]), opts, providers=self.providers)

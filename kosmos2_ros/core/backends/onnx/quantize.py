@@ -5,6 +5,7 @@ Stored beside the fp32 graphs under `<precision>/` in the same cache directory (
 and the export version), with the recipe and onnxruntime's version in the manifest: a change of
 either quantizes again. What each precision quantizes, and why, is `QUANTIZED_CHOICES` (the
 numbers are from bench/bench_refer.py and bench/precision_check.py on these 2-core machines).
+They run on the CPU (onnxruntime's int8 and 4-bit kernels are CPU kernels), whatever `device` says.
 
 Only matrix products with a constant weight are quantized: the projections and FFNs of the ViT's
 and the text decoder's layers, and the lm_head. Embeddings (a Gather), LayerNorm, softmax, the
@@ -185,10 +186,10 @@ def quantize_variant(out_dir: Path, manifest: dict, precision: str, log: Optiona
 
 
 def is_current(variant: dict, precision: str) -> bool:
-    """Whether cached quantized graphs were made by today's recipe and onnxruntime."""
-    record = dict(variant.get("quantization", {}))
-    record.pop("stats", None)
-    return record == recipe_record(precision)
+    """Whether cached quantized graphs were made by today's recipe. The onnxruntime that made them is
+    recorded but not compared: graphs made on a desktop and copied to a robot with another
+    onnxruntime must not be quantized again there (that needs 7.5-18 GB)."""
+    return variant.get("quantization", {}).get("graphs") == recipe_record(precision)["graphs"]
 
 
 def cpu_flags() -> frozenset:
