@@ -181,6 +181,10 @@ def test_each_camera_reads_its_drivers_depth_and_camera_info(live: LiveTester) -
     k = [50.0, 0.0, W / 2, 0.0, 50.0, H / 2, 0.0, 0.0, 1.0]
     p = [40.0, 0.0, W / 2 - 4, 0.0, 0.0, 40.0, H / 2 + 3, 0.0, 0.0, 0.0, 1.0, 0.0]
     d = [-0.2, 0.05, 0.0, 0.0, 0.0]
+    deadline = time.monotonic() + 20     # depth and camera_info are only read once the node has matched them
+    while time.monotonic() < deadline and not all(pub.get_subscription_count() > 0 for pubs in
+                                                   (live.depth_pubs, live.info_pubs) for pub in pubs.values()):
+        time.sleep(0.05)
     stamps = {}
     for cam in CAMERAS:
         stamps[cam] = stamp = next_stamp()
