@@ -206,12 +206,17 @@ def _export(module: Any, args: tuple, path: Path, inputs: List[str], outputs: Li
                           dynamo=False)
 
 
+def has_external_data(path: Path) -> bool:
+    """Whether a graph's weights lie beside it (> 2 GB); each graph has its own folder, so any other file is its."""
+    return any(f != path for f in Path(path).parent.iterdir())
+
+
 def _consolidate(path: Path) -> None:
     """Keep small graphs in one file; large ones keep the exporter's external weight files.
 
     Each graph has its own folder, so external tensor files of two graphs never collide.
     """
-    if any(f != path for f in path.parent.iterdir()):
+    if has_external_data(path):
         return   # > 2 GB: the exporter already wrote weights beside the graph; loading all would double memory
     import onnx
 

@@ -128,7 +128,9 @@ def quantize_graph(src: Path, dst: Path, recipe: GraphRecipe) -> dict:
     names, width = weight_matmuls(src)
     keep = [n for n in names if n.startswith(recipe.keep)] if recipe.keep else []
     quantized = [n for n in names if n not in keep]
-    external = any(f != src for f in src.parent.iterdir())     # > 2 GB: weights beside the graph
+    from .export import has_external_data
+
+    external = has_external_data(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if recipe.method == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
