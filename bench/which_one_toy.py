@@ -1,0 +1,58 @@
+"""The "which one" evidence on the toy: presence, candidates and the ambiguity flag per scene kind.
+
+    scripts/ros-env python bench/which_one_toy.py [--seeds 100:116] [--steps 600]
+
+Builds the tiny checkpoint and the toy trained from it (`checkpoints.build_which_one_checkpoint`:
+dark images hold the named object once or not at all, bright ones twice), then runs refer commands on
+images it was not trained on and prints, per scene kind, how often the chosen box is right, how often
+the other object is among the candidates, and how often the result is flagged ambiguous. Not a
+timing benchmark: the evidence the issue asks for, on a toy (the real weights are what
+`kosmos2-eval`'s split by `ambiguous` measures).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="100:116", help="unseen toy images, start:stop")
+    ap.add_argument("--steps", type=int, default=600, help="training steps of the toy")
+    ap.add_argument("--ambiguity-ratio", type=float, default=0.5)
+    args = ap.parse_args(argv)
+    from kosmos2_ros.core import checkpoints
+    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.pipeline import Pipeline
+
+    start, stop = (int(x) for x in args.seeds.split(":"))
+    if start < checkpoints.WHICH_ONE_TRAIN_IMAGES:
+        ap.error(f"seeds below {checkpoints.WHICH_ONE_TRAIN_IMAGES} are the toy's training images")
+    work = Path(tempfile.mkdtemp(prefix="kosmos2_which_one_"))
+    tiny = checkpoints.build_tiny_checkpoint(work / "tiny")
+    toy = checkpoints.build_which_one_checkpoint(str(tiny), str(work / "toy"), steps=args.steps)
+    pipe = Pipeline.load(Kosmos2Config(model=str(toy), backend="torch", device="cpu", allow_download=False,
+                                       max_candidates=3, ambiguity_ratio=args.ambiguity_ratio, enable_3d=False))
+    rates = checkpoints.which_one_rates(pipe, range(start, stop))
+    pipe.close()
+    print(f"toy {toy}, {args.steps} steps, unseen images {start}..{stop - 1}, ambiguity_ratio {args.ambiguity_ratio}")
+    print("| scene | refers | presence median | presence >= 0.5 | chosen box right | other object among candidates "
+          "| flagged ambiguous | ambiguity median |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def cell(stats, key, fmt="{:.0%}"):
+        return fmt.format(stats[key]) if key in stats else "-"
+
+    for kind, label in (("absent", "absent"), ("one", "one object"), ("two", "two objects")):
+        s = rates[kind]
+        print(f"| {label} | {int(s['n'])} | {s['presence_median']:.3f} | {cell(s, 'found')} | {cell(s, 'chosen_right')} "
+              f"| {cell(s, 'second_found')} | {cell(s, 'ambiguous')} | {cell(s, 'ambiguity_median', '{:.2f}')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
