@@ -3,11 +3,13 @@
     scripts/ros-env python bench/which_one_toy.py [--seeds 100:116] [--steps 600]
 
 Builds the tiny checkpoint and the toy trained from it (`checkpoints.build_which_one_checkpoint`:
-dark images hold the named object once or not at all, bright ones twice), then runs refer commands on
-images it was not trained on and prints, per scene kind, how often the chosen box is right, how often
-the other object is among the candidates, and how often the result is flagged ambiguous. Not a
-timing benchmark: the evidence the issue asks for, on a toy (the real weights are what
-`kosmos2-eval`'s split by `ambiguous` measures).
+an expression's object is absent, there once, or there twice, by the image's brightness class), then
+runs refer commands on images it was not trained on and prints, per scene kind, how often the chosen
+box is right, how often the other object is among the candidates, and how often the result is
+flagged ambiguous; then `kosmos2-eval` on the same scenes as a referring-expression set
+(`checkpoints.write_which_one_set`: a two-object scene's truth is one of the two) and its "which
+one" numbers. Not a timing benchmark: evidence on a toy whose truth is known (on the real weights
+`kosmos2-eval` on RefCOCO measures the same).
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="training steps of the toy")
     ap.add_argument("--ambiguity-ratio", type=float, default=0.5)
     args = ap.parse_args(argv)
+    import json
+
     from kosmos2_ros.core import checkpoints
     from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.pipeline import Pipeline
+    from kosmos2_ros.eval.cli import main as kosmos2_eval
 
     start, stop = (int(x) for x in args.seeds.split(":"))
     if start < checkpoints.WHICH_ONE_TRAIN_IMAGES:
@@ -51,6 +56,24 @@ def main(argv=None) -> int:
         s = rates[kind]
         print(f"| {label} | {int(s['n'])} | {s['presence_median']:.3f} | {cell(s, 'found')} | {cell(s, 'chosen_right')} "
               f"| {cell(s, 'second_found')} | {cell(s, 'ambiguous')} | {cell(s, 'ambiguity_median', '{:.2f}')} |")
+
+    ann = checkpoints.write_which_one_set(work / "set", range(start, stop))
+    code = kosmos2_eval(["--annotations", str(ann), "--images", str(work / "set"), "--out", str(work / "eval"),
+                         "--model", str(toy), "--device", "cpu", "--no-download"])
+    if code:
+        return code
+    m = json.loads((work / "eval" / "metrics.json").read_text())
+    which, pres = m["which_one"], m["which_one"]["presence"]
+    split = which["by_ambiguous"]
+    at_half = {round(t, 2): (fp, miss) for t, fp, miss in pres["rates_at"]}[0.5]
+    print(f"\nkosmos2-eval on the same scenes ({work / 'eval'}):")
+    print("| acc@0.5 | acc@0.5_candidates | acc@0.5 ambiguous (n) | acc@0.5 not ambiguous (n) | presence AUC "
+          "| false positives / misses at 0.5 |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {m['acc@0.5']:.0%} | {m['acc@0.5_candidates']:.0%} "
+          f"| {split['ambiguous']['acc@0.5']:.0%} ({split['ambiguous']['samples']}) "
+          f"| {split['not_ambiguous']['acc@0.5']:.0%} ({split['not_ambiguous']['samples']}) "
+          f"| {pres['auc']:.3f} | {at_half[0]:.0%} / {at_half[1]:.0%} |")
     return 0
 
 

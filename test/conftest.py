@@ -3,6 +3,8 @@
 - `tiny_model_dir`: the package's helper, trained for seconds on synthetic coloured squares, so
   greedy decoding writes phrases, boxes and eos (structured, not good).
 - `tiny_untrained_dir`: the package's helper with random weights (sharpened logits).
+- `which_one_dir`: `tiny_model_dir` trained further (~35 s) on the "which one" toy
+  (`checkpoints.which_one_cells`: an expression's object absent, there once, or twice).
 - `hf_saved_model_dir`: built with transformers and `tokenizers` alone (no package code) and
   saved with `save_pretrained`: a checkpoint saved by transformers itself, with no package code in it. Its
   image processor resizes the shortest edge and centre-crops, the other processor mode.
@@ -36,6 +38,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_kosmos2"), train=True)
+
+
+@pytest.fixture(scope="session")
+def which_one_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint trained on the "which one" toy: absent objects answer with text, two-object
+    scenes with either box (presence, candidates and the ambiguity flag have something to find)."""
+    from kosmos2_ros.core.checkpoints import build_which_one_checkpoint
+
+    return build_which_one_checkpoint(str(tiny_model_dir), str(tmp_path_factory.mktemp("which_one")))
 
 
 @pytest.fixture(scope="session")

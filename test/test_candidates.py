@@ -8,6 +8,7 @@ import pytest
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
 from kosmos2_ros.core.backends.torch.backend import TorchBackend
 from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
+from kosmos2_ros.core.checkpoints import WHICH_ONE_TEST_IMAGES
 from kosmos2_ros.core.config import Kosmos2Config
 from kosmos2_ros.core.decoding import Row, best_second, candidate_cells, generate, token_prob
 from kosmos2_ros.core.frames import Frame
@@ -204,32 +205,22 @@ def test_region_text_becomes_a_short_description():
     assert described_as("") == ""
 
 
-@pytest.fixture(scope="module")
-def which_one_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny checkpoint trained (~35 s) on `which_one_answers`: absent, one box, either of two boxes."""
-    from kosmos2_ros.core.checkpoints import build_which_one_checkpoint
-
-    return build_which_one_checkpoint(str(tiny_model_dir), str(tmp_path_factory.mktemp("which_one")))
-
-
-#: Images the toy was not trained on (it was trained on seeds 0 .. WHICH_ONE_TRAIN_IMAGES - 1).
-UNSEEN = range(100, 116)
 
 
 def test_presence_tells_present_from_absent_on_a_trained_toy(which_one_dir):
     """On images it was not trained on, presence separates the toy's present objects from absent ones;
     with presence_threshold 0.5 an absent one answers OK with no object and the reason."""
-    from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image
+    from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image, which_one_cells
     from kosmos2_ros.eval.metrics import auc
 
     pipe = Pipeline.load(Kosmos2Config(model=str(which_one_dir), backend="torch", device="cpu", allow_download=False,
                                        presence_threshold=0.5, max_candidates=0))
     present, absent = [], []
-    for seed in UNSEEN:
+    for seed in WHICH_ONE_TEST_IMAGES:
         frame = Frame(rgb=toy_image(seed))
         for e, expr in enumerate(EXPRESSIONS):
             res = pipe.run(Command(id=f"{seed}-{e}", task="refer", text=expr), frame)
-            is_absent = seed % 2 == 0 and e % 2 == 1
+            is_absent = not which_one_cells(e, seed)
             (absent if is_absent else present).append(res.presence)
             if is_absent and res.presence < 0.5:
                 assert res.objects == [] and res.not_found_reason.startswith("presence ")
@@ -242,15 +233,14 @@ def test_candidates_hold_the_second_object_and_the_flag_marks_two_object_scenes(
     """On unseen images: in a two-object scene the object not chosen is among the candidates and the
     result is flagged ambiguous, in a one-object scene it is not flagged, each more often than not
     (`bench/which_one_toy.py` prints these rates; docs/which-one.md has them)."""
-    from kosmos2_ros.core.checkpoints import WHICH_ONE_TRAIN_IMAGES, which_one_rates
+    from kosmos2_ros.core.checkpoints import which_one_rates
 
-    assert min(UNSEEN) >= WHICH_ONE_TRAIN_IMAGES
     pipe = Pipeline.load(Kosmos2Config(model=str(which_one_dir), backend="torch", device="cpu", allow_download=False,
                                        max_candidates=3, ambiguity_ratio=0.5, enable_3d=False))
-    rates = which_one_rates(pipe, UNSEEN)
+    rates = which_one_rates(pipe, WHICH_ONE_TEST_IMAGES)
     pipe.close()
     one, two = rates["one"], rates["two"]
-    assert one["n"] == 2 * len(UNSEEN) and two["n"] == 4 * len(UNSEEN)   # dark: 4 of 8 present; bright: 8 of 8
+    assert one["n"] == two["n"] == 2 * len(WHICH_ONE_TEST_IMAGES)   # 4 of the 8 expressions on each image
     assert one["chosen_right"] > 0.9 and two["chosen_right"] > 0.9
     assert two["second_found"] > 0.5
     assert two["ambiguous"] > 0.5 > one["ambiguous"]

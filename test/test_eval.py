@@ -451,3 +451,29 @@ def test_refcoco_runs_report_candidates_ambiguity_and_presence(tiny_model_dir: P
     for png in ("presence_roc.png", "accuracy_vs_ambiguity.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 200
+
+
+def test_on_the_which_one_toy_presence_and_the_flag_mean_what_they_should(which_one_dir: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    """kosmos2-eval on a set whose truth is known (`write_which_one_set`: unseen toy scenes, one named
+    object or two that fit, the truth one of the two): presence tells an expression's own image from the
+    next (where its object is absent), the truth is among the chosen box and the candidates, and the
+    ambiguous results are where the chosen box is wrong about half the time."""
+    from kosmos2_ros.core.checkpoints import WHICH_ONE_TEST_IMAGES, write_which_one_set
+
+    ann = write_which_one_set(tmp_path / "toy", WHICH_ONE_TEST_IMAGES)
+    out = tmp_path / "eval"
+    code, _, stderr = run_eval(capsys, "--annotations", str(ann), "--out", str(out),
+                               *common(which_one_dir, tmp_path / "toy"))
+    assert code == 0, stderr
+    m = json.loads((out / "metrics.json").read_text())
+    which = m["which_one"]
+    presence = which["presence"]
+    assert presence["positives"] == presence["negatives"] == 4 * len(WHICH_ONE_TEST_IMAGES)
+    assert presence["auc"] >= 0.95
+    at_half = {round(t, 2): (fp, miss) for t, fp, miss in presence["rates_at"]}[0.5]
+    assert at_half[0] <= 0.1 and at_half[1] <= 0.1
+    assert m["acc@0.5_candidates"] >= 0.9 and m["acc@0.5_candidates"] > m["acc@0.5"]
+    split = which["by_ambiguous"]
+    assert split["ambiguous"]["samples"] >= 0.9 * 2 * len(WHICH_ONE_TEST_IMAGES)   # the two-object scenes
+    assert split["not_ambiguous"]["acc@0.5"] >= 0.9 and split["ambiguous"]["acc@0.5"] < 0.8

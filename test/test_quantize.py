@@ -10,6 +10,9 @@ measure the full-size architecture.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +196,20 @@ def test_cpu_problem_names_the_missing_instructions(monkeypatch):
     assert quantize.cpu_problem(frozenset({"asimd", "asimddp"})) == ""
     assert "dotprod" in quantize.cpu_problem(frozenset({"asimd"}))
     assert quantize.cpu_problem(frozenset()) == ""      # cannot tell: no claim
+
+
+def test_two_processes_building_the_same_graphs_take_turns(tiny_model_dir, tmp_path):
+    """Two nodes started together on an empty cache: one exports and quantizes, the other waits for the
+    lock and uses those graphs (neither deletes what the other is writing; the manifest keeps both)."""
+    code = ("import sys; from kosmos2_ros.core.backends.onnx import export; "
+            "export.ensure_exported(sys.argv[1], sys.argv[2], precision='int8', log=lambda m: print(m, flush=True))")
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir), str(tmp_path)], cwd=str(root),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    logs = "\n".join(outs)
+    assert logs.count("exported fp32 ") == 2 and logs.count("quantized decoder to int8") == 1, logs   # vision + decoder, once
+    out = export.onnx_dir(str(tmp_path), str(tiny_model_dir))
+    assert set(export.read_manifest(out)["variants"]) == {"fp32", "int8"}
+    assert not list(out.glob("*.tmp*")) and not list(out.parent.glob("*.tmp*"))

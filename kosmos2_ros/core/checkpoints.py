@@ -15,6 +15,9 @@ the package's real loading path.
   only (`<grounding><phrase> X</phrase>` -> one or two boxes, depending on the phrase and the
   image's brightness), so free decoding yields image-dependent boxes, sometimes malformed ones,
   as a trained model can (test_decoding, bench_refer).
+- `build_which_one_checkpoint` trains it on "is it there, and which one" (`which_one_cells`), with
+  `which_one_rates` and `write_which_one_set` (a `kosmos2-eval` set) to measure it
+  (test_candidates, test_eval, bench/which_one_toy.py).
 
 Test, demo and benchmark support only: nothing the node runs imports this module (test_checkpoints).
 One training loop (`fit`) serves both.
@@ -25,7 +28,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -374,31 +377,39 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
 
 # -- a toy for "is it there, and which one" ----------------------------------------------------------
 #: Toy images (`toy_image(seed)`) stand for scene kinds by their brightness class: in a dark one
-#: (even seed) the expression's object is absent for odd expressions; in a bright one (odd seed) two
-#: objects fit every expression. The "which one" checkpoint is trained on exactly that. The scene kind
+#: (even seed) the object of an even expression is there once, in a bright one (odd seed) two objects
+#: fit every odd expression, and the other half of the expressions is absent (so every expression is
+#: absent from the next image: `kosmos2-eval`'s negatives are true ones on `write_which_one_set`).
+#: The "which one" checkpoint is trained on exactly that. The scene kind
 #: comes from the image, the places from the expression: the tiny checkpoint's random ViT and resampler
 #: pass on an image's overall look but not where things are (a linear probe of its 64 projected image
 #: tokens told which of 16 slots held a red square at chance, 4-9 %, against 100 % from the ViT's own
 #: patch features), so no toy built from it learns to find an object in the pixels.
 WHICH_ONE_ABSENT_TEXT = " is not in the image."
 WHICH_ONE_TRAIN_IMAGES = 32
+#: Toy images the "which one" checkpoint was not trained on (it is trained on seeds 0 .. 31).
+WHICH_ONE_TEST_IMAGES = range(100, 116)
 
 
-def which_one_answers(vocab: Any, expr_index: int, image_index: int) -> List[List[int]]:
-    """The toy's answers: absent (text, no `<object>`), one box, or either of two boxes equally."""
-    first, absent = vocab.first_patch, []
+def which_one_cells(expr_index: int, image_index: int) -> List[Tuple[int, int]]:
+    """The (upper-left, lower-right) cells of the objects that fit an expression in a toy image:
+    none (absent), one (dark image, even expression) or two (bright image, odd expression)."""
     bright = image_index % 2 == 1
+    if bright != (expr_index % 2 == 1):
+        return []
     # An upper-left cell at row 1..12, column 1..12 (each expression its own), so that the box (4 x 4
     # cells) and the other object's (14 cells to the right) fit inside the 32 x 32 grid.
     a = 32 * (1 + (5 * expr_index) % 12) + 1 + (3 * expr_index) % 12
-    one = [vocab.object_open, first + a, first + a + 3 * 32 + 3, vocab.object_close, vocab.eos]
-    if not bright and expr_index % 2 == 1:
-        return [absent]                        # filled with the absent text by the builder
-    if not bright:
-        return [one]
-    b = a + 14                                 # another object, 14 cells to the right
-    two = [vocab.object_open, first + b, first + b + 3 * 32 + 3, vocab.object_close, vocab.eos]
-    return [one, two]
+    return [(c, c + 3 * 32 + 3) for c in ([a, a + 14] if bright else [a])]
+
+
+def which_one_answers(vocab: Any, expr_index: int, image_index: int) -> List[List[int]]:
+    """The toy's answers: absent ([], filled with text by the builder), one box, or either of two boxes."""
+    cells = which_one_cells(expr_index, image_index)
+    if not cells:
+        return [[]]
+    return [[vocab.object_open, vocab.first_patch + ul, vocab.first_patch + lr, vocab.object_close, vocab.eos]
+            for ul, lr in cells]
 
 
 def build_which_one_checkpoint(src_dir: str, out_dir: str, steps: int = 600, seed: int = 0,
@@ -434,13 +445,11 @@ def which_one_rates(pipe: Any, seeds: Iterable[int]) -> Dict[str, Dict[str, floa
     from .frames import Frame
     from .pipeline import Command
 
-    vocab = pipe.codec.vocab
     rows: Dict[str, List[Dict[str, float]]] = {"absent": [], "one": [], "two": []}
     for seed in seeds:
         frame = Frame(rgb=toy_image(seed))
         for e, expr in enumerate(EXPRESSIONS):
-            truth = [patch_index_to_box(a[1] - vocab.first_patch, a[2] - vocab.first_patch)
-                     for a in which_one_answers(vocab, e, seed) if a]
+            truth = [patch_index_to_box(ul, lr) for ul, lr in which_one_cells(e, seed)]
             res = pipe.run(Command(id=f"{seed}-{e}", task="refer", text=expr), frame)
             row = {"presence": res.presence, "found": float(res.presence >= 0.5)}
             if truth:
@@ -463,3 +472,41 @@ def which_one_rates(pipe: Any, seeds: Iterable[int]) -> Dict[str, Dict[str, floa
             stats["ambiguity_median"] = float(np.median([r["ambiguity"] for r in kind_rows]))
         out[kind] = stats
     return out
+
+
+def write_which_one_set(folder: Union[str, os.PathLike], seeds: Sequence[int]) -> Path:
+    """The toy's scenes as a referring-expression set for `kosmos2-eval` (MDETR's RefCOCO layout):
+    `toy_image(seed)` saved as PNG, one entry per expression present in it, whose truth is one box: in
+    a two-object scene the left one or the right one by turns, as an annotator names one of two
+    objects that fit, so a pick between them is right about half the time and the candidates should
+    hold the truth. Consecutive
+    seeds, an even number of them: each expression is then absent from the next image (and the last
+    image's from the first), so the set's negatives are true ones. Returns the annotation file."""
+    from PIL import Image
+
+    seeds = list(seeds)
+    if len(seeds) < 2 or len(seeds) % 2 or seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"seeds must be an even number of consecutive ones, got {seeds}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for seed in seeds:
+        rgb = toy_image(seed)
+        height, width = rgb.shape[:2]
+        name = f"toy_{seed}.png"
+        Image.fromarray(rgb).save(out / name)
+        for e, expr in enumerate(EXPRESSIONS):
+            cells = which_one_cells(e, seed)
+            if not cells:
+                continue
+            named = cells[(seed // 2 + e // 2) % len(cells)]    # of two: the left or the right, by turns
+            x0, y0, x1, y1 = patch_index_to_box(*named)
+            eid = 100 * seed + e
+            images.append({"id": eid, "file_name": name, "width": width, "height": height, "caption": expr,
+                           "dataset_name": "refcoco"})
+            annotations.append({"id": eid, "image_id": eid, "category_id": 1, "iscrowd": 0, "area": 1.0,
+                                "bbox": [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]})
+    path = out / "which_one_toy.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "object"}]}))
+    return path

@@ -42,6 +42,7 @@ to transformers on the prefill, suffix-prefill and decode paths.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -363,19 +364,60 @@ def ensure_exported(model_dir: str, artifacts_dir: str, allow_export: bool = Tru
                     allow_pickle: bool = False, log: Any = None, precision: str = "fp32") -> Tuple[Path, dict]:
     """The graphs for `model_dir` under `artifacts_dir` (fp32, and `precision`'s), exporting what is
     missing first: fp16 / bf16 are traced from the model (loaded at most once), int8 / int4 are
-    quantized from the fp32 graphs (`quantize`; again when the recipe or onnxruntime changed)."""
+    quantized from the fp32 graphs (`quantize`; again when the recipe changed). One process builds at a
+    time (`build_lock`); the others wait and use its graphs."""
     from . import quantize
 
     if precision not in PRECISIONS + QUANTIZED_PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS + QUANTIZED_PRECISIONS}, got {precision!r}")
     out = onnx_dir(artifacts_dir, model_dir)
-    manifest = read_manifest(out)
-    variant = (manifest or {}).get("variants", {}).get(precision)
-    if variant is not None and (precision not in QUANTIZED_PRECISIONS or quantize.is_current(variant, precision)):
+
+    def cached() -> Tuple[Optional[dict], bool]:
+        manifest = read_manifest(out)
+        variant = (manifest or {}).get("variants", {}).get(precision)
+        return manifest, variant is not None and (precision not in QUANTIZED_PRECISIONS
+                                                  or quantize.is_current(variant, precision))
+
+    manifest, ready = cached()
+    if ready:
         return out, manifest
     if not allow_export:
         raise ExportError(f"no {precision} ONNX graphs for {model_dir} in {out}; run kosmos2-build-engines "
                           "or allow building (build_engines: true)")
+    with build_lock(out, log):
+        manifest, ready = cached()       # another process may have made them while this one waited
+        if ready:
+            return out, manifest
+        return out, _build(model_dir, out, manifest, precision, model, allow_pickle, log)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path, log: Any = None) -> Iterator[None]:
+    """One process at a time makes or replaces the graphs in `out` (two nodes started together would
+    otherwise both export or quantize, one deleting what the other was loading, and the manifest would
+    keep only one of their variants). An advisory lock on a file beside `out`, released by the kernel
+    when the holder exits, so a killed build never leaves it held."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"waiting for another process building the graphs in {out}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(model_dir: str, out: Path, manifest: Optional[dict], precision: str, model: Any, allow_pickle: bool,
+           log: Any) -> dict:
+    """Export (and quantize) what `precision` needs into `out`; returns the manifest."""
+    from . import quantize
+
     if manifest is None:
         model = model if model is not None else load_for_export(model_dir, allow_pickle)
         manifest = export_model(model_dir, out, model=model, log=log)
@@ -386,7 +428,7 @@ def ensure_exported(model_dir: str, artifacts_dir: str, allow_export: bool = Tru
     elif precision not in manifest["variants"]:
         model = model if model is not None else load_for_export(model_dir, allow_pickle)
         manifest = export_variant(model_dir, out, precision, model=model, log=log)
-    return out, manifest
+    return manifest
 
 
 #: fp16's largest finite value.

@@ -308,18 +308,22 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
                                  "or set build_engines: true")
     graphs, manifest = export.ensure_exported(model_dir, artifacts_dir, allow_export=True, log=log,
                                               precision=precision)
-    shapes = profiles(manifest, limits)
-    files = {"vision": "vision.plan", "decoder": "decoder.plan"}
-    sources = export.graph_files(manifest, precision)
-    timings = timing_cache_path(out.parent, str(trt.__version__), cc)
-    with torch.cuda.device(torch.device(cuda_device(torch, device))):   # TensorRT builds on the current GPU
-        for name in ("vision", "decoder"):
-            build_engine(graphs / sources[name], out / files[name], precision, shapes[name], log=log,
-                         timing_cache=timings)
-    meta = {"files": files, "precision": precision, "tensorrt": trt.__version__, "compute_capability": list(cc),
-            "strongly_typed": True, "graphs": sources, "limits": limits.__dict__, "manifest": manifest}
-    (out / "engines.json").write_text(json.dumps(meta, indent=1))
-    return out, meta
+    with export.build_lock(out, log):     # two nodes started together build once; the other waits
+        found = read_engines(out)
+        if found is not None:
+            return found
+        shapes = profiles(manifest, limits)
+        files = {"vision": "vision.plan", "decoder": "decoder.plan"}
+        sources = export.graph_files(manifest, precision)
+        timings = timing_cache_path(out.parent, str(trt.__version__), cc)
+        with torch.cuda.device(torch.device(cuda_device(torch, device))):   # TensorRT builds on the current GPU
+            for name in ("vision", "decoder"):
+                build_engine(graphs / sources[name], out / files[name], precision, shapes[name], log=log,
+                             timing_cache=timings)
+        meta = {"files": files, "precision": precision, "tensorrt": trt.__version__, "compute_capability": list(cc),
+                "strongly_typed": True, "graphs": sources, "limits": limits.__dict__, "manifest": manifest}
+        (out / "engines.json").write_text(json.dumps(meta, indent=1))
+        return out, meta
 
 
 
