@@ -3,7 +3,8 @@
     scripts/ros-env python bench/which_one_toy.py [--seeds 100:116] [--steps 600]
 
 Builds the tiny checkpoint and the toy trained from it (`checkpoints.build_which_one_checkpoint`:
-an expression's object is absent, there once, or there twice, by the image's brightness class), then
+an expression's object is absent, there once, or there twice, by the image's brightness class and
+the expression), then
 runs refer commands on images it was not trained on and prints, per scene kind, how often the chosen
 box is right, how often the other object is among the candidates, and how often the result is
 flagged ambiguous; then `kosmos2-eval` on the same scenes as a referring-expression set
@@ -25,7 +26,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="100:116", help="unseen toy images, start:stop")
     ap.add_argument("--steps", type=int, default=600, help="training steps of the toy")
-    ap.add_argument("--ambiguity-ratio", type=float, default=0.5)
     args = ap.parse_args(argv)
     import json
 
@@ -37,14 +37,17 @@ def main(argv=None) -> int:
     start, stop = (int(x) for x in args.seeds.split(":"))
     if start < checkpoints.WHICH_ONE_TRAIN_IMAGES:
         ap.error(f"seeds below {checkpoints.WHICH_ONE_TRAIN_IMAGES} are the toy's training images")
+    if stop - start < 2 or (stop - start) % 2:
+        ap.error("--seeds: an even number of images (the evaluation set's negatives need it)")
     work = Path(tempfile.mkdtemp(prefix="kosmos2_which_one_"))
     tiny = checkpoints.build_tiny_checkpoint(work / "tiny")
     toy = checkpoints.build_which_one_checkpoint(str(tiny), str(work / "toy"), steps=args.steps)
     pipe = Pipeline.load(Kosmos2Config(model=str(toy), backend="torch", device="cpu", allow_download=False,
-                                       max_candidates=3, ambiguity_ratio=args.ambiguity_ratio, enable_3d=False))
+                                       max_candidates=3, enable_3d=False))
     rates = checkpoints.which_one_rates(pipe, range(start, stop))
     pipe.close()
-    print(f"toy {toy}, {args.steps} steps, unseen images {start}..{stop - 1}, ambiguity_ratio {args.ambiguity_ratio}")
+    print(f"toy {toy}, {args.steps} steps, unseen images {start}..{stop - 1}, "
+          f"max_candidates 3, ambiguity_ratio {pipe.config.ambiguity_ratio} (the defaults)")
     print("| scene | refers | presence median | presence >= 0.5 | chosen box right | other object among candidates "
           "| flagged ambiguous | ambiguity median |")
     print("|---|---|---|---|---|---|---|---|")
@@ -65,15 +68,14 @@ def main(argv=None) -> int:
     m = json.loads((work / "eval" / "metrics.json").read_text())
     which, pres = m["which_one"], m["which_one"]["presence"]
     split = which["by_ambiguous"]
-    at_half = {round(t, 2): (fp, miss) for t, fp, miss in pres["rates_at"]}[0.5]
     print(f"\nkosmos2-eval on the same scenes ({work / 'eval'}):")
     print("| acc@0.5 | acc@0.5_candidates | acc@0.5 ambiguous (n) | acc@0.5 not ambiguous (n) | presence AUC "
-          "| false positives / misses at 0.5 |")
+          "| false positives / misses at presence_threshold " + ", ".join(f"{t:g}" for t, _, _ in pres["rates_at"]) + " |")
     print("|---|---|---|---|---|---|")
     print(f"| {m['acc@0.5']:.0%} | {m['acc@0.5_candidates']:.0%} "
           f"| {split['ambiguous']['acc@0.5']:.0%} ({split['ambiguous']['samples']}) "
           f"| {split['not_ambiguous']['acc@0.5']:.0%} ({split['not_ambiguous']['samples']}) "
-          f"| {pres['auc']:.3f} | {at_half[0]:.0%} / {at_half[1]:.0%} |")
+          f"| {pres['auc']:.3f} | " + ", ".join(f"{fp:.0%} / {miss:.0%}" for _, fp, miss in pres["rates_at"]) + " |")
     return 0
 
 

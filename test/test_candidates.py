@@ -205,8 +205,6 @@ def test_region_text_becomes_a_short_description():
     assert described_as("") == ""
 
 
-
-
 def test_presence_tells_present_from_absent_on_a_trained_toy(which_one_dir):
     """On images it was not trained on, presence separates the toy's present objects from absent ones;
     with presence_threshold 0.5 an absent one answers OK with no object and the reason."""
@@ -240,7 +238,7 @@ def test_candidates_hold_the_second_object_and_the_flag_marks_two_object_scenes(
     rates = which_one_rates(pipe, WHICH_ONE_TEST_IMAGES)
     pipe.close()
     one, two = rates["one"], rates["two"]
-    assert one["n"] == two["n"] == 2 * len(WHICH_ONE_TEST_IMAGES)   # 4 of the 8 expressions on each image
+    assert one["n"] == two["n"] == 2 * len(WHICH_ONE_TEST_IMAGES)   # 4 expressions on each image of its kind, half the images
     assert one["chosen_right"] > 0.9 and two["chosen_right"] > 0.9
     assert two["second_found"] > 0.5
     assert two["ambiguous"] > 0.5 > one["ambiguous"]

@@ -475,5 +475,6 @@ def test_on_the_which_one_toy_presence_and_the_flag_mean_what_they_should(which_
     assert at_half[0] <= 0.1 and at_half[1] <= 0.1
     assert m["acc@0.5_candidates"] >= 0.9 and m["acc@0.5_candidates"] > m["acc@0.5"]
     split = which["by_ambiguous"]
-    assert split["ambiguous"]["samples"] >= 0.9 * 2 * len(WHICH_ONE_TEST_IMAGES)   # the two-object scenes
+    two_object = 2 * len(WHICH_ONE_TEST_IMAGES)      # 4 odd expressions on each bright (odd) image
+    assert 0.9 * two_object <= split["ambiguous"]["samples"] <= 1.1 * two_object
     assert split["not_ambiguous"]["acc@0.5"] >= 0.9 and split["ambiguous"]["acc@0.5"] < 0.8

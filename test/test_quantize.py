@@ -199,17 +199,28 @@ def test_cpu_problem_names_the_missing_instructions(monkeypatch):
 
 
 def test_two_processes_building_the_same_graphs_take_turns(tiny_model_dir, tmp_path):
-    """Two nodes started together on an empty cache: one exports and quantizes, the other waits for the
-    lock and uses those graphs (neither deletes what the other is writing; the manifest keeps both)."""
+    """Two nodes started on an empty cache while a third process builds: both wait for the lock, then
+    one exports and quantizes and the other finds its graphs (neither deletes what the other wrote;
+    the manifest keeps every variant)."""
     code = ("import sys; from kosmos2_ros.core.backends.onnx import export; "
             "export.ensure_exported(sys.argv[1], sys.argv[2], precision='int8', log=lambda m: print(m, flush=True))")
     root = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir), str(tmp_path)], cwd=str(root),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    out = export.onnx_dir(str(tmp_path), str(tiny_model_dir))
+    procs, outs = [], []
+    try:
+        with export.build_lock(out):     # the "third process": this test holds the lock
+            for _ in range(2):
+                procs.append(subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir), str(tmp_path)],
+                                              cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True))
+            for p in procs:              # each says it waits (its first line) before anything is built
+                assert p.stdout.readline().startswith("waiting for another process building the graphs")
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs
     logs = "\n".join(outs)
     assert logs.count("exported fp32 ") == 2 and logs.count("quantized decoder to int8") == 1, logs   # vision + decoder, once
-    out = export.onnx_dir(str(tmp_path), str(tiny_model_dir))
     assert set(export.read_manifest(out)["variants"]) == {"fp32", "int8"}
     assert not list(out.glob("*.tmp*")) and not list(out.parent.glob("*.tmp*"))

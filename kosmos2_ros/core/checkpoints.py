@@ -317,15 +317,14 @@ def _toy_target(vocab: Any, expr_index: int, bright: int) -> List[int]:
 
 def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100, seed: int = 0,
                                    target: Optional[Callable[[Any, int, int], List[List[int]]]] = None,
-                                   images: int = 8, lr: float = 3e-3, schedule: bool = False,
-                                   image: Optional[Callable[[int, int], np.ndarray]] = None) -> Path:
+                                   images: int = 8, lr: float = 3e-3, schedule: bool = False) -> Path:
     """Load `src_dir` (a tiny checkpoint), train its text decoder briefly on referring expressions, save to `out_dir`.
 
-    Trained on every expression of `EXPRESSIONS` with `images` images each: `image(expression index,
-    image index)` (default `toy_image(image index)`, the same for every expression). `target(vocab,
-    expression index, image index)` -> the answers' ids (default `_toy_target`: one box that depends on
-    the expression and the image's brightness class); an image may have several answers (each becomes
-    an example, so the model learns them as equally likely). `schedule`: one-cycle learning rate.
+    Trained on every expression of `EXPRESSIONS` with `toy_image(0 .. images - 1)`. `target(vocab,
+    expression index, image index)` -> the answers' ids (default `_toy_target`: one or two boxes that
+    depend on the expression and the image's brightness class); an image may have several answers
+    (each becomes an example, so the model learns them as equally likely). `schedule`: one-cycle
+    learning rate.
     """
     import torch
     from PIL import Image
@@ -339,19 +338,16 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
     vocab = codec.vocab
     model = Kosmos2ForConditionalGeneration.from_pretrained(src_dir, dtype=torch.float32)
     model.train()
-    draw = image or (lambda e, s: toy_image(s))
-    pixels = {}
-    examples: List[Tuple[List[int], List[int], int, Tuple[int, int]]] = []
+    pixels = {s: torch.from_numpy(processor.image_processor(images=Image.fromarray(toy_image(s)),
+                                                            return_tensors="np")["pixel_values"])
+              for s in range(images)}
+    examples: List[Tuple[List[int], List[int], int, int]] = []
     for e, expr in enumerate(EXPRESSIONS):
         p = codec.encode(f"<grounding><phrase> {expr}</phrase>")
         for s in range(images):
-            key = (e, s) if image is not None else (0, s)
-            if key not in pixels:
-                pixels[key] = torch.from_numpy(processor.image_processor(
-                    images=Image.fromarray(draw(e, s)), return_tensors="np")["pixel_values"])
             answers = target(vocab, e, s) if target is not None else [_toy_target(vocab, e, s % 2)]
             for tgt in answers:
-                examples.append((p.input_ids + tgt, p.image_mask + [0] * len(tgt), len(p.input_ids), key))
+                examples.append((p.input_ids + tgt, p.image_mask + [0] * len(tgt), len(p.input_ids), s))
     width = max(len(x[0]) for x in examples)
     ids = torch.full((len(examples), width), vocab.pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -479,9 +475,9 @@ def write_which_one_set(folder: Union[str, os.PathLike], seeds: Sequence[int]) -
     `toy_image(seed)` saved as PNG, one entry per expression present in it, whose truth is one box: in
     a two-object scene the left one or the right one by turns, as an annotator names one of two
     objects that fit, so a pick between them is right about half the time and the candidates should
-    hold the truth. Consecutive
-    seeds, an even number of them: each expression is then absent from the next image (and the last
-    image's from the first), so the set's negatives are true ones. Returns the annotation file."""
+    hold the truth. `seeds`: an even number of consecutive ones, so that each expression is absent
+    from the next image (and the last image's from the first): the set's negatives are true ones.
+    Returns the annotation file."""
     from PIL import Image
 
     seeds = list(seeds)

@@ -48,6 +48,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -392,11 +393,12 @@ def ensure_exported(model_dir: str, artifacts_dir: str, allow_export: bool = Tru
 
 
 @contextlib.contextmanager
-def build_lock(out: Path, log: Any = None) -> Iterator[None]:
-    """One process at a time makes or replaces the graphs in `out` (two nodes started together would
+def build_lock(out: Path, log: Any = None, what: str = "graphs") -> Iterator[None]:
+    """One process at a time makes or replaces the `what` in `out` (two nodes started together would
     otherwise both export or quantize, one deleting what the other was loading, and the manifest would
     keep only one of their variants). An advisory lock on a file beside `out`, released by the kernel
-    when the holder exits, so a killed build never leaves it held."""
+    when the holder exits, so a killed build never leaves it held. A process that must wait says so
+    (to `log`, else stderr): quantizing or an engine build can take minutes."""
     import fcntl
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -404,13 +406,16 @@ def build_lock(out: Path, log: Any = None) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if log:
-                log(f"waiting for another process building the graphs in {out}")
+            (log or _to_stderr)(f"waiting for another process building the {what} in {out}")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _build(model_dir: str, out: Path, manifest: Optional[dict], precision: str, model: Any, allow_pickle: bool,

@@ -260,7 +260,7 @@ def build_engine(onnx_path: Path, out_path: Path, precision: str, shape_profiles
 
 def _write(path: Path, buffer: Any) -> None:
     """Write a TensorRT host buffer (IHostMemory has the buffer protocol) atomically, without a copy."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")   # the timing cache is shared by engine folders
     with open(tmp, "wb") as fh:
         fh.write(buffer)
     os.replace(tmp, path)
@@ -292,7 +292,8 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
                    limits: EngineLimits = EngineLimits(), device: str = "cuda",
                    log: Any = print) -> Tuple[Path, dict]:
     """Engines for this model/GPU/TensorRT/precision, built from the ONNX graphs if allowed
-    (on `device`: the GPU they will run on, current while building)."""
+    (on `device`: the GPU they will run on, current while building; one process at a time, the
+    others wait for it and use its engines)."""
     trt = require_tensorrt()
     torch = require_cuda_torch()
     cc = compute_capability(torch, device)
@@ -308,7 +309,7 @@ def ensure_engines(model_dir: str, artifacts_dir: str, precision: str = "fp16", 
                                  "or set build_engines: true")
     graphs, manifest = export.ensure_exported(model_dir, artifacts_dir, allow_export=True, log=log,
                                               precision=precision)
-    with export.build_lock(out, log):     # two nodes started together build once; the other waits
+    with export.build_lock(out, log, what="engines"):   # two nodes started together build once; the other waits
         found = read_engines(out)
         if found is not None:
             return found
