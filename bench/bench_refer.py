@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     for pipe in pipes.values():
         pipe.run(Command(id="w", task="refer", text=EXPRESSIONS[0]), Frame(rgb=images[0], stamp_ns=1, frame_id="cam"))
     rows, fp32_rate = [], {}
+    precision_of = {label: precision for label, _, precision in paths(args)}
     for k in (1, 4):
         acc: Dict[str, dict] = {key: {"lat": [], "wall": 0.0, "cpu": 0.0, "n": 0, "same": True, "checked": 0,
                                       "tok": True, "tok_n": 0} for key in ["baseline"] + list(pipes)}
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
                     if mode == "free":
                         if backend_name == "onnxruntime":
                             fp32_tokens[e] = res.token_ids
-                        quantized = backend_name.split()[-1] in QUANTIZED_PRECISIONS
+                        quantized = precision_of[backend_name] in QUANTIZED_PRECISIONS
                         want = fp32_tokens.get(e) if quantized else ref_tokens[e]
                         a["tok"] &= res.token_ids == want
                         a["tok_n"] += res.token_ids == want
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     print()
     print_phases(args, model_dir, work, phases, fp32_rate)
     if args.full_size and args.device == "cpu":   # tiny checkpoints: per-call overhead, not compute, sets the time
-        print_floor(sizes, processor, torch, rows, max_new, [p for _, b, p in paths(args) if b == "onnxruntime"])
+        print_floor(sizes, processor, torch, rows, max_new,
+                    {label: p for label, b, p in paths(args) if b == "onnxruntime"})
     return 0
 
 
@@ -348,11 +350,12 @@ def print_phases(args, model_dir, work, phases, fp32_rate) -> None:
               f"{resident[label] / base:.2f} | {disk} | {rate} |")
 
 
-def print_floor(sizes, processor, torch, rows, max_new: int, precisions: List[str]) -> None:
-    """Each precision's floor on this machine (`roofline`) next to the measured path."""
+def print_floor(sizes, processor, torch, rows, max_new: int, onnx_precisions: Dict[str, str]) -> None:
+    """Each precision's floor on this machine (`roofline`) next to the measured path
+    (`onnx_precisions`: the onnxruntime paths' labels and precisions)."""
     from kosmos2_ros.core.loading import TextCodec
 
-    machines = roofline.measure(torch, tuple(dict.fromkeys(["fp32"] + precisions)))
+    machines = roofline.measure(torch, tuple(dict.fromkeys(["fp32", *onnx_precisions.values()])))
     codec = TextCodec(processor)
     ids = [codec.encode(f"<grounding><phrase> {e}</phrase>").input_ids for e in EXPRESSIONS]
     head = ids[0].index(codec.vocab.grounding) + 1
@@ -371,10 +374,10 @@ def print_floor(sizes, processor, torch, rows, max_new: int, precisions: List[st
     for name, mode, k, st, *_ in rows:
         if name.startswith("transformers"):
             floor = roofline.floor_s(sizes, machines, int(mean_len), max_new - 1) * 1e3
-        elif mode == "constrained" and name.startswith("onnxruntime"):
-            precision = name.split()[-1] if name != "onnxruntime" else "fp32"
+        elif mode == "constrained" and name in onnx_precisions:
             # one prefix per frame, k suffixes (+ the forced <object>), two batched steps (p2, close)
-            floor = roofline.floor_s(sizes, machines, int(head + k * (mean_len - head + 1)), 2, precision) * 1e3 / k
+            floor = roofline.floor_s(sizes, machines, int(head + k * (mean_len - head + 1)), 2,
+                                     onnx_precisions[name]) * 1e3 / k
         else:
             continue
         print(f"| {name} ({mode}) | {k} | {st['p50']:.0f} | {floor:.0f} | {st['p50'] / floor:.2f}x |")

@@ -137,28 +137,29 @@ def long_run(model_dir, art, precision, steps):
     p = TextCodec(processor).encode(PROMPTS[1])
     pixels = np.asarray(processor.image_processor(draw_scene(640, 480)[0], return_tensors="np")["pixel_values"],
                         dtype=np.float32)
+    from kosmos2_ros.core.backends.onnx import export
+
     logits = {}
     tokens = []
     for prec in ("fp32", precision):
         backend = OnnxBackend(str(model_dir), device="cpu", precision=prec, artifacts_dir=str(art))
-        row, cache = backend.prefill(backend.encode_image(pixels), p.input_ids, p.image_mask)
-        out = [np.asarray(row, dtype=np.float32)]
-        for i in range(steps):
-            tok = int(np.argmax(out[-1])) if prec == "fp32" else tokens[i]
-            if prec == "fp32":
-                tokens.append(tok)
-            row, cache = backend.decode(cache, tok)
-            out.append(np.asarray(row, dtype=np.float32))
+        embeds = backend.encode_image(pixels)
+        if prec == "fp32":        # fp32's own greedy sequence, eos ignored
+            row, cache = backend.prefill(embeds, p.input_ids, p.image_mask)
+            out = [np.asarray(row, dtype=np.float32)]
+            for _ in range(steps):
+                tokens.append(int(np.argmax(out[-1])))
+                row, cache = backend.decode(cache, tokens[-1])
+                out.append(np.asarray(row, dtype=np.float32))
+            del cache
+        else:
+            out = export.forced_logits(backend, embeds, p.input_ids, p.image_mask, tokens)
         logits[prec] = out
         backend.close()
-        del backend, cache
+        del backend
         gc.collect()
     diffs = [float(np.abs(a - b).max()) for a, b in zip(logits["fp32"], logits[precision])]
-    margins = []
-    for a, b in zip(logits["fp32"], logits[precision]):
-        i, j = int(np.argmax(a)), int(np.argmax(b))
-        if i != j:
-            margins.append(float(a[i] - a[j]))
+    _, margins = export.compare_logits(logits["fp32"], logits[precision])
     scale = max(float(np.abs(a).max()) for a in logits["fp32"])
     return float(np.median(diffs)), max(diffs), scale, len(diffs) - len(margins), len(diffs), margins
 

@@ -25,18 +25,19 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
-
-def weight_bytes(recipe: Any) -> float:
-    """Bytes per weight a decode step streams: 4 in fp32; bits / 8 quantized, plus an fp32 scale per block."""
-    if recipe is None:
-        return 4.0
-    return recipe.bits / 8 + (4.0 / recipe.block_size if recipe.block_size else 0.0)
 #: Shapes of the model's matrix products: (tokens, in, out) of vision and prefill.
 GEMM_SHAPES = ((257, 1024, 4096), (96, 2048, 8192))
 #: Two decoder layers' weight matrices (q, k, v, out, fc1, fc2), applied one after another to one
 #: token: what a decode step streams, at its own sizes (384 MB in fp32, far beyond the caches).
 STREAM_CHAIN = ((2048, 2048),) * 4 + ((2048, 8192), (8192, 2048))
 STREAM_LAYERS = 2
+
+
+def weight_bytes(recipe: Any) -> float:
+    """Bytes per weight a decode step streams: 4 in fp32; bits / 8 quantized, plus an fp32 scale per block."""
+    if recipe is None:
+        return 4.0
+    return recipe.bits / 8 + (4.0 / recipe.block_size if recipe.block_size else 0.0)
 
 
 @dataclass

@@ -165,7 +165,8 @@ class Kosmos2Config:
         need(bool(self.model.strip()), "model must name a hub id or a directory")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.precision in PRECISION_CHOICES, f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
-        need(not precision_problem(self.backend, self.precision), precision_problem(self.backend, self.precision))
+        problem = precision_problem(self.backend, self.precision)
+        need(not problem, problem)
         need(self.torch_mode in TORCH_MODES, f"torch_mode must be one of {TORCH_MODES}, got {self.torch_mode!r}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

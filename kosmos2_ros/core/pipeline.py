@@ -616,15 +616,16 @@ class Pipeline:
                   frame: Frame, geometry: InputGeometry) -> GroundedBox:
         """One object of a result (chosen box or candidate): its 3D point and geometry where depth allows."""
         cfg = self.config
-        point, why = None, self._no_depth_reason(frame)
-        if not why:
+        no_depth = self._no_depth_reason(frame)
+        point, why = None, no_depth
+        if not no_depth:
             try:
                 point, why = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
                                           cfg.min_depth_m, cfg.max_depth_m)
             except Exception as exc:  # noqa: BLE001 - a point that cannot be made must not fail the result
                 point, why = None, f"3D point failed: {type(exc).__name__}: {exc}"
         return GroundedBox(phrase, index, span, box_px, tuple(box_norm), score, point,
-                           self._object_geometry(box_px, frame, geometry), point_error=why)
+                           self._object_geometry(box_px, frame, geometry, no_depth), point_error=why)
 
     def _no_depth_reason(self, frame: Frame) -> str:
         """Why no object of this frame can have a 3D point or geometry ("" when it can)."""
@@ -636,14 +637,14 @@ class Pipeline:
             return "no camera_info for this camera"
         return ""
 
-    def _object_geometry(self, box_px: Box, frame: Frame, geometry: InputGeometry) -> ObjectGeometry:
-        """The object's manipulation geometry, or why there is none; never an error for the result."""
+    def _object_geometry(self, box_px: Box, frame: Frame, geometry: InputGeometry, no_depth: str) -> ObjectGeometry:
+        """The object's manipulation geometry, or why there is none (`no_depth`: the frame's
+        `_no_depth_reason`); never an error for the result."""
         cfg = self.config
         if cfg.enable_3d and not cfg.object_geometry:
             return ObjectGeometry.invalid("object geometry is off (object_geometry: false)")
-        why = self._no_depth_reason(frame)
-        if why:
-            return ObjectGeometry.invalid(why)
+        if no_depth:
+            return ObjectGeometry.invalid(no_depth)
         cell = (geometry.win_w / GRID, geometry.win_h / GRID)
         try:
             return object_geometry(box_px, frame.rgb, frame.depth_m, frame.intrinsics, cell,

@@ -160,7 +160,8 @@ class ParametersMixin:
         for name in CONFIG_FIELDS:
             default = getattr(defaults, name)
             descriptor = parameter_descriptor(name, default)
-            value = list(default) if isinstance(default, tuple) else default
+            initial = list(default) if isinstance(default, tuple) else default   # rclpy takes lists
+            value = initial
             if name in overrides and overrides[name].value is not None:   # (a YAML `[]` arrives unset)
                 ok, given = typed_value(default, overrides[name].value)
                 if ok:
@@ -174,8 +175,7 @@ class ParametersMixin:
                 low_high = RANGES.get(name)
                 why = f"must be in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else str(exc)
                 self._refused_at_start[name] = f"{name}: start-up value refused ({why}); set it to configure"
-                self.declare_parameter(name, list(default) if isinstance(default, tuple) else default, descriptor,
-                                       ignore_override=True)
+                self.declare_parameter(name, initial, descriptor, ignore_override=True)
         if hasattr(self, "add_pre_set_parameters_callback"):    # rclpy of Jazzy and later (not Humble)
             self.add_pre_set_parameters_callback(self._keep_parameter_types)
 

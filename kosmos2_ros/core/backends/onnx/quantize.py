@@ -3,8 +3,9 @@ own quantization tools (no hand-written quantization).
 
 Stored beside the fp32 graphs under `<precision>/` in the same cache directory (the model's hash
 and the export version), with the recipe and onnxruntime's version in the manifest: a change of
-either quantizes again. What each precision quantizes, and why, is `QUANTIZED_CHOICES` (the
-numbers are from bench/bench_refer.py and bench/precision_check.py on these 2-core machines).
+recipe quantizes again, another onnxruntime does not (`is_current`). What each precision
+quantizes, and why, is `QUANTIZED_CHOICES` (the numbers are from bench/bench_refer.py and
+bench/precision_check.py on these 2-core machines).
 They run on the CPU (onnxruntime's int8 and 4-bit kernels are CPU kernels), whatever `device` says.
 
 Only matrix products with a constant weight are quantized: the projections and FFNs of the ViT's
