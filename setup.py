@@ -11,8 +11,11 @@ setup(
     description="Kosmos-2 grounded vision-language node for ROS 2",
     packages=find_packages(include=["kosmos2_ros", "kosmos2_ros.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "pillow", "pyyaml", "transformers>=4.45", "torch>=2.1"],
-    extras_require={"onnx": ["onnx", "onnxruntime"], "test": ["pytest", "hypothesis"]},
+    # The floors are scripts/requirements-jetson.txt's (JetPack 6: numpy 1.x, transformers < 5.15 for its torch
+    # 2.5.0a0; test/test_jetson_requirements.py holds them together); torch 2.3 is JetPack 6.0's.
+    install_requires=["numpy>=1.21.6", "pillow", "pyyaml", "transformers>=5.0,<6",
+                      "safetensors>=0.4.3", "torch>=2.3"],
+    extras_require={"onnx": ["onnx>=1.17", "onnxruntime", "onnx-ir"], "test": ["pytest", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "kosmos2-ground = kosmos2_ros.cli:ground_main",

@@ -74,8 +74,8 @@ def main(argv=None) -> int:
         return resident_child(args)
 
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
+    from kosmos2_ros.core.backends.modules import load_kosmos2
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
     from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.frames import Frame
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         export.ensure_exported(str(model_dir), str(work / "artifacts"), precision=precision, log=print)
         gc.collect()
     processor = load_processor(str(model_dir))
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device).eval()
+    model = load_kosmos2(str(model_dir), dtype=torch.float32).to(args.device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     max_new = 5
     images = [toy_image(100 + i, size=224) for i in range(frames)]
@@ -260,10 +260,10 @@ def resident_child(args) -> int:
     image = toy_image(100, size=224)
     if args.resident == "baseline":
         import torch
-        from transformers import Kosmos2ForConditionalGeneration
 
+        from kosmos2_ros.core.backends.modules import load_kosmos2
         from kosmos2_ros.core.reference import reference_generate
-        model = Kosmos2ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        model = load_kosmos2(str(model_dir), dtype=torch.float32)
         reference_generate(model, processor, f"<grounding><phrase> {EXPRESSIONS[0]}</phrase>", image, 5)
     else:
         _, name, precision = next(p for p in paths(args) if p[0] == args.resident)

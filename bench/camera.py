@@ -39,13 +39,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
+    from kosmos2_ros.ros.convert import uint8_array
+
     width, height = (int(v) for v in args.size.split("x"))
     rclpy.init()
     node = rclpy.create_node("bench_camera")
     reliability = ReliabilityPolicy.RELIABLE if args.qos == "reliable" else ReliabilityPolicy.BEST_EFFORT
     pub = node.create_publisher(Image, args.topic, QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                                               reliability=reliability))
-    data = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8).tobytes()
+    data = uint8_array(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
     sent, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < args.seconds:
         msg = Image(height=height, width=width, encoding="rgb8", step=width * 3, data=data)

@@ -1,7 +1,9 @@
 """The one prepared GPU check: torch on CUDA always, TensorRT where it imports. Prints one table.
 
-What a lent GPU machine (H200, Python 3.12, CUDA torch, transformers, no ROS, no network) runs
-once, within an 8-minute budget, from the project's own files: nothing to install.
+What a lent GPU machine (H100/H200, Python 3.12, CUDA torch, transformers, no ROS, no network) runs
+once, within 6 minutes, from the project's own files: nothing to install. It works in a temporary
+folder (checkpoints, engines) and writes only `device_check.md` and `device_check.json` to OUT, the
+few small files that come back from the machine.
 
     python bench/device_check.py --out OUT        # the repository root as working directory
 
@@ -9,16 +11,25 @@ Rows (`check` column):
 
 - `tokens == generate (same precision)`: torch's static path (static KV arena, the decode step
   replayed as a CUDA graph) on the tiny trained checkpoint, free greedy decoding of four prompts,
-  against transformers' `generate` on the GPU in the same precision (n of 4 prompts equal).
+  against transformers' `generate` on the GPU in the same precision (n of 4 prompts equal). A check
+  in fp32 only: in fp16 / bf16 generate runs everything in that precision while the static path keeps
+  fp32 islands, so there it is informational; `tokens == fp32` and `graphs == plain` are the checks.
 - `tokens == fp32`: the same against fp32 on the GPU; fp16/bf16 may differ only where fp32's own
   top-two logit margin is within 4x the measured logit error (`export.precision_verdict`).
 - `boxes == fp32`: constrained referring expressions on generated scenes, the pipeline's boxes.
+- `arena switches (1, 2, 1 rows): graphs == plain`: arenas A, B, A, each step replayed as a CUDA graph,
+  against the same steps without graphs (torch; and TensorRT, where each step has its own context).
 - `decode ms/token, CUDA graph / plain`: full-size architecture (random weights, 1.66 B
-  parameters), fp16, one row, against the floor: the bytes a step must read (decoder layers and
-  lm_head in fp16) over the device's measured copy bandwidth. Target: graph <= 2x the floor.
+  parameters, made in fp16 on the GPU: nothing written or read), one row, against the floor: the
+  bytes a step must read (decoder layers and lm_head in fp16) over the device's measured copy
+  bandwidth. Target: graph <= 2x the floor.
+- `mixed traffic`: the node's mix (a lone refer with candidates, four refers on one frame, a caption,
+  a description, a refer with its ambiguous boxes described), two rounds of warm-up then six rounds:
+  p50 ms per command kind (OK results only), and CUDA graph captures after warm-up (target: 0).
 - `refer p50 ms, fresh frame / encoded ahead / 4 expressions`: a referring expression through the
   pipeline (constrained), against transformers `processor + generate` (fp16, greedy, 5 new tokens)
-  on the same frames in the same run. Target: encoded ahead <= 15 ms.
+  on the same frames in the same run; p50 over OK results only, and the row fails if any was not OK.
+  Target: encoded ahead <= 15 ms.
 - `peak GPU memory`: `torch.cuda.max_memory_allocated` over the full-size rows.
 - `tensorrt ...`: only where `import tensorrt` works (engines built, tokens against torch).
 
@@ -29,6 +40,7 @@ script before a GPU is lent: `python bench/device_check.py --device cpu --skip-f
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -75,17 +87,23 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def p50_ms(run: Callable[[], Any], n: int, warm: int = 2) -> float:
+def p50_ms(run: Callable[[], Any], n: int, warm: int = 2) -> Tuple[float, int]:
+    """(p50 ms over the runs that were OK, how many were not). A run is OK unless it returns results
+    (a pipeline Result or a list of them) with a status other than OK: a fast error is no latency."""
     for _ in range(warm):
         run()
-    times = []
+    times, failed = [], 0
     for _ in range(n):
         sync()
         t = time.perf_counter()
-        run()
+        out = run()
         sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        results = out if isinstance(out, list) else [out]
+        if all(getattr(r, "status", 0) == 0 for r in results):
+            times.append((time.perf_counter() - t) * 1e3)
+        else:
+            failed += 1
+    return (statistics.median(times) if times else float("nan")), failed
 
 
 def bandwidth_gbs() -> float:
@@ -135,8 +153,8 @@ def boxes(pipe: Any, scenes: list) -> list:
 # -- tiny trained checkpoint: tokens and boxes ---------------------------------------------------------
 def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
+    from kosmos2_ros.core.backends.modules import load_kosmos2
     from kosmos2_ros.core.backends.onnx import export
     from kosmos2_ros.core.backends.registry import create_backend
     from kosmos2_ros.core.backends.torch.backend import TorchBackend
@@ -156,7 +174,7 @@ def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
     boxes32 = boxes(pipeline(tiny, ref32, precision="fp32"), frames(3, seed=1))
     for prec in precisions:
         static = create_backend("torch", str(tiny), device=DEVICE, precision=prec, torch_mode="static")
-        hf = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny), dtype=getattr(torch, {
+        hf = load_kosmos2(str(tiny), dtype=getattr(torch, {
             "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[prec])).to(DEVICE).eval()
         emb = static.encode_image(pixels)
         same_hf, same32, diff, margins = 0, True, 0.0, []
@@ -168,21 +186,13 @@ def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
             diff, margins = max(diff, d), margins + m
         verdict, ok = export.precision_verdict(same32, margins, diff, prec)
         graphs = "CUDA graph" if static.cuda_graph else f"no graph ({static.graph_error or 'cpu'})"
-        table.add("tokens == generate (same precision)", "tiny", prec, f"{same_hf} of {len(PROMPTS)} prompts",
-                  f"transformers generate on {DEVICE}, {prec}", prec != "fp32" or same_hf == len(PROMPTS))
+        table.add("tokens == generate (same precision)" + ("" if prec == "fp32" else ", informational"), "tiny",
+                  prec, f"{same_hf} of {len(PROMPTS)} prompts", f"transformers generate on {DEVICE}, {prec}"
+                  + ("" if prec == "fp32" else " (all in that precision; the static path keeps fp32 islands)"),
+                  prec != "fp32" or same_hf == len(PROMPTS))
         table.add("tokens == fp32", "tiny", prec, f"{verdict}; max dlogits {diff:.1e}; {graphs}",
                   f"torch fp32 on {DEVICE}", ok)
-        # Graphs of several arenas replayed in turn (1 row, 2 rows, 1 row again): tokens as without graphs.
-        runs = {}
-        for graph in (True, False):
-            static.cuda_graph, static._steps, static._bound = graph and static._cuda, {}, None
-            runs[graph] = [[g.token_ids for g in generate(static, emb, [DecodeRow(q.input_ids, q.image_mask, 12)
-                                                                        for q in map(codec.encode, chunk)], codec.vocab)]
-                           for chunk in (PROMPTS[:1], PROMPTS[:2], PROMPTS[:1])]
-        static.cuda_graph = static._cuda
-        table.add("arena switches (1, 2, 1 rows): graphs == plain", "tiny", prec,
-                  "yes" if runs[True] == runs[False] else "NO", "the same steps without CUDA graphs",
-                  runs[True] == runs[False])
+        arena_switches(table, "torch", static, emb, codec, prec)
         got_boxes = boxes(pipeline(tiny, static, precision=prec), frames(3, seed=1))
         same = sum(a == b for a, b in zip(got_boxes, boxes32))
         table.add("boxes == fp32", "tiny", prec, f"{same} of {len(boxes32)} commands", f"torch fp32 on {DEVICE}",
@@ -192,28 +202,53 @@ def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
     ref32.close()
 
 
+def arena_switches(table: Table, name: str, backend: Any, emb: Any, codec: Any, prec: str) -> None:
+    """Graphs of several arenas replayed in turn (1 row, 2 rows, 1 row again): tokens as without graphs."""
+    from kosmos2_ros.core.decoding import Row as DecodeRow
+    from kosmos2_ros.core.decoding import generate
+
+    runs, stats = {}, backend.graph_stats
+    for graph in (True, False):
+        backend.set_cuda_graph(graph)       # off drops every graph; on captures anew
+        replays = stats.replays
+        runs[graph] = [[g.token_ids for g in generate(backend, emb, [DecodeRow(q.input_ids, q.image_mask, 12)
+                                                                     for q in map(codec.encode, chunk)], codec.vocab)]
+                       for chunk in (PROMPTS[:1], PROMPTS[:2], PROMPTS[:1])]
+        if graph:
+            replayed = stats.replays - replays
+    backend.set_cuda_graph(True)
+    same = runs[True] == runs[False]
+    table.add(f"{name} arena switches (1, 2, 1 rows): graphs == plain", "tiny", prec,
+              f"{'yes' if same else 'NO'}; {replayed} replays",
+              f"the same steps without CUDA graphs ({backend.graph_error or 'graphs on'})", same)
+
+
 # -- full-size architecture: speed and memory -------------------------------------------------------------
 def full_precision() -> str:
     """fp16 on the GPU; bf16 in the CPU smoke test (torch has no CPU fp16 matmul)."""
     return "fp16" if DEVICE != "cpu" else "bf16"
 
 
-def full_rows(table: Table, full: Path) -> None:
+def full_rows(table: Table, work: Path) -> None:
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
-    from kosmos2_ros.core.backends.registry import create_backend
+    from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
+    from kosmos2_ros.core.checkpoints import full_size_in_memory
     from kosmos2_ros.core.loading import TextCodec, load_processor
     from kosmos2_ros.core.pipeline import Command
 
-    processor = load_processor(str(full))
-    codec = TextCodec(processor)
+    prec = full_precision()
+    dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[prec])
     gbs = bandwidth_gbs()
     if DEVICE != "cpu":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    static = create_backend("torch", str(full), device=DEVICE, precision=full_precision(), torch_mode="static")
+    model, full = full_size_in_memory(work / "full", dtype, DEVICE)
+    static = TorchStaticBackend(str(full), device=DEVICE, precision=prec, model=model)
+    del model
     load_s = time.perf_counter() - t0
+    processor = load_processor(str(full))
+    codec = TextCodec(processor)
     dec = static._decoder
     n_read = sum(p.numel() * p.element_size() for p in dec.layers.parameters()) + \
         dec.lm_head.weight.numel() * dec.lm_head.weight.element_size()
@@ -223,7 +258,7 @@ def full_rows(table: Table, full: Path) -> None:
     emb = static.encode_image(pixels)
     timing = {}
     for graph in (False, True):
-        static.cuda_graph, static._steps, static._bound = graph and static._cuda, {}, None
+        static.set_cuda_graph(graph)
         _, cache = static.prefill(emb, p.input_ids, p.image_mask)
         # Past the arena's first capacity (128 columns for this ~75-token prompt) before timing: the
         # move to the next arena (a copy, two plain steps, a capture) is not a decode step's cost.
@@ -235,37 +270,38 @@ def full_rows(table: Table, full: Path) -> None:
             _, cache = static.decode(cache, 5)
         timing[graph] = (time.perf_counter() - t) / n * 1e3
     note = f" ({static.graph_error})" if static.graph_error else ""
-    prec = full_precision()
     table.add("decode ms/token, CUDA graph", "full-size", prec,
               f"{timing[True]:.3f} ({timing[True] / floor:.2f}x floor){note}",
               f"floor {floor:.3f} ms ({n_read / 1e9:.2f} GB at {gbs:.0f} GB/s); target <= 2x", timing[True] <= 2 * floor)
     table.add("decode ms/token, plain", "full-size", prec, f"{timing[False]:.3f} ({timing[False] / floor:.2f}x floor)",
               f"graph is {timing[False] / timing[True]:.1f}x faster", True)
-    static.cuda_graph = static._cuda
-    pipe = pipeline(full, static, precision=full_precision())
+    static.set_cuda_graph(True)
+    pipe = pipeline(full, static, precision=prec)
+    mixed_traffic(table, pipe, static, prec, floor)
     cmd = Command(id="r", task="refer", text="the red mug")
     fresh = iter(frames(40, seed=3))
-    ours_fresh = p50_ms(lambda: pipe.run(cmd, next(fresh)), 10)
+    ours_fresh, fresh_failed = p50_ms(lambda: pipe.run(cmd, next(fresh)), 10)
 
-    def ahead() -> None:
+    def ahead() -> Any:
         frame = next(fresh)
         pipe.encode_ahead([frame])
         sync()
         t = time.perf_counter()
-        pipe.run(cmd, frame)
-        ahead_ms.append((time.perf_counter() - t) * 1e3)
+        res = pipe.run(cmd, frame)
+        sync()
+        if res.status == 0:
+            ahead_ms.append((time.perf_counter() - t) * 1e3)
+        return res
 
     ahead_ms: List[float] = []
-    for _ in range(12):
-        ahead()
-    ours_ahead = statistics.median(ahead_ms[2:])
+    ahead_failed = sum(ahead().status != 0 for _ in range(12))
+    ours_ahead = statistics.median(ahead_ms[2:]) if len(ahead_ms) > 2 else float("nan")
     four = [Command(id=str(i), task="refer", text=e) for i, e in enumerate(EXPRESSIONS)]
-    ours_four = p50_ms(lambda: pipe.run_batch(four, next(fresh)), 6)
+    ours_four, four_failed = p50_ms(lambda: pipe.run_batch(four, next(fresh)), 6)
     peak = torch.cuda.max_memory_allocated() / (1 << 30) if DEVICE != "cpu" else float("nan")
     static.close()     # (its weights go with the pipeline, once it is not used any more)
     pipe.backend = None
-    dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[full_precision()])
-    hf = Kosmos2ForConditionalGeneration.from_pretrained(str(full), dtype=dtype).to(DEVICE).eval()
+    hf, _ = full_size_in_memory(work / "full", dtype, DEVICE, seed=1)   # the baseline's own model
     naive_frames = iter(frames(20, seed=4))
 
     def naive() -> None:
@@ -278,14 +314,63 @@ def full_rows(table: Table, full: Path) -> None:
                         image_embeds_position_mask=inputs["image_embeds_position_mask"], max_new_tokens=5,
                         do_sample=False, num_beams=1)
 
-    base = p50_ms(naive, 10)
-    table.add("refer p50 ms, fresh frame", "full-size", full_precision(), f"{ours_fresh:.1f} ({base / ours_fresh:.2f}x)",
-              f"transformers generate {base:.1f}", True)
-    table.add("refer p50 ms, encoded ahead", "full-size", full_precision(), f"{ours_ahead:.1f} ({base / ours_ahead:.2f}x)",
-              f"transformers generate {base:.1f}; target <= 15", ours_ahead <= 15)
-    table.add("refer p50 ms, 4 expressions on one frame", "full-size", full_precision(),
-              f"{ours_four:.1f} for 4 ({4 * base / ours_four:.2f}x)", f"transformers generate 4 x {base:.1f}", True)
-    table.add("peak GPU memory", "full-size", full_precision(), f"{peak:.2f} GiB (model load {load_s:.0f} s)", "-", True)
+    base, _ = p50_ms(naive, 10)
+
+    def failed(n: int) -> str:
+        return f"; {n} not OK" if n else ""
+
+    table.add("refer p50 ms, fresh frame", "full-size", prec,
+              f"{ours_fresh:.1f} ({base / ours_fresh:.2f}x){failed(fresh_failed)}",
+              f"transformers generate {base:.1f}", not fresh_failed)
+    table.add("refer p50 ms, encoded ahead", "full-size", prec,
+              f"{ours_ahead:.1f} ({base / ours_ahead:.2f}x){failed(ahead_failed)}",
+              f"transformers generate {base:.1f}; target <= 15", ours_ahead <= 15 and not ahead_failed)
+    table.add("refer p50 ms, 4 expressions on one frame", "full-size", prec,
+              f"{ours_four:.1f} for 4 ({4 * base / ours_four:.2f}x){failed(four_failed)}",
+              f"transformers generate 4 x {base:.1f}", not four_failed)
+    table.add("peak GPU memory", "full-size", prec, f"{peak:.2f} GiB (model made in {load_s:.0f} s)", "-", True)
+
+
+def mixed_traffic(table: Table, pipe: Any, backend: Any, prec: str, floor: float) -> None:
+    """The node's mix, round after round on new frames: p50 per command kind and captures after warm-up."""
+    from kosmos2_ros.core.pipeline import Command
+
+    kinds = {"refer": lambda f: pipe.run(Command(id="r", task="refer", text="the red mug"), f),
+             "4 refers": lambda f: pipe.run_batch([Command(id=str(i), task="refer", text=e)
+                                                   for i, e in enumerate(EXPRESSIONS)], f),
+             "caption": lambda f: pipe.run(Command(id="c", task="caption"), f),
+             "describe 24": lambda f: pipe.run(Command(id="d", task="describe", max_new_tokens=24), f),
+             "refer, boxes described": lambda f: pipe.run(Command(id="a", task="refer", text="a square",
+                                                                  describe_candidates=1), f)}
+    scenes = iter(frames(8, seed=11))
+    times: dict = {k: [] for k in kinds}
+    failed, stats = 0, backend.graph_stats
+    warm = None
+    for rnd in range(8):
+        if rnd == 2:
+            warm = (stats.captures, stats.replays, stats.plain_steps)
+        frame = next(scenes)
+        for kind, run in kinds.items():
+            sync()
+            t = time.perf_counter()
+            out = run(frame)
+            sync()
+            results = out if isinstance(out, list) else [out]
+            if all(r.status == 0 for r in results):
+                if rnd >= 2:
+                    times[kind].append((time.perf_counter() - t) * 1e3)
+            else:
+                failed += 1
+    assert warm is not None
+    captures, replays = stats.captures - warm[0], stats.replays - warm[1]
+    p50 = ", ".join(f"{k} {statistics.median(v):.1f}" if v else f"{k} -" for k, v in times.items())
+    table.add("mixed traffic: p50 ms per command (OK only)", "full-size", prec,
+              p50 + (f"; {failed} not OK" if failed else ""),
+              f"6 rounds after 2 of warm-up; decode floor {floor:.3f} ms/token", not failed)
+    table.add("mixed traffic: CUDA graph captures after warm-up", "full-size", prec,
+              f"{captures} captures, {replays} replays, {stats.plain_steps - warm[2]} plain steps; "
+              f"{backend.counters()['arena_memory_mb']} MiB of arenas", "target 0 captures",
+              captures == 0 or DEVICE == "cpu")
 
 
 # -- TensorRT, where it imports ---------------------------------------------------------------------------
@@ -330,13 +415,15 @@ def tensorrt_rows(table: Table, tiny: Path, art: Path, precisions: List[str]) ->
         kv = str(trt_b.kv_dtype).replace("torch.", "")
         table.add("tensorrt tokens == torch", "tiny", prec, f"{verdict}; KV {kv}; build {build_s:.0f} s",
                   f"torch fp32 on cuda ({trt_b.graph_error or 'CUDA graph'})", ok)
+        arena_switches(table, "tensorrt", trt_b, e_trt, codec, prec)
         trt_b.close()
     ref.close()
 
 
 def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="", help="directory for checkpoints, engines and device_check.md")
+    ap.add_argument("--out", default="", help="directory for device_check.md and device_check.json (only those)")
+    ap.add_argument("--workdir", default="", help="checkpoints and engines (default: a temporary folder)")
     ap.add_argument("--skip-full", action="store_true", help="tiny checkpoint only (about a minute)")
     ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke test of this script)")
     args = ap.parse_args(argv)
@@ -349,8 +436,10 @@ def main(argv: Any = None) -> int:
         return 2
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="kosmos2_device_"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kosmos2_device_"))
     work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else work
+    out.mkdir(parents=True, exist_ok=True)
     cc = torch.cuda.get_device_capability(0) if DEVICE != "cpu" else (0, 0)
     precisions = (["fp32", "fp16"] + (["bf16"] if tuple(cc) >= (8, 0) else [])) if DEVICE != "cpu" else ["fp32", "bf16"]
     try:
@@ -372,12 +461,7 @@ def main(argv: Any = None) -> int:
         build_tiny_checkpoint(tiny, train=True)
     steps: List[Tuple[str, Callable[[], None]]] = [("tiny", lambda: tiny_rows(table, tiny, precisions))]
     if not args.skip_full:
-        def full() -> None:
-            path = work / "full"
-            if not (path / "config.json").is_file():
-                build_tiny_checkpoint(path, full_size=True)
-            full_rows(table, path)
-        steps.append(("full-size", full))
+        steps.append(("full-size", lambda: full_rows(table, work)))
     if tensorrt is not None and DEVICE != "cpu":
         steps.append(("tensorrt", lambda: tensorrt_rows(table, tiny, work / "artifacts", precisions)))
     for name, step in steps:
@@ -389,8 +473,12 @@ def main(argv: Any = None) -> int:
     text = f"{head}; {time.perf_counter() - t0:.0f} s\n\n{table.markdown()}\n"
     if failures:
         text += "\nFailures:\n\n```\n" + "\n".join(failures) + "```\n"
-    (work / "device_check.md").write_text(text)
-    print(f"\nwritten to {work / 'device_check.md'} ({time.perf_counter() - t0:.0f} s)")
+    (out / "device_check.md").write_text(text)
+    (out / "device_check.json").write_text(json.dumps({"head": head, "seconds": round(time.perf_counter() - t0),
+                                                       "rows": [dict(zip(("check", "checkpoint", "precision",
+                                                                          "measured", "reference", "ok"), r))
+                                                                for r in table.rows], "failures": failures}, indent=1))
+    print(f"\nwritten to {out / 'device_check.md'} ({time.perf_counter() - t0:.0f} s)")
     return 0 if table.rows and all(r[5] for r in table.rows) and not failures else 1
 
 

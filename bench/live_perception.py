@@ -231,6 +231,7 @@ def command_streams(procs: List[subprocess.Popen], routes: Dict[str, Tuple[str, 
     from sensor_msgs.msg import Image
 
     from kosmos2_ros.msg import GroundingCommand, GroundingResult
+    from kosmos2_ros.ros.convert import uint8_array
 
     node = rclpy.create_node(f"bench_two_cameras_{len(procs)}")
     reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
@@ -252,7 +253,7 @@ def command_streams(procs: List[subprocess.Popen], routes: Dict[str, Tuple[str, 
             for c, pub in image_pubs.items():
                 rgb = frame_pixels(k * 7 + ord(c))
                 msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3,
-                            data=rgb.tobytes())
+                            data=uint8_array(rgb))
                 msg.header.stamp = node.get_clock().now().to_msg()
                 msg.header.frame_id = f"{c}_optical"
                 pub.publish(msg)
@@ -360,8 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
+    from kosmos2_ros.core.backends.modules import load_kosmos2
     from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
     from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.defaults import QUANTIZED_PRECISIONS
@@ -380,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # The naive node's transformers model; the torch backend shares its weights.
     processor = load_processor(model)
-    reference = Kosmos2ForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    reference = load_kosmos2(model, dtype=torch.float32)
     pipelines: Dict[str, Any] = {}
     artifacts = {"artifacts_dir": args.artifacts_dir} if args.artifacts_dir else {}
     for name in backends:

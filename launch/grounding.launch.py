@@ -68,10 +68,10 @@ def _arguments(share: str) -> list:
                                           "front/camera_info, front/depth/image, ... unless image_topics / "
                                           "depth_topics name each camera's driver topics; "
                                           "image_topic, camera_info_topic and depth_topic apply with no cameras "
-                                          "(empty: the YAML's value)"),
+                                          "(empty or []: the YAML's value)"),
         DeclareLaunchArgument("queries", default_value="",
                               description="Standing referring expressions on every camera, e.g. \"[the red mug]\", "
-                                          "published on ~/tracks (empty: the YAML's value)"),
+                                          "published on ~/tracks (empty or []: the YAML's value)"),
         DeclareLaunchArgument("query_rate_hz", default_value="",
                               description="Most standing-query frames per second per camera; 0 = as fast as the "
                                           "model allows (empty: the YAML's value)"),

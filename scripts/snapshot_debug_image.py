@@ -33,7 +33,7 @@ def main() -> int:
 
     from kosmos2_ros.core.scenes import draw_scene
     from kosmos2_ros.msg import GroundingResult
-    from kosmos2_ros.ros.convert import header_of
+    from kosmos2_ros.ros.convert import header_of, uint8_array
 
     rclpy.init()
     me = Node("snapshot")
@@ -48,7 +48,7 @@ def main() -> int:
     while "img" not in got and time.monotonic() < deadline and node.poll() is None:
         if time.monotonic() - last > 1.0:
             msg = Image(header=header_of(time.time_ns(), "camera_color_optical_frame"), height=480, width=640,
-                        encoding="rgb8", step=640 * 3, data=rgb.tobytes())
+                        encoding="rgb8", step=640 * 3, data=uint8_array(rgb))
             img_pub.publish(msg)
             time.sleep(0.2)
             refer_pub.publish(String(data=objects[0]["name"]))

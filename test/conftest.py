@@ -12,10 +12,47 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from node_helpers import free_domain
+
+#: Set by scripts/test_jetson_versions.sh: a Python with no ROS (JetPack's versions on Python 3.10). Test modules
+#: that use ROS (rclpy, the messages, the node) are left out, each named in the header; every other one runs.
+WITHOUT_ROS = os.environ.get("KOSMOS2_TESTS_WITHOUT_ROS") == "1"
+#: The launch file's logic (launch_args, topics) is plain Python, and Humble runs it on Python 3.10.
+ROS_MARKS = re.compile(r"^\s*(import rclpy|from rclpy|from \w+_msgs\b|from ament_index_python\b"
+                       r"|from kosmos2_ros\.(msg|srv|action)\b"
+                       r"|(from|import) kosmos2_ros\.ros(?!(\.launch_args|\.topics)? import (launch_args|topics|"
+                       r"LaunchArgumentError|camera_info_for|compressed_for)\b)|from node_helpers import (?!free_domain\b))",
+                       re.M)
+
+
+def needs_ros(path: Path) -> bool:
+    """A test module that imports ROS anywhere (at the top or inside a test)."""
+    return bool(ROS_MARKS.search(path.read_text(encoding="utf-8")))
+
+
+collect_ignore = sorted(p.name for p in Path(__file__).parent.glob("test_*.py") if needs_ros(p)) if WITHOUT_ROS else []
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if not WITHOUT_ROS:
+        return ""
+    return (f"without ROS: {len(collect_ignore)} test modules that use ROS left out ({' '.join(collect_ignore)}), "
+            "and the tests marked `ros` in the others deselected")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Without ROS, tests marked `ros` are deselected (counted as deselected, never as skipped or passed)."""
+    if not WITHOUT_ROS:
+        return
+    ros = [item for item in items if item.get_closest_marker("ros")]
+    if ros:
+        config.hook.pytest_deselected(items=ros)
+        items[:] = [item for item in items if not item.get_closest_marker("ros")]
+
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # In-process rclpy (the convert and QoS tests) joins a domain this run holds alone.

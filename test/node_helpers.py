@@ -122,12 +122,12 @@ def running_node(params: Dict[str, Any], domain_id: int, log_path: Path, *, debu
 def rgb_image_msg(rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera_optical", encoding: str = "rgb8") -> Any:
     from sensor_msgs.msg import Image
 
-    from kosmos2_ros.ros.convert import header_of
+    from kosmos2_ros.ros.convert import header_of, uint8_array
 
     arr = rgb if encoding == "rgb8" else rgb[:, :, ::-1]
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     return Image(header=header_of(stamp_ns, frame_id), height=arr.shape[0], width=arr.shape[1], encoding=encoding,
-                 is_bigendian=0, step=arr.shape[1] * 3, data=arr.tobytes())
+                 is_bigendian=0, step=arr.shape[1] * 3, data=uint8_array(arr))
 
 
 def scene(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:

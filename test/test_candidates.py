@@ -121,9 +121,10 @@ def test_chosen_box_tokens_and_score_are_the_same_with_candidates_on_or_off(back
 
 def test_presence_is_the_probability_of_object_after_the_phrase(backends, codec, tiny_model_dir):
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    from kosmos2_ros.core.backends.modules import load_kosmos2
+
+    model = load_kosmos2(str(tiny_model_dir))
     processor = load_processor(str(tiny_model_dir))
     rgb, _ = draw_scene(320, 240, np.random.default_rng(3), count=2)
     prompt = "<grounding><phrase> a red square</phrase>"

@@ -88,6 +88,7 @@ def test_tokenizer_ids_are_the_same_every_build() -> None:
     assert a.tokenize("An image of a red square.") == b.tokenize("An image of a red square.")
 
 
+@pytest.mark.ros   # imports the node (rclpy)
 def test_the_node_never_imports_checkpoint_training():
     """Checkpoint training is test, demo and benchmark support: the node's modules do not load it."""
     code = ("import sys, kosmos2_ros.ros.node, kosmos2_ros.core.pipeline; "

@@ -40,14 +40,15 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def reference(model_dir: Path, image_path: Path, task: str, text: str, region) -> list:
     """transformers' own generate + post_process_generation for each prompt the task needs."""
-    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+    from transformers import AutoProcessor
 
+    from kosmos2_ros.core.backends.modules import load_kosmos2
     from kosmos2_ros.core.frames import Frame
     from kosmos2_ros.core.geometry import InputGeometry
     from kosmos2_ros.core.tasks import Task, TaskRequest, build_prompts
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = Kosmos2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = load_kosmos2(model_dir)
     image = Image.open(image_path).convert("RGB")
     frame = Frame(np.asarray(image))
     region_norm = None

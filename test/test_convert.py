@@ -37,7 +37,7 @@ def image_msg(arr: np.ndarray, encoding: str, pad: int = 0, bigendian: bool = Fa
 def to_rgb(msg) -> np.ndarray:
     from kosmos2_ros.ros.convert import image_to_rgb
 
-    return image_to_rgb(msg, use_bridge=False)
+    return image_to_rgb(msg)   # what the node's camera calls
 
 
 # -- colour encodings ------------------------------------------------------------------------
@@ -244,6 +244,31 @@ def test_publish_roundtrip_bgr8() -> None:
     np.testing.assert_array_equal(to_rgb(msg), RGB)
 
 
+def test_row_padding_that_is_not_whole_pixels() -> None:
+    """bgr8, width 5, step 16 (one byte past 5 pixels): Humble's cv_bridge builds rows of step / 3 pixels and
+    skews this image; the node's own decoder (the only one it uses) reads it right."""
+    from sensor_msgs.msg import Image
+
+    bgr = RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    rows = np.full((4, 16), 0xAB, np.uint8)
+    rows[:, :15] = bgr.reshape(4, 15)
+    msg = Image(height=4, width=5, encoding="bgr8", step=16, data=rows.tobytes())
+    np.testing.assert_array_equal(to_rgb(msg), bgr[:, :, ::-1])
+
+
+def test_large_fields_are_arrays_the_setters_take_as_they_are() -> None:
+    """Humble checks a uint8[] set from anything but array('B') element by element (about 100 ms a 640x480
+    frame); the debug image, masks and clouds are handed over as array('B')."""
+    from std_msgs.msg import Header
+
+    from kosmos2_ros.ros.convert import rgb_to_image, uint8_array
+
+    msg = rgb_to_image(np.zeros((480, 640, 3), np.uint8), Header(frame_id="f"))
+    assert isinstance(msg.data, array.array) and msg.data.typecode == "B" and len(msg.data) == 640 * 480 * 3
+    assert uint8_array(b"\x01\x02").tolist() == [1, 2]
+    assert uint8_array(np.arange(3, dtype=np.uint8)).tolist() == [0, 1, 2]
+
+
 # -- commands, results, stamps ---------------------------------------------------------------
 def test_stamps_roundtrip() -> None:
     from kosmos2_ros.ros.convert import ns_to_stamp, stamp_to_ns
@@ -294,7 +319,7 @@ def test_intrinsics_from_camera_info() -> None:
 
     from kosmos2_ros.ros.convert import intrinsics_from
 
-    intr = intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0, 31.5, 0, 55.0, 23.5, 0, 0, 1]))
+    intr = intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0.0, 31.5, 0.0, 55.0, 23.5, 0.0, 0.0, 1.0]))
     assert (intr.fx, intr.fy, intr.cx, intr.cy, intr.width, intr.height) == (60.0, 55.0, 31.5, 23.5, 64, 48)
     assert intrinsics_from(CameraInfo()) is None     # all-zero K: uncalibrated
 
@@ -306,19 +331,19 @@ def test_camera_info_matrix_follows_the_image_topic() -> None:
     from kosmos2_ros.ros.convert import intrinsics_from, is_rectified
 
     info = CameraInfo(width=640, height=480, distortion_model="plumb_bob", d=[-0.3, 0.1, 0.0, 0.0, 0.0],
-                      k=[500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1],
-                      p=[480.0, 0, 322.0, 0, 0, 390.0, 238.0, 0, 0, 0, 1, 0])
+                      k=[500.0, 0.0, 320.0, 0.0, 400.0, 240.0, 0.0, 0.0, 1.0],
+                      p=[480.0, 0.0, 322.0, 0.0, 0.0, 390.0, 238.0, 0.0, 0.0, 0.0, 1.0, 0.0])
     rect = intrinsics_from(info, rectified=True)
     assert (rect.fx, rect.fy, rect.cx, rect.cy, rect.matrix, rect.distorted) == (480.0, 390.0, 322.0, 238.0, "P", False)
     raw = intrinsics_from(info)
     assert (raw.fx, raw.cx, raw.matrix, raw.distortion[:2], raw.distorted) == (500.0, 320.0, "K", (-0.3, 0.1), True)
-    assert intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0, 31.5, 0, 55.0, 23.5, 0, 0, 1]),
+    assert intrinsics_from(CameraInfo(width=64, height=48, k=[60.0, 0.0, 31.5, 0.0, 55.0, 23.5, 0.0, 0.0, 1.0]),
                            rectified=True).matrix == "K"      # no P given: K
     odd = CameraInfo(width=640, height=480, distortion_model="plumb_bob", d=[0.1, 0.2, 0.3],   # 3: OpenCV takes none
-                     k=[500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1])
+                     k=[500.0, 0.0, 320.0, 0.0, 400.0, 240.0, 0.0, 0.0, 1.0])
     assert intrinsics_from(odd).distortion == ()
     assert intrinsics_from(CameraInfo(width=640, height=480, distortion_model="equidistant", d=[0.1, 0.0, 0.0, 0.0],
-                                      k=[500.0, 0, 320.0, 0, 400.0, 240.0, 0, 0, 1])).distorted
+                                      k=[500.0, 0.0, 320.0, 0.0, 400.0, 240.0, 0.0, 0.0, 1.0])).distorted
     assert is_rectified("/cam/color/image_rect") and is_rectified("image_rect_color")
     assert not is_rectified("/cam/color/image_raw") and not is_rectified("/image_rect/raw")
 

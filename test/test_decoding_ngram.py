@@ -53,9 +53,11 @@ def ngram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_model(ngram_dir: Path) -> Any:
-    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+    from transformers import AutoProcessor
 
-    return (Kosmos2ForConditionalGeneration.from_pretrained(str(ngram_dir)).eval(),
+    from kosmos2_ros.core.backends.modules import load_kosmos2
+
+    return (load_kosmos2(str(ngram_dir)),
             AutoProcessor.from_pretrained(str(ngram_dir)))
 
 

@@ -25,7 +25,13 @@ def test_step_scatter_writes_what_the_host_path_writes():
     feeds = dev_arena.step_feeds([dev_rows[i] for i in active], [11, 12], pad_id=1)
     step = StepBuffers(torch, dev_arena, vocab_size=10, device="cpu")
     step.load(torch, feeds)
-    assert step.inputs["attention_mask"].numpy().tolist() == feeds.attention_mask.tolist()
+    for name in ("input_ids", "position_ids", "attention_mask"):
+        assert step.inputs[name].numpy().tolist() == getattr(feeds, name).tolist()
+    assert step.columns.numpy().tolist() == feeds.columns.tolist()
+    logits = torch.arange(40, dtype=torch.float32).view(4, 10)
+    step.logits = logits
+    np.testing.assert_array_equal(step.read_logits([0, 1]), logits[:2].numpy())
+    np.testing.assert_array_equal(step.read_logits([2, 0]), logits[[2, 0]].numpy())
     new = rng.randn(4, 3, 2, 1, 3).astype(np.float32)
     step.new.copy_(torch.from_numpy(new))
     step.scatter()
@@ -48,6 +54,10 @@ def test_every_bound_array_is_256_byte_aligned(dtype, rows, heads, capacity, hea
         base = arrays[0].data_ptr()
         for j in range(arrays.shape[0]):
             assert (arrays[j].data_ptr() - base) % 256 == 0 and arrays[j].is_contiguous()
+    staged = [step.inputs[n] for n in ("input_ids", "position_ids", "attention_mask")] + [step.columns]
+    base = staged[0].data_ptr()     # the inputs a step loads: pieces of one buffer, each bound on its own
+    assert all((t.data_ptr() - base) % 256 == 0 and t.is_contiguous() for t in staged)
+    assert len({t.data_ptr() for t in staged}) == len(staged)
 
 
 def test_aligned_slabs_are_views_of_one_buffer():

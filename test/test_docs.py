@@ -32,6 +32,7 @@ def message_bullets() -> Dict[str, str]:
             if (ROOT / "msg" / f"{m.group(1)}.msg").is_file()}
 
 
+@pytest.mark.ros   # the parameter tables come from the node's ROS parameter descriptors
 def test_generated_tables_match_the_code():
     """docs/node.md's parameter and launch-argument tables are what scripts/gen_docs.py makes from the
     config, the node's parameter descriptions and the launch file."""
@@ -73,6 +74,7 @@ def test_links_resolve_and_the_readme_is_short():
         assert f"(docs/{page.name})" in readme, f"the README's table does not link {page.name}"
 
 
+@pytest.mark.ros   # through scripts/ros-env, as the README writes it
 @pytest.mark.timeout(600)
 def test_quick_start_demo_runs_as_written(tmp_path):
     """The README's `scripts/ros-env kosmos2-demo` (after the set-up CI runs), from another directory:

@@ -369,8 +369,9 @@ def test_free_decoding_counts_boxes_as_the_papers_rule_on_transformers_output(fm
                                                                               capsys) -> None:
     """Free decoding: candidate boxes are those transformers' own generate + post_process_generation
     give for the entities named as the query, scaled by the image size (the paper's rule)."""
-    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+    from transformers import AutoProcessor
 
+    from kosmos2_ros.core.backends.modules import load_kosmos2
     from kosmos2_ros.core.reference import reference_generate
 
     images, scene_list = scenes
@@ -386,7 +387,7 @@ def test_free_decoding_counts_boxes_as_the_papers_rule_on_transformers_output(fm
     code, _, err = run_eval(capsys, "--annotations", str(ann), "--out", str(out), "--decoding", "free",
                             "--max-new-tokens", "24", "--limit", "4", *extra, *common(tiny_model_dir, images))
     assert code == 0, err
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    model = load_kosmos2(str(tiny_model_dir))
     processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
     preds = read_predictions(out)
     assert len(preds) == 4 and any(p["boxes_px"] for p in preds)   # the comparison below sees real boxes

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kosmos2_ros.core.backends.base import position_ids
+from kosmos2_ros.core.backends.modules import image_features
 from kosmos2_ros.core.backends.onnx import export
 from kosmos2_ros.core.loading import TextCodec, load_processor
 
@@ -67,7 +68,7 @@ def test_decoder_module_matches_transformers_on_all_paths(tiny_model_dir):
     hd = model.config.text_config.embed_dim // heads
     layers = model.config.text_config.layers
     p = codec.encode("<grounding><phrase> the red mug</phrase>")
-    embeds = model.get_image_features(torch.randn(1, 3, 224, 224), return_dict=True).pooler_output
+    embeds = image_features(model, torch.randn(1, 3, 224, 224))
     split = p.input_ids.index(codec.vocab.grounding) + 1
     with torch.no_grad():
         ref, past = _hf_logits(model, p.input_ids[:split], embeds, p.image_mask[:split])
@@ -160,8 +161,9 @@ def test_reduced_graphs_carry_the_intended_types(reduced, precision):
         else:
             assert io["logits"] == f32 and io["image_embeds"] == f32
             assert all(io[n] == low for n in manifest["inputs"]["decoder"][5:] + manifest["outputs"]["decoder"][1:])
-            # every layer's 8 products and the lm_head reduced; one fp32 product counts image positions
-            assert products.count(low) == 8 * manifest["layers"] + 1 and products.count(f32) == 1, products
+            # every layer's 10 products (q, k, v, out, fc1, fc2; scores and values over the past and over the
+            # new keys apart) and the lm_head reduced; one fp32 product counts image positions
+            assert products.count(low) == 10 * manifest["layers"] + 1 and products.count(f32) == 1, products
 
 
 def test_mixed_vision_module_is_transformers_in_fp32(reduced):
@@ -171,7 +173,7 @@ def test_mixed_vision_module_is_transformers_in_fp32(reduced):
     mixed = export._modules()[2](model, torch.float32)
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        want = model.get_image_features(pixels, return_dict=True).pooler_output
+        want = image_features(model, pixels)
         torch.testing.assert_close(mixed(pixels), want, atol=1e-6, rtol=0)
 
 
@@ -198,7 +200,9 @@ def test_onnxruntime_cpu_has_no_bf16_matmul(reduced):
 @pytest.mark.parametrize("precision", REDUCED)
 def test_reduced_graphs_agree_with_fp32(reduced, tiny_model_dir, precision):
     """Logits within the stated tolerance; greedy tokens equal fp32's (or differ only at near-ties
-    of fp32's own logits); boxes of constrained referring expressions equal fp32's."""
+    of fp32's own logits); boxes of constrained referring expressions equal fp32's, or differ only where
+    fp32's tokens were at a near-tie (the same rule: bf16's 7-bit mantissa and another torch's kernels can
+    flip a first corner that fp32 chose by a hair)."""
     from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.decoding import Row, generate
     from kosmos2_ros.core.frames import Frame
@@ -230,8 +234,20 @@ def test_reduced_graphs_agree_with_fp32(reduced, tiny_model_dir, precision):
         results = Pipeline(Kosmos2Config(model=str(tiny_model_dir), enable_3d=False), backend, processor).run_batch(
             cmds, frame)
         assert all(r.status == 0 for r in results), [r.error for r in results]
-        found[name] = [[b for ent in r.entities for b in ent.boxes_norm] for r in results]
-    assert all(found["fp32"]) and found[precision] == found["fp32"]
+        found[name] = results
+    boxes = {name: [[b for ent in r.entities for b in ent.boxes_norm] for r in rs] for name, rs in found.items()}
+    assert all(boxes["fp32"])
+    for cmd, a, b, box_a, box_b in zip(cmds, found["fp32"], found[precision], boxes["fp32"], boxes[precision]):
+        if box_a == box_b:
+            continue
+        p = codec.encode(f"<grounding><phrase> {cmd.text}</phrase>")
+        assert p.input_ids == a.prompt_ids
+        ref_logits = export.forced_logits(ref, e_ref, p.input_ids, p.image_mask, a.token_ids)
+        diff, _ = export.compare_logits(ref_logits, export.forced_logits(low, e_low, p.input_ids, p.image_mask,
+                                                                         a.token_ids))
+        margin = export.first_divergence(a.token_ids, b.token_ids, ref_logits)
+        text, ok = export.precision_verdict(False, [margin], diff, precision)
+        assert ok, (cmd.text, box_a, box_b, text)
 
 
 def test_fp32_residual_stream_survives_past_fp16_range(tiny_model_dir, tmp_path):
@@ -252,3 +268,29 @@ def test_fp32_residual_stream_survives_past_fp16_range(tiny_model_dir, tmp_path)
     b, _ = low.prefill(low.encode_image(pixels.numpy()), p.input_ids, p.image_mask)
     assert np.isfinite(b).all() and int(np.argmax(a)) == int(np.argmax(b))
     assert np.abs(a - b).max() <= REDUCED_LOGITS_ATOL["fp16"]
+
+
+def test_the_torchscript_exporter_is_asked_for_only_where_the_flag_exists() -> None:
+    """torch 2.4+ takes `dynamo=False`; torch 2.3 (JetPack 6.0) has no such argument and only that exporter."""
+    import torch
+
+    from kosmos2_ros.core.backends.onnx.export import torchscript_exporter
+
+    def export_2_3(model, args, f, export_params=True, opset_version=None, dynamic_axes=None):  # torch 2.3's shape
+        return None
+
+    assert torchscript_exporter(export_2_3) == {}
+    assert torchscript_exporter(torch.onnx.export) == {"dynamo": False}   # this torch (2.5 and 2.13 in CI)
+
+
+def test_the_loaded_model_computes_image_embeddings_as_eager_attention_does(tiny_model_dir):
+    """transformers 5.0-5.14's default (sdpa) masks the image-to-text projection causally; `load_kosmos2` must
+    give the eager result on every transformers (the Python 3.10 CI job runs 5.0, the main suite the newest)."""
+    from kosmos2_ros.core.backends.modules import kosmos2_attention, load_kosmos2
+
+    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = image_features(load_kosmos2(str(tiny_model_dir)), pixels)
+        eager = image_features(load_kosmos2(str(tiny_model_dir), attn_implementation="eager"), pixels)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
+    assert kosmos2_attention() in (None, "eager")

@@ -4,7 +4,8 @@ Every node of the fp32, fp16 and bf16 vision and decoder graphs must be an opera
 supports at TensorRT 10.3 (JetPack 6), with the element types and constant inputs its table asks
 for; no CumSum (no TensorRT 10.3 layer: a loop); no Gather at a negative constant index (undefined
 on a dynamic axis in TensorRT: it may read zeros). The facts are data with their source:
-`test/data/onnx_tensorrt_ops.json`.
+`test/data/onnx_tensorrt_ops.json`. And one rule of our own: no Concat takes a past key/value (directly
+or through a Cast/Identity/Reshape), since that copies the whole KV cache every layer every step.
 """
 from __future__ import annotations
 
@@ -33,8 +34,14 @@ def lint(model: onnx.ModelProto) -> List[str]:
                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     constants.update({t.name: numpy_helper.to_array(t) for t in graph.initializer})
     found = []
+    past = {i.name: i.name for i in graph.input if i.name.startswith("past_")}   # tensor -> the past input it is
     for node in graph.node:
         where = f"{node.op_type} {node.name}"
+        if node.op_type in ("Cast", "Identity", "Reshape") and node.input and node.input[0] in past:
+            past[node.output[0]] = past[node.input[0]]
+        joined = [past[name] for name in node.input if name in past]
+        if node.op_type == "Concat" and joined:
+            found.append(f"{where}: concatenates the past key/value {joined[0]} (a copy of the whole cache every step)")
         if node.op_type not in OPS["supported_10_3"]:
             found.append(f"{where}: not an operator onnx-tensorrt supports at 10.3")
         if node.op_type == "CumSum":
@@ -68,7 +75,7 @@ def test_exported_graphs_pass_the_tensorrt_lint(graphs, precision, graph):
 
 
 def test_the_lint_catches_what_it_is_for():
-    """A CumSum over int64, a Gather at -1 and an unsupported operator are each reported."""
+    """A CumSum over int64, a Gather at -1, an unsupported operator and a Concat of the past are each reported."""
     from onnx import helper
 
     x = helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [2, "seq"])
@@ -78,8 +85,14 @@ def test_the_lint_catches_what_it_is_for():
              helper.make_node("Constant", [], ["last"], value=numpy_helper.from_array(np.array(-1, dtype=np.int64))),
              helper.make_node("Gather", ["c", "last"], ["g"], name="pick", axis=1),
              helper.make_node("StringNormalizer", ["g"], ["y"], name="odd")]
-    model = helper.make_model(helper.make_graph(nodes, "bad", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    past = helper.make_tensor_value_info("past_key_0", onnx.TensorProto.FLOAT, [1, 4, "past", 8])
+    new = helper.make_tensor_value_info("new_key_0", onnx.TensorProto.FLOAT, [1, 4, "seq", 8])
+    nodes += [helper.make_node("Identity", ["past_key_0"], ["p"], name="alias"),
+              helper.make_node("Concat", ["p", "new_key_0"], ["k"], name="join", axis=2)]
+    model = helper.make_model(helper.make_graph(nodes, "bad", [x, past, new], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
     found = lint(model)
+    assert any(f.startswith("Concat join: concatenates the past key/value past_key_0") for f in found)
     assert any(f.startswith("CumSum count: TensorRT 10.3 has no cumulative layer") for f in found)
     assert any(f.startswith("CumSum count: input type 7") for f in found)
     assert any(f.startswith("Gather pick: negative constant index") for f in found)

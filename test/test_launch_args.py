@@ -64,6 +64,7 @@ def test_parameter_overrides_only_given_arguments() -> None:
         launch_args.parameter_overrides({"use_compressed": "maybe"})
 
 
+@pytest.mark.ros   # asks the real ament index
 def test_missing_rviz_is_one_line_before_anything_starts() -> None:
     assert launch_args.missing_packages(False, lambda name: False) is None
     assert launch_args.missing_packages(True, lambda name: True) is None
@@ -101,8 +102,17 @@ def test_live_perception_arguments() -> None:
     out = launch_args.parameter_overrides({"cameras": "[front, wrist]", "queries": "[the red mug]",
                                            "query_rate_hz": "5", "encode_ahead_hz": ""})
     assert out == {"cameras": ["front", "wrist"], "queries": ["the red mug"], "query_rate_hz": 5.0}
-    assert launch_args.parameter_overrides({"cameras": "front", "queries": "[]"}) == {"cameras": ["front"],
-                                                                                       "queries": []}
+    assert launch_args.parameter_overrides({"cameras": "front", "queries": "[ ]"}) == {"cameras": ["front"]}
+
+
+def test_empty_lists_count_as_not_given() -> None:
+    """`cameras:="[]"` / `queries:="[]"` keep the params file's value: launch_ros turns `[]` into `()` and refuses
+    it as a parameter value, so no empty list may reach the Node action (nor an empty camera topic list)."""
+    for name in launch_args.LIST_ARGUMENTS:
+        assert launch_args.parameter_overrides({name: "[]"}) == {}
+    given = {name: "[]" for name in launch_args.LIST_ARGUMENTS + launch_args.CAMERA_TOPIC_ARGUMENTS}
+    assert not any(value == [] for value in launch_args.parameter_overrides(given).values())
+    assert launch_args.camera_remappings(given) == []
     with pytest.raises(LaunchArgumentError, match="cameras must be a list of strings"):
         launch_args.parameter_overrides({"cameras": "[front, [wrist]]"})
     with pytest.raises(LaunchArgumentError, match="query_rate_hz must be a number"):

@@ -61,7 +61,7 @@ class Geometry:
     def publish(self, scene: Any, with_depth: bool = True, seed: int = 0) -> int:
         from sensor_msgs.msg import CameraInfo, Image
 
-        from kosmos2_ros.ros.convert import header_of
+        from kosmos2_ros.ros.convert import header_of, uint8_array
 
         stamp = next_stamp()
         header = header_of(stamp, "camera_color_optical_frame")
@@ -71,7 +71,7 @@ class Geometry:
         if with_depth:
             depth = scene.depth_16uc1(noisy_depth(scene.depth_m, np.random.default_rng(seed)))
             self.t.depth_pub.publish(Image(header=header, height=H, width=W, encoding="16UC1", step=2 * W,
-                                           data=depth.tobytes()))
+                                           data=uint8_array(depth)))
         time.sleep(0.3)
         self.t.publish_frame(scene.rgb, stamp, "camera_color_optical_frame")
         assert self.t.wait_frame(stamp).status == OK
@@ -221,7 +221,7 @@ def test_target_frame_without_tf2_fails_configure_with_one_line(tiny_model_dir: 
             time.sleep(0.1)
         lines = [line for line in proc.log().splitlines() if "cannot configure" in line]
         assert len(lines) == 1, proc.log()
-        assert "target_frame is set but tf2_ros is not importable: install it (apt install ros-$ROS_DISTRO-tf2-ros)" \
+        assert "target_frame is set but tf2_ros is not importable: install it (apt install ros-$ROS_DISTRO-tf2-ros-py)" \
             in lines[0]
         assert t.state() == "unconfigured"
     finally:

@@ -176,7 +176,7 @@ def test_each_camera_reads_its_drivers_depth_and_camera_info(live: LiveTester) -
     from sensor_msgs.msg import CameraInfo, Image
 
     from kosmos2_ros.core.geometry import CameraIntrinsics
-    from kosmos2_ros.ros.convert import header_of
+    from kosmos2_ros.ros.convert import header_of, uint8_array
 
     k = [50.0, 0.0, W / 2, 0.0, 50.0, H / 2, 0.0, 0.0, 1.0]
     p = [40.0, 0.0, W / 2 - 4, 0.0, 0.0, 40.0, H / 2 + 3, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -193,7 +193,7 @@ def test_each_camera_reads_its_drivers_depth_and_camera_info(live: LiveTester) -
                                                d=d, k=k, p=p))
         depth = np.full((H, W), 800, dtype=np.uint16)      # a wall 0.8 m away: every box has depth
         live.depth_pubs[cam].publish(Image(header=header, height=H, width=W, encoding="16UC1", step=2 * W,
-                                           data=depth.tobytes()))
+                                           data=uint8_array(depth)))
     time.sleep(0.3)
     for cam in CAMERAS:
         live.publish(cam, scene(W, H, 3), stamps[cam], f"{cam}_optical")

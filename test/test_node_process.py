@@ -190,7 +190,7 @@ def test_3d_points_from_synthetic_depth(node: tuple) -> None:
     from sensor_msgs.msg import CameraInfo, Image
 
     from kosmos2_ros.core.geometry import CameraIntrinsics, box_point_3d
-    from kosmos2_ros.ros.convert import header_of
+    from kosmos2_ros.ros.convert import header_of, uint8_array
 
     _, t = node
     fx, fy, cx, cy = 60.0, 55.0, 31.5, 23.5
@@ -204,7 +204,8 @@ def test_3d_points_from_synthetic_depth(node: tuple) -> None:
         header = header_of(stamp, "depth_cam")
         info = CameraInfo(header=header, width=W, height=H, k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0])
         t.info_pub.publish(info)
-        t.depth_pub.publish(Image(header=header, height=H, width=W, encoding=encoding, step=step, data=data))
+        t.depth_pub.publish(Image(header=header, height=H, width=W, encoding=encoding, step=step,
+                                  data=uint8_array(data)))
         time.sleep(0.4)
         rgb = scene(W, H, 1)
         t.publish_frame(rgb, stamp, "depth_cam")

@@ -63,11 +63,11 @@ def _hf_generate(model, processor, prompt, image, max_new):
 @pytest.fixture(scope="module")
 def ort_pipeline(backends, tiny_model_dir):
     """(Pipeline on onnxruntime, a check that a result equals transformers' unbatched generate)."""
-    from transformers import Kosmos2ForConditionalGeneration
+    from kosmos2_ros.core.backends.modules import load_kosmos2
 
     _, _, _, art = backends
     processor = load_processor(str(tiny_model_dir))
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    model = load_kosmos2(str(tiny_model_dir))
     pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="onnxruntime", device="cpu",
                                        artifacts_dir=str(art), decoding="free", max_new_tokens=12))
 

@@ -28,13 +28,15 @@ class Loaded:
 
     def __init__(self, model_dir: str) -> None:
         import torch
-        from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+        from transformers import AutoProcessor
+
+        from kosmos2_ros.core.backends.modules import load_kosmos2
 
         torch.manual_seed(0)
         self.model_dir = model_dir
         self.pipeline = Pipeline.load(Kosmos2Config(model=model_dir, backend="torch", device="cpu",
                                                     decoding="free", allow_download=False))
-        self.model = Kosmos2ForConditionalGeneration.from_pretrained(model_dir).eval()
+        self.model = load_kosmos2(model_dir)
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.rgb, self.objects = draw_scene(333, 251, np.random.default_rng(5), count=3)
 

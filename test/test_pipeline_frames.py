@@ -24,13 +24,15 @@ MAX_NEW = 16
 def setup(request: Any, tiny_model_dir: Any, tmp_path_factory: Any) -> Any:
     """A pipeline on each backend that batches across frames, with transformers' model beside it
     ("torch static": the torch backend's static path, what it runs on a GPU, here on the CPU)."""
-    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+    from transformers import AutoProcessor
+
+    from kosmos2_ros.core.backends.modules import load_kosmos2
 
     backend, _, mode = request.param.partition(" ")
     pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend=backend, device="cpu",
                                        decoding="free", allow_download=False, torch_mode=mode or "auto",
                                        artifacts_dir=str(tmp_path_factory.mktemp("artifacts"))))
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    model = load_kosmos2(str(tiny_model_dir))
     processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
     images = [draw_scene(320 + 16 * i, 240, np.random.default_rng(10 + i), count=3)[0] for i in range(3)]
     return pipe, model, processor, images

@@ -12,12 +12,16 @@ graph the engine would be built from (onnxruntime, CPU) and writes the outputs t
 addresses. The buffers are CPU torch tensors (the allocator aligns them to 64 bytes, so the
 recorder checks 64 here; the 256-byte offsets of the arrays we place are `test_device_graph`'s).
 Tokens must equal the torch reference's.
+
+CUDA graphs have a stand-in too (`GraphStandIn`): capture runs the step once and records the state
+(input shapes, addresses) of every context it enqueued; replay fails if any of them changed since
+(TensorRT's rule for graphs captured around `enqueueV3`), then runs the step again.
 """
 from __future__ import annotations
 
 import ctypes
 import types
-from typing import Dict
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -39,16 +43,29 @@ LIMITS = engines.EngineLimits(max_batch=2, max_prompt=16, max_context=1024)
 class Recorder:
     """An execution context: profiles checked, addresses checked, the ONNX graph run on the bound memory."""
 
+    capturing: Optional[List[Recorder]] = None    # set by GraphStandIn while it captures
+
     def __init__(self, engine: FakeEngine, strategy: str) -> None:
         self.engine, self.strategy = engine, strategy
         self.profile = 0
         self.shapes: Dict[str, tuple] = {}
         self.addresses: Dict[str, int] = {}
+        self.address_sets = 0
+        self.profile_set = False
+        self.memory: Optional[tuple] = None
         self.runs = 0
+
+    def state(self) -> tuple:
+        return tuple(sorted(self.shapes.items())), tuple(sorted(self.addresses.items()))
+
+    def set_device_memory(self, memory: int, size: int) -> None:
+        assert self.strategy == "USER_MANAGED" and memory and size > 0
+        assert self.profile_set, "memory given before the profile it is sized for was selected"
+        self.memory = (memory, size)
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         assert 0 <= index < len(self.engine.profiles)
-        self.profile = index
+        self.profile, self.profile_set = index, True
         return True
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
@@ -62,6 +79,7 @@ class Recorder:
         assert ptr, f"{name}: null address (enqueueV3 needs a non-null address for every input)"
         assert ptr % CPU_ALIGNMENT == 0, f"{name}: misaligned address {ptr:#x}"
         self.addresses[name] = ptr
+        self.address_sets += 1
         return True
 
     def get_tensor_shape(self, name: str) -> tuple:
@@ -69,6 +87,9 @@ class Recorder:
 
     def execute_async_v3(self, stream: int) -> bool:
         e = self.engine
+        assert self.strategy != "USER_MANAGED" or self.memory is not None, "enqueue before set_device_memory"
+        if Recorder.capturing is not None:
+            Recorder.capturing.append(self)
         spans = []
         arrays = {}
         for name in e.inputs + e.outputs:
@@ -90,6 +111,31 @@ class Recorder:
             arrays[name][...] = value
         self.runs += 1
         return True
+
+
+class GraphStandIn:
+    """Stands in for CUDA graph capture on the CPU (the backend's `_graph_capture`), counting captures."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.fresh_pools: List[bool] = []
+
+    def capture(self, launch, fresh_pool: bool):
+        self.fresh_pools.append(fresh_pool)
+        Recorder.capturing = []
+        try:
+            launch()
+            states = [(ctx, ctx.state()) for ctx in Recorder.capturing]
+        finally:
+            Recorder.capturing = None
+        self.captures += 1
+        return types.SimpleNamespace(replay=lambda: self._replay(launch, states))
+
+    @staticmethod
+    def _replay(launch, states) -> None:
+        for ctx, captured in states:
+            assert ctx.state() == captured, "a graph replayed on a context whose shapes or addresses changed since capture"
+        launch()
 
 
 class FakeEngine:
@@ -140,7 +186,7 @@ def trt_backend(tiny_model_dir, tmp_path, monkeypatch):
     fakes = {"vision": FakeEngine(str(graphs / manifest["files"]["vision"]), manifest, shapes["vision"]),
              "decoder": FakeEngine(str(graphs / manifest["files"]["decoder"]), manifest, shapes["decoder"])}
     fake_trt = types.SimpleNamespace(__version__="10.3.0", ExecutionContextAllocationStrategy=types.SimpleNamespace(
-        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE"))
+        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED"))
     meta = {"manifest": manifest, "limits": LIMITS.__dict__, "precision": "fp32", "files": {}}
     monkeypatch.setattr(engines, "require_tensorrt", lambda: fake_trt)
     monkeypatch.setattr(engines, "require_cuda_torch", lambda: torch)
@@ -175,20 +221,91 @@ def test_tokens_equal_the_reference_through_the_recorded_bindings(trt_backend, t
     constrained = [Row(r.input_ids, r.image_mask, 8, constrained=True) for r in rows[:1]]
     assert [g.token_ids for g in generate(backend, backend.encode_image(pv), constrained, codec.vocab)] == \
         [g.token_ids for g in generate(ref, ref.encode_image(pv), constrained, codec.vocab)]
-    vision, (prefill, step) = fakes["vision"].contexts, fakes["decoder"].contexts
-    assert vision[0].runs >= 2 and prefill.runs > len(rows) and step.runs > 0
+    vision, (prefill, *steps) = fakes["vision"].contexts, fakes["decoder"].contexts
+    assert vision[0].runs >= 2 and prefill.runs > len(rows) and steps and all(s.runs > 0 for s in steps)
     ref.close()
 
 
-def test_contexts_allocate_for_their_own_profile_and_say_what_they_take(trt_backend):
+def test_contexts_allocate_for_their_own_profile_and_say_what_they_take(trt_backend, tiny_model_dir):
     backend, fakes, logged = trt_backend
-    (vision,), (prefill, step) = fakes["vision"].contexts, fakes["decoder"].contexts
+    (vision,), (prefill,) = fakes["vision"].contexts, fakes["decoder"].contexts
     assert vision.strategy == "STATIC"
     assert (prefill.strategy, prefill.profile) == ("ON_PROFILE_CHANGE", 0)
-    assert (step.strategy, step.profile) == ("ON_PROFILE_CHANGE", 1)
     assert logged == ["tensorrt: vision context: 1.0 MiB of device memory",
                       "tensorrt: decoder prefill context: 1.0 MiB of device memory",
-                      "tensorrt: decoder step context: 2.0 MiB of device memory"]
+                      "tensorrt: decoder step contexts: 2.0 MiB of device memory, shared"]
+    codec = TextCodec(load_processor(str(tiny_model_dir)))
+    pv = np.random.RandomState(0).rand(1, 3, 224, 224).astype(np.float32)
+    ids = codec.encode(PROMPTS[0])
+    generate(backend, backend.encode_image(pv), [Row(ids.input_ids, ids.image_mask, 3)], codec.vocab)
+    (_, step), scratch = fakes["decoder"].contexts, backend._step_scratch
+    assert (step.strategy, step.profile) == ("USER_MANAGED", 1)
+    assert step.memory == (scratch.data_ptr(), scratch.numel()) and scratch.numel() >= 2 << 20
+    assert any("arena 1 x 128 tokens made" in line for line in logged)
+
+
+def test_graphs_replay_on_the_context_they_were_captured_with(trt_backend, tiny_model_dir):
+    """Arena A (one row), then arena B (two rows), then A again, each step replayed as a captured graph:
+    every arena's step has its own context, bound once, so A's graph replays on the state it was captured
+    with (one context re-bound for B, as before, fails here) and tokens equal the reference's."""
+    backend, fakes, _ = trt_backend
+    stand_in = GraphStandIn()
+    backend._graph_capture = stand_in
+    backend.set_cuda_graph(True)
+    codec = TextCodec(load_processor(str(tiny_model_dir)))
+    ref = TorchBackend(str(tiny_model_dir), device="cpu")
+    pv = np.random.RandomState(0).rand(1, 3, 224, 224).astype(np.float32)
+    enc = [codec.encode(p) for p in PROMPTS]
+    one = [Row(enc[0].input_ids, enc[0].image_mask, 8)]
+    two = [Row(e.input_ids, e.image_mask, 8) for e in enc[1:3]]
+    for rows in (one, two, one, two):
+        want = [g.token_ids for g in generate(ref, ref.encode_image(pv), rows, codec.vocab)]
+        assert [g.token_ids for g in generate(backend, backend.encode_image(pv), rows, codec.vocab)] == want
+    stats = backend.graph_stats
+    assert stand_in.captures == stats.captures == stats.step_buffers == 2       # A and B, once each
+    assert stand_in.fresh_pools == [True, False]            # B joins A's pool while A's graph lives
+    assert stats.replays > stats.plain_steps > 0
+    steps = fakes["decoder"].contexts[1:]
+    assert len(steps) == 2 and all(s.address_sets == len(s.addresses) for s in steps)   # each bound once
+    backend.set_cuda_graph(False)                     # off at runtime: no graph is replayed again
+    replays = stats.replays
+    generate(backend, backend.encode_image(pv), one, codec.vocab)
+    assert stats.replays == replays and stand_in.captures == 2
+    backend.set_cuda_graph(True)                      # on again: every graph was dropped, so a new pool
+    generate(backend, backend.encode_image(pv), one, codec.vocab)
+    assert stand_in.fresh_pools == [True, False, True]
+    ref.close()
+
+
+def test_one_context_rebound_per_arena_breaks_a_replay(trt_backend, tiny_model_dir, monkeypatch):
+    """The check above is live: with the earlier design (one step context, re-bound whenever another arena's
+    step runs plainly), replaying A's graph after B's plain run is caught."""
+    backend, _, _ = trt_backend
+    shared = {}
+
+    def prepare_shared(step):
+        prepare(step)
+        step.context = shared.setdefault("ctx", step.context)
+
+    def launch_rebinding(step):
+        inputs = dict(step.inputs, image_embeds=backend._no_image,
+                      **{n: step.arena.kv[j] for j, n in enumerate(backend._kv_names)})
+        outputs = {"logits": step.logits, **{n: step.new[j] for j, n in enumerate(backend._new_names)}}
+        binding.bind(step.context, inputs, outputs, backend._dummy.data_ptr())
+        launch(step)
+
+    prepare, launch = backend._prepare_step, backend._launch_step
+    monkeypatch.setattr(backend, "_prepare_step", prepare_shared)
+    monkeypatch.setattr(backend, "_launch_step", launch_rebinding)
+    backend._graph_capture = GraphStandIn()
+    backend.set_cuda_graph(True)
+    codec = TextCodec(load_processor(str(tiny_model_dir)))
+    embeds = backend.encode_image(np.random.RandomState(0).rand(1, 3, 224, 224).astype(np.float32))
+    enc = [codec.encode(p) for p in PROMPTS[:3]]
+    generate(backend, embeds, [Row(enc[0].input_ids, enc[0].image_mask, 8)], codec.vocab)        # A captured
+    generate(backend, embeds, [Row(e.input_ids, e.image_mask, 3) for e in enc[1:]], codec.vocab)   # B re-binds
+    with pytest.raises(AssertionError, match="replayed on a context whose shapes or addresses changed"):
+        generate(backend, embeds, [Row(enc[0].input_ids, enc[0].image_mask, 8)], codec.vocab)
 
 
 class _Ctx:

@@ -113,7 +113,7 @@ def test_target_frame_without_tf2_names_what_to_install(monkeypatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "tf2_ros", None)
-    with pytest.raises(ImportError, match="apt install ros-\\$ROS_DISTRO-tf2-ros"):
+    with pytest.raises(ImportError, match="apt install ros-\\$ROS_DISTRO-tf2-ros-py\\)"):
         make_geometry_frames(object(), "base_link", 0.05)
     assert "target_frame is set but tf2_ros is not importable" in TF2_MISSING
 

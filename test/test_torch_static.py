@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kosmos2_ros.core.backends import registry
 from kosmos2_ros.core.backends.torch.backend import TorchBackend, create
@@ -46,10 +47,10 @@ def _pixels(tiny_model_dir, seed):
 def test_pipeline_tokens_equal_transformers_generate(tiny_model_dir, static):
     """Every task's prompt through the pipeline (free decoding, the checkpoint's n-gram setting
     passed to generate explicitly) and constrained referring expressions, on two frames."""
-    from transformers import Kosmos2ForConditionalGeneration
+    from kosmos2_ros.core.backends.modules import load_kosmos2
 
     processor = load_processor(str(tiny_model_dir))
-    model = Kosmos2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    model = load_kosmos2(str(tiny_model_dir))
     pipe = Pipeline(Kosmos2Config(model=str(tiny_model_dir), backend="torch", device="cpu", decoding="free",
                                   max_new_tokens=12, enable_3d=False), static, processor)
     for seed in (0, 1):
@@ -120,3 +121,82 @@ def test_torch_mode_picks_the_path(tiny_model_dir):
     backend.close()
     with pytest.raises(ValueError, match="torch_mode must be one of auto, reference, static"):
         create(str(tiny_model_dir), device="cpu", torch_mode="fast")
+
+
+class CountingCapture:
+    """Stands in for CUDA graph capture on the CPU: counts captures; a replay runs the captured launch again."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.fresh_pools = 0
+
+    def capture(self, launch, fresh_pool: bool):
+        self.fresh_pools += fresh_pool
+        launch()
+        self.captures += 1
+        return type("Graph", (), {"replay": staticmethod(launch)})()
+
+
+def test_mixed_traffic_captures_nothing_after_warm_up(tiny_model_dir):
+    """200 commands of a node's real mix (a lone refer with candidates, four refers on one frame, a caption, a
+    description, a refer whose ambiguous boxes are described), each round on a new frame: the arena pool keeps
+    every shape the mix uses, so after two rounds no step is captured again and every step replays; tokens
+    equal a backend that never captures."""
+    processor = load_processor(str(tiny_model_dir))
+    logged = []
+    graphs = TorchStaticBackend(str(tiny_model_dir), device="cpu")
+    graphs._arenas._on_change = logged.append
+    counter = CountingCapture()
+    graphs._graph_capture = counter
+    graphs.set_cuda_graph(True)
+    plain = TorchStaticBackend(str(tiny_model_dir), device="cpu")
+    config = Kosmos2Config(model=str(tiny_model_dir), backend="torch", device="cpu", enable_3d=False)
+    pipes = [Pipeline(config, b, processor) for b in (graphs, plain)]
+
+    def round_of(seed: int):
+        frame = Frame(rgb=toy_image(100 + seed, size=128), stamp_ns=seed + 1, frame_id="cam")
+        lone = Command(id="r", task="refer", text=EXPRESSIONS[seed % len(EXPRESSIONS)])
+        four = [Command(id=f"m{i}", task="refer", text=EXPRESSIONS[(seed + i) % len(EXPRESSIONS)]) for i in range(4)]
+        rest = [Command(id="c", task="caption"), Command(id="d", task="describe", max_new_tokens=24),
+                Command(id="a", task="refer", text=EXPRESSIONS[(seed + 1) % len(EXPRESSIONS)], describe_candidates=1)]
+        out = []
+        for pipe in pipes:
+            results = [pipe.run(lone, frame)] + pipe.run_batch(four, frame) + [pipe.run(c, frame) for c in rest]
+            assert all(r.status == 0 for r in results), [r.error for r in results]
+            out.append([r.token_ids for r in results])
+        assert out[0] == out[1]
+        return len(out[0])
+
+    commands = sum(round_of(seed) for seed in range(2))
+    warm = (counter.captures, graphs.graph_stats.plain_steps, graphs.graph_stats.step_buffers)
+    while commands < 200:
+        commands += round_of(commands)
+    stats = graphs.graph_stats
+    assert (counter.captures, stats.plain_steps, stats.step_buffers) == warm, "captures after warm-up"
+    assert stats.captures == counter.captures >= 3 and stats.replays > 10 * stats.plain_steps
+    assert counter.fresh_pools == 1                          # every graph joined the first one's pool
+    assert graphs._arenas.stats.dropped == 0 and graphs._arenas.stats.kept == len(graphs._steps)
+    assert logged and all("kept" in line and "MiB" in line for line in logged)
+    graphs.close()
+    plain.close()
+
+
+def test_reduced_precision_is_read_once_in_its_dtype_and_computes_what_the_cast_model_does(tiny_model_dir):
+    """bf16 here (fp16 on a GPU takes the same path): the checkpoint read in bf16, its fp32 islands read again
+    in fp32, gives exactly the modules that reading fp32 and casting gave (every weight, every dtype), with
+    the input embedding and lm_head still one tensor where the checkpoint ties them."""
+    from kosmos2_ros.core.backends.torch.backend import load_model
+
+    direct = TorchStaticBackend(str(tiny_model_dir), device="cpu", precision="bf16")
+    fp32 = load_model(str(tiny_model_dir), "fp32", False)
+    tied = fp32.text_model.lm_head.weight is fp32.text_model.model.embed_tokens.weight
+    cast = TorchStaticBackend(str(tiny_model_dir), device="cpu", precision="bf16", model=fp32)
+    for mine, theirs in ((direct._decoder, cast._decoder), (direct._vision, cast._vision)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert any(p.dtype == torch.float32 for p in direct._decoder.parameters())      # the LayerNorms
+    assert (direct._decoder.lm_head.weight is direct._decoder.embed_tokens.weight) == tied
+    direct.close()
+    cast.close()

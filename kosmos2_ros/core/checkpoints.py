@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .backends.modules import image_features, kosmos2_attention, load_kosmos2
 from .grounding import box_iou, box_to_patch_index, patch_index_to_box
 from .scenes import OBJECTS, draw_scene
 from .vocab import patch_token
@@ -100,8 +101,11 @@ def tiny_config(vocab_size: int, image_size: int = 224, full_size: bool = False,
                 latent_query_num: int = 64):
     from transformers import Kosmos2Config
 
+    # Attention that computes Kosmos-2 right on this transformers (`kosmos2_attention`): trained under 5.0-5.14's
+    # sdpa, which masks the image-to-text projection causally, a checkpoint would ground with other image embeddings.
+    attention = {"attn_implementation": kosmos2_attention()} if kosmos2_attention() else {}
     if full_size:
-        cfg = Kosmos2Config()  # the real architecture: 1.664 B parameters
+        cfg = Kosmos2Config(**attention)  # the real architecture: 1.664 B parameters
         cfg.text_config.vocab_size = max(vocab_size, cfg.text_config.vocab_size)
         return cfg
     text = dict(vocab_size=vocab_size, embed_dim=64, layers=2, attention_heads=4, ffn_dim=128,
@@ -110,7 +114,7 @@ def tiny_config(vocab_size: int, image_size: int = 224, full_size: bool = False,
                 use_cache=True)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=image_size, patch_size=28, layer_norm_eps=1e-5)
-    return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=latent_query_num)
+    return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=latent_query_num, **attention)
 
 
 # -- synthetic grounded training data --------------------------------------------------------
@@ -292,6 +296,29 @@ def build_tiny_checkpoint(out_dir: Union[str, os.PathLike], seed: int = 0, full_
     return out
 
 
+def full_size_in_memory(out_dir: Union[str, os.PathLike], dtype: Any, device: str, seed: int = 0) -> Tuple[Any, Path]:
+    """(model, out_dir): the real architecture with random weights, made on `device` and cast to `dtype`, with
+    its processor and config (no weights) saved to `out_dir`: what the GPU check times, without writing and
+    reading 6.6 GB of weights it would never need again."""
+    import torch
+    from transformers import Kosmos2ForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    config = tiny_config(len(processor.tokenizer), full_size=True)
+    tok = processor.tokenizer
+    for sub in (config, config.text_config):
+        sub.bos_token_id, sub.eos_token_id, sub.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Kosmos2ForConditionalGeneration(config).eval()
+    model = model.to(dtype)
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return model, out
+
+
 # -- a toy trained on referring expressions only ---------------------------------------------------
 EXPRESSIONS = ("the cup", "the red mug", "the laptop", "the blue box", "the dog", "the person",
                "the green ball", "the door")
@@ -328,7 +355,6 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
     """
     import torch
     from PIL import Image
-    from transformers import Kosmos2ForConditionalGeneration
 
     from .loading import TextCodec, load_processor
 
@@ -336,7 +362,7 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
     processor = load_processor(src_dir)
     codec = TextCodec(processor)
     vocab = codec.vocab
-    model = Kosmos2ForConditionalGeneration.from_pretrained(src_dir, dtype=torch.float32)
+    model = load_kosmos2(src_dir, dtype=torch.float32)
     model.train()
     pixels = {s: torch.from_numpy(processor.image_processor(images=Image.fromarray(toy_image(s)),
                                                             return_tensors="np")["pixel_values"])
@@ -359,7 +385,7 @@ def build_toy_grounding_checkpoint(src_dir: str, out_dir: str, steps: int = 100,
         att[i, :len(seq)] = 1
         labels[i, plen:len(seq)] = torch.tensor(seq[plen:])
     with torch.no_grad():  # the vision side stays as built: train only the text decoder
-        embeds = {s: model.get_image_features(pv, return_dict=True).pooler_output for s, pv in pixels.items()}
+        embeds = {s: image_features(model, pv) for s, pv in pixels.items()}
     data = dict(input_ids=ids, image_embeds=torch.cat([embeds[x[3]] for x in examples]),
                 image_embeds_position_mask=mask, attention_mask=att, labels=labels)
     gen = np.random.RandomState(seed)

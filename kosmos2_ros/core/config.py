@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
+from .backends.kv_cache import ARENA_BUDGET_MB
 from .backends.registry import AUTO, PRECISION_CHOICES, precision_problem
 from .backends.registry import CHOICES as BACKENDS
 from .decoding import DecodingMode
@@ -46,6 +47,7 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "query_rate_hz": (0.0, 1000.0),        # 0 = as fast as the model allows
     "encode_ahead_hz": (0.0, 1000.0),      # 0 = off
     "tf_timeout_s": (0.0, 5.0),
+    "arena_budget_mb": (1.0, 1_048_576.0),
 }
 
 
@@ -66,6 +68,7 @@ class Kosmos2Config:
     build_engines: bool = False                      # the node may build missing engines itself
     cuda_graph: bool = True                          # tensorrt, torch on a GPU: replay the decode step as a CUDA graph
     torch_mode: str = "auto"                         # torch: auto (static on a GPU) | reference | static
+    arena_budget_mb: float = ARENA_BUDGET_MB         # tensorrt, torch on a GPU: device memory kept decode arenas take
     # Generation
     max_new_tokens: int = 64
     max_new_tokens_limit: int = 512                  # commands asking for more are refused

@@ -190,6 +190,15 @@ _NEXT_IN_BOX = {Phase.OPEN: Phase.FIRST, Phase.FIRST: Phase.SECOND, Phase.SECOND
 #: Candidate cells are at least this many cells (Chebyshev distance on the grid) from any cell
 #: already taken: the chosen box's neighbouring cell is the same object, not another one.
 CANDIDATE_SPACING = 2
+#: The fewest first-corner cells a candidate search tries: the candidates are ranked by their boxes' scores
+#: after the search, so a smaller search (max_candidates 1) could miss the best-scoring box a larger one finds.
+CANDIDATE_SEARCH = 3
+
+
+def candidate_search(wanted: int) -> int:
+    """First-corner cells to try for `wanted` candidates (0: none): the best candidate never depends on how
+    many were asked for; the caller keeps the best `wanted`."""
+    return max(int(wanted), CANDIDATE_SEARCH) if wanted > 0 else 0
 
 
 def candidate_cells(logits: np.ndarray, chosen: int, vocab: GroundingVocab, count: int,

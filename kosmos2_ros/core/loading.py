@@ -92,7 +92,22 @@ def _check_safe(path: Path, allow_pickle: bool) -> None:
             "convert them to safetensors, or set allow_pickle_weights: true if you trust the source")
     if not has_safetensors and not has_pickle:
         raise ModelNotFound(f"{path} has no weights (*.safetensors)")
+    if not has_safetensors and not torch_loads_pickle():
+        import torch
+
+        raise UnsafeCheckpoint(
+            f"{path} holds only pickle weights (*.bin/*.pt), and transformers loads those only with torch >= 2.6 "
+            f"(torch {torch.__version__} here, as on JetPack 6); convert them to safetensors")
     _check_no_remote_code(path)
+
+
+def torch_loads_pickle() -> bool:
+    """Whether transformers will load pickle weights with this torch: it refuses below 2.6 (its `torch.load`
+    safety rule), and JetPack 6's torch is 2.3-2.5."""
+    import torch
+    from packaging.version import Version
+
+    return Version(torch.__version__).release[:2] >= (2, 6)
 
 
 def _check_no_remote_code(path: Path) -> None:
@@ -165,6 +180,9 @@ def checkpoint_no_repeat_ngram_size(model_dir: str) -> int:
 
 
 def load_processor(model_dir: str) -> Any:
+    """The checkpoint's processor with the PIL image processor everywhere: transformers takes torchvision's
+    ("fast") one where torchvision is installed (a GPU machine, a Jetson), and its pixels differ from PIL's,
+    so tokens would depend on what else is installed."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+    return AutoProcessor.from_pretrained(model_dir, trust_remote_code=False, use_fast=False)

@@ -18,7 +18,7 @@ from . import grounding
 from .backends.base import Backend, BackendError
 from .backends.registry import AUTO, choose_backend, create_backend
 from .config import MAX_CANDIDATES, MAX_NGRAM, Kosmos2Config
-from .decoding import Cancelled, DecodingMode, Generation, Row, generate, logits_processors
+from .decoding import Cancelled, DecodingMode, Generation, Row, candidate_search, generate, logits_processors
 from .frames import Frame, FrameEncoding
 from .geometry import InputGeometry, box_point_3d
 from .grounding import GRID, Box, box_iou
@@ -172,7 +172,8 @@ class Pipeline:
         processor = load_processor(model_dir)
         options = dict(device=config.device, precision=config.precision,
                        allow_pickle=config.allow_pickle_weights, artifacts_dir=config.artifacts_dir,
-                       build_engines=config.build_engines, cuda_graph=config.cuda_graph, torch_mode=config.torch_mode)
+                       build_engines=config.build_engines, cuda_graph=config.cuda_graph, torch_mode=config.torch_mode,
+                       arena_budget_mb=config.arena_budget_mb)
         options.update(backend_options)
         name, reason = config.backend, ""
         if name == AUTO:
@@ -462,7 +463,7 @@ class Pipeline:
                       constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
                                    and plan.max_new_tokens >= 4),
                       processors=logits_processors(plan.no_repeat_ngram_size),
-                      max_candidates=plan.max_candidates if prompt.expects_box else 0)
+                      max_candidates=candidate_search(plan.max_candidates) if prompt.expects_box else 0)
             if plen:
                 key = tuple(pids.input_ids[:plen])
                 cache = enc.prefix_caches.get(key)

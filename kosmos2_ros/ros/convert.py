@@ -1,13 +1,15 @@
 """Messages <-> core types. Unpacks message fields; the pixel decoding itself is core.images.
 
-cv_bridge is used where it imports and works (a real ROS 2 install); the numpy path in
-core.images is the reference and the fallback, so results do not depend on which one ran.
+No cv_bridge: Humble's `imgmsg_to_cv2` skews images whose row padding (`step`) is not a whole
+number of pixels, and core.images reads every encoding, padding and byte order right without it.
+Large arrays go into messages as `array('B')` (`uint8_array`): Humble's generated setters take it
+as it is and check any other sequence element by element (about 100 ms for a 640x480 frame).
 """
 from __future__ import annotations
 
 import array
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -22,13 +24,6 @@ from kosmos2_ros.core.pipeline import Command, GroundedBox, Result
 from kosmos2_ros.msg import GroundedObject, GroundingCommand, GroundingResult, PixelBox
 
 ImageError = images.ImageError
-
-try:  # pragma: no cover - not installed on the development machine
-    from cv_bridge import CvBridge
-
-    _BRIDGE: Optional[Any] = CvBridge()
-except Exception:  # noqa: BLE001 - a broken cv_bridge (ROS 1 wheel) raises more than ImportError
-    _BRIDGE = None
 
 try:  # pragma: no cover - vision_msgs is optional
     from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
@@ -52,8 +47,15 @@ def header_of(stamp_ns: int, frame_id: str) -> Header:
 
 
 # -- images ----------------------------------------------------------------------------------
+def uint8_array(data: Union[bytes, np.ndarray]) -> array.array:
+    """A `uint8[]` field's value that every distro's setter takes without a per-element check."""
+    out = array.array("B")
+    out.frombytes(data.tobytes() if isinstance(data, np.ndarray) else data)
+    return out
+
+
 def _check_size(msg: Image) -> None:
-    """The checks cv_bridge does not make (it would read past a truncated buffer or crash)."""
+    """The message's own size fields against its data, before any pixel is read."""
     if msg.height == 0 or msg.width == 0:
         raise ImageError(f"zero-size image ({msg.width}x{msg.height})")
     fmt = images.pixel_format(msg.encoding)
@@ -65,16 +67,9 @@ def _check_size(msg: Image) -> None:
         raise ImageError(f"step {msg.step} is smaller than one row of {msg.width} {msg.encoding} pixels")
 
 
-def image_to_rgb(msg: Image, use_bridge: bool = True) -> np.ndarray:
+def image_to_rgb(msg: Image) -> np.ndarray:
     """sensor_msgs/Image -> H x W x 3 uint8 RGB, or ImageError with the reason."""
     _check_size(msg)
-    if use_bridge and _BRIDGE is not None and not msg.encoding.startswith("bayer_") and msg.encoding != "32FC1":
-        try:  # pragma: no cover - exercised only where cv_bridge works
-            out = _BRIDGE.imgmsg_to_cv2(msg, desired_encoding="rgb8")
-            if out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8:
-                return np.ascontiguousarray(out)
-        except Exception:  # noqa: BLE001 - fall back to the reference path below
-            pass
     return images.to_rgb8(msg.encoding, msg.height, msg.width, msg.step, bool(msg.is_bigendian), msg.data)
 
 
@@ -91,7 +86,7 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
 def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "bgr8") -> Image:
     data, step = images.from_rgb8(rgb, encoding)
     return Image(header=header, height=int(rgb.shape[0]), width=int(rgb.shape[1]), encoding=encoding,
-                 is_bigendian=0, step=step, data=data)
+                 is_bigendian=0, step=step, data=uint8_array(data))
 
 
 #: Distortion models the node undoes, and the D lengths OpenCV takes for them.
@@ -195,9 +190,8 @@ def mask_image(res: Result, header: Header) -> Image:
     labels = np.zeros(masks[0][1].shape, dtype=np.uint8)
     for label, mask in reversed(masks):
         labels[mask] = label
-    # array('B') is taken as is; bytes are checked element by element in Python by the message setter
     return Image(header=header, height=labels.shape[0], width=labels.shape[1], encoding="mono8", is_bigendian=0,
-                 step=labels.shape[1], data=array.array("B", labels.tobytes()))
+                 step=labels.shape[1], data=uint8_array(labels))
 
 
 def result_to_msg(res: Result, queue_ms: float = 0.0, masks: bool = True) -> GroundingResult:
@@ -248,7 +242,7 @@ def cloud_of(res: Result) -> Optional[PointCloud2]:
     return PointCloud2(header=header_of(res.stamp_ns, res.geometry_frame_id or res.frame_id), height=1,
                        width=len(cloud), fields=fields, is_bigendian=False, point_step=CLOUD_DTYPE.itemsize,
                        row_step=CLOUD_DTYPE.itemsize * len(cloud), is_dense=True,
-                       data=array.array("B", cloud.tobytes()))
+                       data=uint8_array(cloud))
 
 
 def cloud_points(msg: PointCloud2) -> np.ndarray:

@@ -56,7 +56,11 @@ def parse_float(name: str, value: str) -> float:
 
 
 def parameter_overrides(arguments: Mapping[str, str]) -> Dict[str, object]:
-    """Only the arguments actually given override the parameters file (empty = keep it)."""
+    """Only the arguments actually given override the parameters file (empty = keep it).
+
+    An empty list (`cameras:="[]"`) counts as not given: launch_ros turns `[]` into `()` and then
+    refuses it as a parameter value on every distro, after this file promised a checked launch.
+    """
     out: Dict[str, object] = {}
     for name in OVERRIDE_ARGUMENTS:
         value = arguments.get(name, "").strip()
@@ -65,7 +69,9 @@ def parameter_overrides(arguments: Mapping[str, str]) -> Dict[str, object]:
         if name in BOOL_ARGUMENTS:
             out[name] = parse_bool(name, value)
         elif name in LIST_ARGUMENTS:
-            out[name] = parse_list(name, value)
+            items = parse_list(name, value)
+            if items:
+                out[name] = items
         elif name in FLOAT_ARGUMENTS:
             out[name] = parse_float(name, value)
         else:

@@ -377,6 +377,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
                   ("results_unpublished", self.worker.finish_errors),
                   ("frames_encoded_ahead", self.live.frames_encoded_ahead),
                   ("idle_work_errors", self.worker.idle_errors), ("last_idle_work_error", self.worker.last_idle_error)]
+        if pipeline is not None:
+            common += sorted(pipeline.backend.counters().items())
         self.outputs.publish_diagnostics(self.state_label, self.config.model,
                                          [(cam.name, cam.stats, cam.diagnostics() + common)
                                           for cam in list(self.cameras.values())])

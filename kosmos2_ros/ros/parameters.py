@@ -35,6 +35,9 @@ PARAMETER_DOCS: Dict[str, str] = {
     "artifacts_dir": "where ONNX graphs and TensorRT engines are cached",
     "build_engines": "the node may build missing ONNX/TensorRT artifacts itself on configure",
     "cuda_graph": "tensorrt, torch on a GPU: replay each decode step as one CUDA graph launch",
+    "arena_budget_mb": "tensorrt, torch on a GPU: device memory (MiB) the decode arenas kept for reuse may take; each "
+                       "kept arena shape keeps its captured CUDA graph, so traffic that fits never captures again "
+                       "(least recently used dropped first)",
     "torch_mode": "torch backend: auto (static KV arena + CUDA graphs on a GPU, transformers' modules on the CPU) "
                   "| reference (transformers' modules step by step) | static",
     "max_new_tokens": "default generation limit for a command (commands may ask for another)",
@@ -80,6 +83,7 @@ PARAMETER_DOCS: Dict[str, str] = {
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
                                  "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph", "torch_mode",
+                                 "arena_budget_mb",
                                  "target_frame", "tf_timeout_s",
                                  "image_qos", "use_compressed", "cameras"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))

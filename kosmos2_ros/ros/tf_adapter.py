@@ -15,7 +15,8 @@ from kosmos2_ros.core.object_geometry import invalidate_objects, move_objects, r
 from kosmos2_ros.core.pipeline import Result, Status
 
 #: What configure says when target_frame is set and tf2_ros is missing.
-TF2_MISSING = ("target_frame is set but tf2_ros is not importable: install it (apt install ros-$ROS_DISTRO-tf2-ros) "
+# The Python module tf2_ros is in the package tf2_ros_py (tf2_ros is C++ only), on Humble as on later distros.
+TF2_MISSING = ("target_frame is set but tf2_ros is not importable: install it (apt install ros-$ROS_DISTRO-tf2-ros-py) "
                "or leave target_frame empty (geometry in the camera's optical frame)")
 
 

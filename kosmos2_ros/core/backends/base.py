@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -177,6 +177,10 @@ class Backend(abc.ABC):
 
     def cache_length(self, cache: Any) -> int:
         return int(cache.length)
+
+    def counters(self) -> Dict[str, Any]:
+        """What the backend has done that diagnostics show (decode steps captured and replayed, arenas kept)."""
+        return {}
 
     def close(self) -> None:
         """Free device memory. The backend is unusable afterwards."""

@@ -10,8 +10,14 @@ the module itself) over caches kept by `kv_cache`:
   key/value into the row's next column on the device. Inputs, outputs and arena keep their
   addresses, so after two plain runs the step (decoder + scatter) is captured as a CUDA graph
   and replayed: one launch per token (gpt-fast's pattern: static buffers, warm-up runs on a side
-  stream, one capture per arena shape; the arenas' capacities come in steps of 64, so a handful of
-  graphs serve every length). Graphs share one memory pool: they replay one at a time.
+  stream, one capture per arena shape). Arena shapes come in buckets (rows 1, 2, 4, ...; capacities
+  64, 128, 256, 512, then multiples of 512) and the pool keeps them within a memory budget
+  (`arena_budget_mb`), so the handful of shapes real traffic uses (a refer, four refers on a frame,
+  candidate rows, a caption, a description) are captured once and replayed from then on
+  (`GraphStats` counts both). Graphs share one memory pool: they replay one at a time.
+- each step owns what it runs with: its buffers, its graph and, for TensorRT, its own execution
+  context bound once to those buffers (a captured graph is valid only for the context state it was
+  captured with; one context re-bound to another arena's shapes would make every other graph wrong).
 
 Everything runs on the backend's own stream and, for `cuda:N`, with device N current (a
 TensorRT context runs on the calling thread's current device). On the CPU (torch's static path
@@ -21,15 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .graph import GraphBackend
-from .kv_cache import ArenaPool, ArrayOps, KVArena, KVCache, StepFeeds, aligned_slabs, appended, pack_appends, packed_past
+from .kv_cache import (
+    ARENA_BUDGET_MB,
+    ArenaPool,
+    ArrayOps,
+    KVArena,
+    KVCache,
+    StepFeeds,
+    aligned_slabs,
+    appended,
+    pack_appends,
+    packed_past,
+)
 
 #: The decoder graph's first five inputs (`onnx.export.GRAPH_IO`); the KV arrays follow.
 STEP_INPUTS = ("input_ids", "image_mask", "position_ids", "attention_mask")
+#: int64 elements between the step's staged inputs: 256 bytes, the alignment TensorRT requires of an address.
+STAGE_ALIGN = 32
 
 
 class StepBuffers:
@@ -42,14 +62,34 @@ class StepBuffers:
         n, _, heads, _, hd = arena.kv.shape
         dt = dtypes or {}
 
-        def buffer(name: str, shape: Tuple[int, ...]) -> Any:
-            return torch.zeros(shape, dtype=dt.get(name, torch.int64), device=device)
-
         self.arena = arena
-        self.inputs = {"input_ids": buffer("input_ids", (rows, 1)), "image_mask": buffer("image_mask", (rows, 1)),
-                       "position_ids": buffer("position_ids", (rows, 1)),
-                       "attention_mask": buffer("attention_mask", (rows, cap + 2))}
-        self.columns = torch.full((rows,), cap, dtype=torch.int64, device=device)   # scatter_ indexes in int64
+        self.inputs = {"image_mask": torch.zeros((rows, 1), dtype=dt.get("image_mask", torch.int64), device=device)}
+        # What a step loads (ids, positions, mask, columns) is one int64 buffer on the device, each piece starting
+        # 256 bytes apart (TensorRT binds them one by one), filled from one host buffer (pinned on a GPU) by one
+        # copy: one host-to-device transfer a token, not four synchronous ones. (An engine with other input
+        # dtypes gets a buffer per input, as the decoder's graphs never export.)
+        shapes = {"input_ids": (rows, 1), "position_ids": (rows, 1), "attention_mask": (rows, cap + 2),
+                  "columns": (rows,)}
+        if all(dt.get(name, torch.int64) == torch.int64 for name in STEP_INPUTS):
+            offsets, total = {}, 0
+            for name, shape in shapes.items():
+                offsets[name] = total
+                total += -(-int(np.prod(shape)) // STAGE_ALIGN) * STAGE_ALIGN
+            self._staged = torch.zeros(total, dtype=torch.int64, device=device)
+            cuda = str(device).startswith("cuda")
+            self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True) if cuda else self._staged
+            pieces = {name: self._staged[o:o + int(np.prod(shapes[name]))].view(shapes[name])
+                      for name, o in offsets.items()}
+            host = self._host.numpy()
+            self._host_pieces = {name: host[o:o + int(np.prod(shapes[name]))].reshape(shapes[name])
+                                 for name, o in offsets.items()}
+        else:
+            self._staged = self._host = None
+            pieces = {name: torch.zeros(shape, dtype=dt.get(name, torch.int64), device=device)
+                      for name, shape in shapes.items()}
+        self.columns = pieces.pop("columns")      # scatter_ indexes in int64
+        self.columns.fill_(cap)
+        self.inputs.update(pieces)
         self.logits = torch.empty((rows, vocab_size), dtype=dt.get("logits", torch.float32), device=device)
         # The step's new keys/values, one aligned array per KV input (bound one by one), in the cache's dtype.
         kv_ops = ArrayOps(zeros=lambda shape: torch.zeros(shape, dtype=arena.kv.dtype, device=device),
@@ -57,17 +97,77 @@ class StepBuffers:
         self.new = aligned_slabs(kv_ops, n, (rows, heads, 1, hd))
         self.index = self.columns.view(1, rows, 1, 1, 1).expand(n, rows, heads, 1, hd)
         self.graph: Any = None
+        self.context: Any = None   # what runs the step, bound once to these buffers (TensorRT: its own context)
         self.runs = 0
 
     def load(self, torch: Any, feeds: StepFeeds) -> None:
-        for name, arr in (("input_ids", feeds.input_ids), ("position_ids", feeds.position_ids),
-                          ("attention_mask", feeds.attention_mask)):
-            self.inputs[name].copy_(torch.from_numpy(arr))   # copy_ converts to the buffer's dtype
-        self.columns.copy_(torch.from_numpy(feeds.columns))
+        """The step's inputs onto the device, on the current (the backend's) stream. The host buffer is reused
+        step after step: safe because every step ends by reading its logits back, which waits for the stream."""
+        arrays = {"input_ids": feeds.input_ids, "position_ids": feeds.position_ids,
+                  "attention_mask": feeds.attention_mask, "columns": feeds.columns}
+        if self._staged is None:
+            for name, arr in arrays.items():
+                (self.columns if name == "columns" else self.inputs[name]).copy_(torch.from_numpy(arr))
+            return
+        for name, arr in arrays.items():
+            self._host_pieces[name][...] = arr
+        if self._host is not self._staged:
+            self._staged.copy_(self._host, non_blocking=True)
+
+    def read_logits(self, active: List[int]) -> np.ndarray:
+        """The active rows' logits on the host ([len(active), vocab], fp32): a slice when they are the first rows
+        (no index tensor to upload), else every row, picked on the host."""
+        if active == list(range(len(active))):
+            return self.logits[:len(active)].float().cpu().numpy()
+        return self.logits.float().cpu().numpy()[active]
 
     def scatter(self) -> None:
         """Write the step's new keys/values into the arena at each row's column (idle rows: scratch)."""
         self.arena.kv.scatter_(3, self.index, self.new)
+
+
+@dataclass
+class GraphStats:
+    """Decode steps by how they ran, and the step buffers made (diagnostics, the device check)."""
+    captures: int = 0
+    replays: int = 0
+    plain_steps: int = 0
+    step_buffers: int = 0
+
+
+class CudaGraphCapture:
+    """Captures a step's launches as a CUDA graph on the backend's stream.
+
+    `torch.cuda.graph` synchronises the whole device, collects garbage and empties the allocator's cache on
+    entry; here only the backend's stream is synchronised (its earlier work must finish before capture), and
+    the capture itself is torch's `capture_begin` / `capture_end` on that stream, into the backend's pool.
+    """
+
+    def __init__(self, torch: Any, stream: Any) -> None:
+        self._torch, self._stream = torch, stream
+        self._pool: Any = None
+
+    def capture(self, launch: Callable[[], None], fresh_pool: bool) -> Any:
+        """`fresh_pool`: no graph of this backend is alive. A pool whose graphs are all gone may not be shared
+        again (torch asserts its use count is positive when a capture joins it; torch.cuda.graph's
+        empty_cache used to erase it first), so the next capture takes a new one."""
+        torch = self._torch
+        if fresh_pool or self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        self._stream.synchronize()
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                launch()
+            except BaseException:
+                try:               # end the broken capture, but report what broke it
+                    graph.capture_end()
+                except Exception:  # noqa: BLE001, S110 - the launch's error is the one to report
+                    pass
+                raise
+            graph.capture_end()
+        return graph
 
 
 class DeviceGraphBackend(GraphBackend):
@@ -75,7 +175,7 @@ class DeviceGraphBackend(GraphBackend):
 
     Subclasses call `_init_device` and provide `_run_decoder` (a prefill call: fill `outputs`),
     `_launch_step` (enqueue the decoder over a step's buffers: fill `step.logits`, `step.new`)
-    and, where binding is a separate act (TensorRT), `_bind_step`.
+    and, where binding is a separate act (TensorRT), `_prepare_step` (once per step buffers).
     """
 
     #: Rows and tokens one decoder call may hold (an engine's profile); None: no limit.
@@ -87,22 +187,26 @@ class DeviceGraphBackend(GraphBackend):
     graph_error = ""    # why capture was given up, if it was
 
     def _init_device(self, torch: Any, device: str, kv_dtype: Any, dtypes: Dict[str, Any], n_arrays: int,
-                     heads: int, head_dim: int, embed_dim: int, limit: int, cuda_graph: bool) -> None:
+                     heads: int, head_dim: int, embed_dim: int, limit: int, cuda_graph: bool,
+                     arena_budget_mb: float = ARENA_BUDGET_MB, log: Callable[[str], None] = print) -> None:
         self._torch, self.device, self.kv_dtype, self._dtypes = torch, device, kv_dtype, dtypes
         self.heads, self.head_dim = heads, head_dim
         self._cuda = str(device).startswith("cuda")
         self.cuda_graph = bool(cuda_graph) and self._cuda
         with self._on_device():
             self._stream = torch.cuda.Stream(device=device) if self._cuda else None
-            self._pool = torch.cuda.graph_pool_handle() if self._cuda else None
             self._no_image = torch.zeros((1, 1, embed_dim), dtype=dtypes.get("image_embeds", torch.float32),
                                          device=device)
         self._ops = ArrayOps(zeros=lambda shape: torch.zeros(shape, dtype=kv_dtype, device=device),
                              cat=lambda parts, axis: torch.cat(parts, dim=axis))
         self._limit = limit
-        self._arenas = ArenaPool(self._ops, n_arrays, heads, head_dim, limit)
-        self._steps: Dict[int, StepBuffers] = {}     # id(arena) -> its step buffers (and graph)
-        self._bound: Optional[StepBuffers] = None    # the step whose addresses the step decoder holds
+        itemsize = torch.empty((), dtype=kv_dtype).element_size()
+        self._arenas = ArenaPool(self._ops, n_arrays, heads, head_dim, limit, budget_mb=arena_budget_mb,
+                                 itemsize=itemsize, bucket_rows=True, max_rows=self.max_rows,
+                                 on_change=lambda line: log(f"{self.name}: {line}"))
+        self._steps: Dict[int, StepBuffers] = {}     # id(arena) -> its step buffers (graph, context)
+        self.graph_stats = GraphStats()
+        self._graph_capture: Any = CudaGraphCapture(torch, self._stream) if self._cuda else None
 
     # -- subclass hooks ----------------------------------------------------------------------------
     def _run_decoder(self, inputs: Dict[str, Any], outputs: Dict[str, Any]) -> None:
@@ -111,8 +215,8 @@ class DeviceGraphBackend(GraphBackend):
     def _launch_step(self, step: StepBuffers) -> None:
         raise NotImplementedError
 
-    def _bind_step(self, step: StepBuffers) -> None:
-        """Give the step decoder this step's shapes and addresses (nothing to do for a module)."""
+    def _prepare_step(self, step: StepBuffers) -> None:
+        """Give a new step what it runs with (TensorRT: its own context, bound to its buffers; a module: nothing)."""
 
     # -- device and stream ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -155,8 +259,15 @@ class DeviceGraphBackend(GraphBackend):
                  for i in range(0, len(caches), size)]
         return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
+    def counters(self) -> Dict[str, Any]:
+        g, pool = self.graph_stats, self._arenas.stats
+        return {"decode_graph_captures": g.captures, "decode_graph_replays": g.replays,
+                "decode_plain_steps": g.plain_steps, "decode_step_buffers": g.step_buffers,
+                "arenas_kept": pool.kept, "arenas_dropped": pool.dropped,
+                "arena_memory_mb": f"{pool.kept_mb:.1f} of {pool.budget_mb:g}"}
+
     def close(self) -> None:
-        self._steps, self._bound = {}, None
+        self._steps = {}
         self._arenas.clear()
         if self._cuda:
             self._torch.cuda.empty_cache()
@@ -169,55 +280,58 @@ class DeviceGraphBackend(GraphBackend):
         with self._on_device(), torch.no_grad():
             step = self._step_for(arena)
             step.load(torch, feeds)
-            if step.graph is not None:
+            if step.graph is not None and self.cuda_graph:
                 step.graph.replay()
+                self.graph_stats.replays += 1
             else:
-                self._bind(step)
-                self._launch_step(step)
-                step.scatter()
+                self._run_step(step)
                 step.runs += 1
-                if self.cuda_graph and step.runs >= 2:   # TensorRT wants a plain run before capture
+                self.graph_stats.plain_steps += 1
+                if self.cuda_graph and step.graph is None and step.runs >= 2:   # TensorRT wants a plain run first
                     self._capture(step)
-            logits = step.logits[feeds.active].float().cpu().numpy()
+            logits = step.read_logits(feeds.active)
         self._check(logits)
         return logits, arena.advance(feeds)
 
+    def _run_step(self, step: StepBuffers) -> None:
+        self._launch_step(step)
+        step.scatter()
+
     def _step_for(self, arena: KVArena) -> StepBuffers:
         live = {id(a) for a in self._arenas.live()}
-        for key in [k for k in self._steps if k not in live]:   # arenas the pool dropped
-            if self._bound is self._steps[key]:
-                self._bound = None
+        for key in [k for k in self._steps if k not in live]:   # arenas the pool dropped: their graphs go too
             del self._steps[key]
         step = self._steps.get(id(arena))
         if step is None or step.arena is not arena:
-            step = self._steps[id(arena)] = StepBuffers(self._torch, arena, self.vocab_size, self.device,
-                                                        self._dtypes)
+            step = StepBuffers(self._torch, arena, self.vocab_size, self.device, self._dtypes)
+            self._prepare_step(step)
+            self._steps[id(arena)] = step
+            self.graph_stats.step_buffers += 1
         return step
 
-    def _bind(self, step: StepBuffers) -> None:
-        if self._bound is not step:
-            self._bind_step(step)
-            self._bound = step
+    def set_cuda_graph(self, enabled: bool) -> None:
+        """Turn replay on or off; off drops every captured graph (none is replayed again)."""
+        self.cuda_graph = bool(enabled) and self._graph_capture is not None
+        if not self.cuda_graph:
+            for step in self._steps.values():
+                step.graph = None
 
     def _capture(self, step: StepBuffers) -> None:
         """Capture the step; if this driver/runtime cannot, keep decoding plainly and say why once.
 
         The step that was just run plainly already holds its result, so a failed capture loses nothing.
         """
-        torch = self._torch
-        graph = torch.cuda.CUDAGraph()
-        self._stream.synchronize()
+        alive = any(s.graph is not None for s in self._steps.values())
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-                self._launch_step(step)
-                step.scatter()
+            step.graph = self._graph_capture.capture(lambda: self._run_step(step), fresh_pool=not alive)
         except Exception as exc:  # noqa: BLE001 - capture support varies by driver and runtime
-            self.cuda_graph = False
+            self.set_cuda_graph(False)
             self.graph_error = f"CUDA graph capture of the decode step failed, decoding without graphs: {exc}"
             warnings.warn(self.graph_error, RuntimeWarning, stacklevel=2)
-            self._stream.synchronize()
+            if self._stream is not None:
+                self._stream.synchronize()
             return
-        step.graph = graph
+        self.graph_stats.captures += 1
 
     # -- prefill ---------------------------------------------------------------------------------------
     def _append(self, caches: List[Optional[KVCache]], chunks: List[List[int]], image_embeds: Any,

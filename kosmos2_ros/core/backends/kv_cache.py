@@ -24,8 +24,13 @@ import numpy as np
 
 from .base import BackendError, PackedRows, pack_rows, position_ids
 
-#: Arena capacities are multiples of this, so a handful of shapes (and CUDA graphs) serve all lengths.
+#: The smallest arena capacity. Capacities double up to LINEAR_FROM, then grow by LINEAR_FROM: a handful of
+#: shapes (and so of CUDA graphs) serve every length, none more than twice the length it holds.
 CAPACITY_STEP = 64
+LINEAR_FROM = 512
+#: Device memory the arenas a pool keeps may take by default (MiB): each arena keeps its decode step's
+#: buffers and CUDA graph alive, so kept arenas are what lets mixed traffic replay instead of capture.
+ARENA_BUDGET_MB = 1024.0
 #: Free columns an arena keeps beyond its longest row when it is (re)filled.
 HEADROOM = 32
 #: Each array of an arena (and of a step's new keys/values) starts a multiple of this many elements
@@ -226,41 +231,103 @@ class KVArena:
 
 
 def capacity_for(length: int, limit: int) -> int:
-    """Arena capacity for rows up to `length` tokens: a multiple of CAPACITY_STEP with headroom."""
-    want = -(-(length + HEADROOM) // CAPACITY_STEP) * CAPACITY_STEP
+    """Arena capacity for rows up to `length` tokens with headroom: 64, 128, 256, 512, then multiples of 512."""
     if length >= limit:
         raise BackendError(f"sequence of {length + 1} tokens exceeds the decoder's limit of {limit}")
-    return min(want, limit)
+    need, cap = length + HEADROOM, CAPACITY_STEP
+    while cap < need and cap < LINEAR_FROM:
+        cap *= 2
+    if cap < need:
+        cap = -(-need // LINEAR_FROM) * LINEAR_FROM
+    return min(cap, limit)
+
+
+def rows_for(rows: int, max_rows: Optional[int]) -> int:
+    """Arena rows for a group of `rows`: the next power of two (idle rows write the scratch column), at most
+    `max_rows`, so 1, 2, 3 and 4 rows take at most three shapes."""
+    out = 1
+    while out < rows:
+        out *= 2
+    return max(rows, min(out, max_rows)) if max_rows else out
+
+
+@dataclass
+class PoolStats:
+    """What an arena pool did: the shapes it made and dropped, and what it holds (diagnostics)."""
+    created: int = 0
+    dropped: int = 0
+    kept: int = 0
+    kept_mb: float = 0.0
+    budget_mb: float = 0.0
 
 
 class ArenaPool:
-    """The arenas of one backend, least recently used dropped first (their views get copies).
+    """The arenas of one backend, kept while they fit a memory budget, least recently used dropped first
+    (their views get copies). Each arena shape is a decode step (and a CUDA graph) that real traffic reuses:
+    a single refer, four expressions on a frame, candidate rows, a caption and a description take a handful
+    of shapes, and a pool that keeps them all never captures again after warm-up.
 
-    `slot` separates groups of rows decoded in turn (a batch larger than a backend's step takes
-    several arenas of the same shape, one per group): each slot keeps its own `max_arenas`.
+    `slot` separates groups of rows decoded in turn (a batch larger than a backend's step takes several
+    arenas of the same shape, one per group). `bucket_rows` rounds a group's rows up to a power of two
+    (device graphs: fewer shapes); the CPU backend keeps exact rows (idle rows would cost compute there).
     """
 
     def __init__(self, ops: ArrayOps, n_arrays: int, heads: int, head_dim: int, limit: int,
-                 max_arenas: int = 2) -> None:
+                 budget_mb: float = ARENA_BUDGET_MB, itemsize: int = 4, bucket_rows: bool = False,
+                 max_rows: Optional[int] = None, on_change: Optional[Callable[[str], None]] = None) -> None:
         self.ops, self.n_arrays, self.heads, self.head_dim = ops, n_arrays, heads, head_dim
-        self.limit, self.max_arenas = limit, max_arenas
+        self.limit, self.itemsize, self.bucket_rows, self.max_rows = limit, itemsize, bucket_rows, max_rows
+        self.budget_bytes = float(budget_mb) * (1 << 20)
+        self.stats = PoolStats(budget_mb=float(budget_mb))
+        self._on_change = on_change
         self._arenas: Dict[Tuple[int, int, int], KVArena] = OrderedDict()
+
+    def arena_bytes(self, rows: int, capacity: int) -> int:
+        return self.n_arrays * rows * self.heads * (capacity + 1) * self.head_dim * self.itemsize
 
     def arena_for(self, caches: Sequence[KVCache], slot: int = 0) -> Tuple[KVArena, List[KVCache]]:
         """The arena holding `caches` as they are, or one they have just been copied into."""
         first = caches[0]
         if first.arena is not None and first.arena.holds(caches):
+            self._touch(first.arena)
             return first.arena, list(caches)
         cap = capacity_for(max(c.length for c in caches), self.limit)
-        key = (slot, len(caches), cap)
+        rows = rows_for(len(caches), self.max_rows) if self.bucket_rows else len(caches)
+        key = (slot, rows, cap)
         arena = self._arenas.pop(key, None)
         if arena is None:
-            while sum(k[0] == slot for k in self._arenas) >= self.max_arenas:
-                old = next(k for k in self._arenas if k[0] == slot)
-                self._arenas.pop(old).release_views()
-            arena = KVArena(self.ops, self.n_arrays, len(caches), self.heads, cap, self.head_dim)
-        self._arenas[key] = arena
+            arena = KVArena(self.ops, self.n_arrays, rows, self.heads, cap, self.head_dim)
+            self.stats.created += 1
+            self._arenas[key] = arena
+            self._fit(keep=key)
+            self._report(f"arena {rows} x {cap} tokens made")
+        else:
+            self._arenas[key] = arena
         return arena, arena.load(caches)
+
+    def _touch(self, arena: KVArena) -> None:
+        for key, kept in self._arenas.items():
+            if kept is arena:
+                self._arenas.move_to_end(key)
+                return
+
+    def _fit(self, keep: Tuple[int, int, int]) -> None:
+        """Drop the least recently used arenas until the rest fit the budget (the one in use always stays)."""
+        while self._bytes() > self.budget_bytes and len(self._arenas) > 1:
+            old = next(k for k in self._arenas if k != keep)
+            self._arenas.pop(old).release_views()
+            self.stats.dropped += 1
+            self._report(f"arena {old[1]} x {old[2]} tokens dropped (budget)")
+
+    def _bytes(self) -> int:
+        return sum(self.arena_bytes(k[1], k[2]) for k in self._arenas)
+
+    def _report(self, what: str) -> None:
+        self.stats.kept = len(self._arenas)
+        self.stats.kept_mb = self._bytes() / (1 << 20)
+        if self._on_change is not None:
+            self._on_change(f"{what}: {self.stats.kept} kept, {self.stats.kept_mb:.1f} of "
+                            f"{self.stats.budget_mb:g} MiB")
 
     def live(self) -> List[KVArena]:
         """The arenas kept now (a backend drops what it holds for any other)."""
@@ -270,3 +337,4 @@ class ArenaPool:
         for arena in self._arenas.values():
             arena.release_views()
         self._arenas.clear()
+        self._report("arenas cleared")

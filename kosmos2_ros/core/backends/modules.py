@@ -13,7 +13,7 @@ torch is imported only when the modules are first built.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 #: Rows of the sinusoidal position table baked into the graph (transformers grows it on demand;
 #: every row is independent of the table size, so a large fixed table is exact).
@@ -30,18 +30,30 @@ def _modules():
     class Precision(nn.Module):
         """Where the reduced-precision graphs keep fp32 (see REDUCED_PRECISION); identity in fp32.
 
-        `lowp(linear)` is a copy of a matrix-product module in the compute dtype (the fp32 model is
-        never modified); `norm(ln, x)` runs a LayerNorm on fp32 statistics and hands back the
-        compute dtype; `f32(x)` / `low(x)` cast into and out of the fp32 parts.
+        `lowp(linear)` is a matrix-product module in the compute dtype: a copy when the model is fp32 (the
+        fp32 model is never modified), the module itself when the model was loaded in that dtype (no copy,
+        and tied weights stay tied); `norm(ln, x)` runs a LayerNorm on fp32 statistics and hands back the
+        compute dtype; `f32(x)` / `low(x)` cast into and out of the fp32 parts. `fp32_parameters()` are the
+        parameters outside the `lowp` modules: what must be fp32 (a model loaded in the compute dtype has
+        them in it until `torch.static` reads them again from the checkpoint).
         """
 
         def __init__(self, dtype: Any = None) -> None:
             super().__init__()
             self.dt = dtype or torch.float32
             self.reduced = self.dt != torch.float32
+            self._lowp_ids: set = set()
 
         def lowp(self, module: Any) -> Any:
-            return copy.deepcopy(module).to(self.dt) if self.reduced else module
+            if not self.reduced:
+                return module
+            if any(p.dtype != self.dt for p in module.parameters()):
+                module = copy.deepcopy(module).to(self.dt)
+            self._lowp_ids.update(id(p) for p in module.parameters())
+            return module
+
+        def fp32_parameters(self) -> list:
+            return [p for p in self.parameters() if id(p) not in self._lowp_ids and p.is_floating_point()]
 
         def f32(self, x: torch.Tensor) -> torch.Tensor:
             return x.float() if self.reduced else x
@@ -66,13 +78,29 @@ def _modules():
                 w = w + bias
             return self.low(torch.softmax(w, dim=-1))
 
+        def attend(self, q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, scaling: float, bias: torch.Tensor) -> torch.Tensor:
+            """Attention of q [batch, heads, seq, hd] over the past [batch, heads, past, hd] and this call's keys
+            and values [batch, heads, seq, hd], without copying the past: the scores over each are computed
+            apart and joined before the softmax ([batch, heads, seq, past + seq], small), and the output is the
+            sum of the two weighted values. Joining keys and values instead (a Concat) writes the whole cache
+            every layer every step: about 200 MB a step at 1024 tokens on the full-size model.
+            """
+            q = q * scaling if self.reduced else q
+            w = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)), torch.matmul(q, k.transpose(-1, -2))], dim=-1)
+            w = w.float() if self.reduced else w * scaling
+            p = self.low(torch.softmax(w + bias, dim=-1))
+            past = past_k.shape[2]
+            out = self.f32(torch.matmul(p[..., :past], past_v)) + self.f32(torch.matmul(p[..., past:], v))
+            return self.low(out)
+
     class VisionGraph(nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
+            return image_features(self.model, pixel_values)
 
     class MixedVisionGraph(Precision):
         """`VisionGraph` with the ViT's matrix products in a reduced dtype (see REDUCED_PRECISION).
@@ -141,7 +169,7 @@ def _modules():
             self.head_dim = int(cfg.embed_dim) // self.num_heads
             rows = max(int(text.embed_positions.weights.shape[0]), MIN_POSITION_ROWS)
             table = text.embed_positions.get_embedding(rows, int(cfg.embed_dim), cfg.pad_token_id)
-            self.register_buffer("position_table", table.to(text.embed_positions.weights.dtype), persistent=False)
+            self.register_buffer("position_table", table.to(torch.float32), persistent=False)
 
         def forward(self, input_ids, image_embeds, image_mask, position_ids, attention_mask, *past):
             bsz, seq = input_ids.shape
@@ -173,9 +201,7 @@ def _modules():
                 h = self.norm(lay["ln1"], hidden)
                 q, k, v = (lay[n](h).view(split).transpose(1, 2) for n in "qkv")
                 presents += [k, v]
-                k = torch.cat([past[2 * i], k], dim=2)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
-                a = torch.matmul(self.scores(q, k, self.scaling, bias), v)
+                a = self.attend(q, past[2 * i], past[2 * i + 1], k, v, self.scaling, bias)
                 a = a.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
                 if "inner_ln" in lay:
                     a = self.norm(lay["inner_ln"], a)
@@ -191,6 +217,49 @@ def _modules():
             return (logits, *presents)
 
     return VisionGraph, DecoderGraph, MixedVisionGraph
+
+
+def kosmos2_attention() -> Optional[str]:
+    """"eager" where transformers' default attention computes Kosmos-2 wrongly, else None (its default).
+
+    transformers 5.0-5.14 (the range JetPack's torch allows) make `KosmosTextAttention.is_causal` always
+    True, so under sdpa, their default, the image-to-text projection's latent queries get a causal mask that
+    eager attention never applies: image embeddings then differ from eager's by more than their own size on
+    the tiny checkpoint, and `generate` with them is not Kosmos-2. Later releases take `is_causal` as an
+    argument (False for the projection) and agree with eager to 1e-9, so they keep their default.
+    """
+    import inspect
+
+    from transformers.models.kosmos2 import modeling_kosmos2
+
+    fixed = "is_causal" in inspect.signature(modeling_kosmos2.KosmosTextAttention.__init__).parameters
+    return None if fixed else "eager"
+
+
+def load_kosmos2(model_dir: str, **kwargs: Any) -> Any:
+    """transformers' Kosmos2ForConditionalGeneration from a local directory, with attention that computes
+    Kosmos-2 right on this transformers (`kosmos2_attention`; an explicit `attn_implementation` wins)."""
+    from transformers import Kosmos2ForConditionalGeneration
+
+    attention = kosmos2_attention()
+    if attention and "attn_implementation" not in kwargs:
+        kwargs["attn_implementation"] = attention
+    return Kosmos2ForConditionalGeneration.from_pretrained(model_dir, **kwargs).eval()
+
+
+def image_features(model: Any, pixel_values: Any) -> Any:
+    """Kosmos-2's image embeddings [batch, 64, D] from pixels [batch, 3, H, W], as `generate` makes them.
+
+    `Kosmos2ForConditionalGeneration.get_image_features` is recent (transformers 5.0-5.14, JetPack's
+    range, have it on `Kosmos2Model` only); where it is missing, its four steps, as `forward` spells them.
+    """
+    if hasattr(model, "get_image_features"):
+        return model.get_image_features(pixel_values, return_dict=True).pooler_output
+    import torch
+
+    hidden = model.vision_model(pixel_values=pixel_values, return_dict=True)[0]
+    embeds = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(hidden), dim=-1)
+    return model.image_to_text_projection(embeds)[0]
 
 
 def torch_dtype(precision: str) -> Any:

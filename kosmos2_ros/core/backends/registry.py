@@ -35,14 +35,15 @@ class BackendSpec:
 
 REGISTRY: Tuple[BackendSpec, ...] = (
     BackendSpec("tensorrt", "tensorrt", "TensorRTBackend",
-                ("device", "precision", "artifacts_dir", "build_engines", "cuda_graph"), PRECISIONS,
+                ("device", "precision", "artifacts_dir", "build_engines", "cuda_graph", "arena_budget_mb"), PRECISIONS,
                 "TensorRT engines on an NVIDIA GPU (build them with kosmos2-build-engines)", ("tensorrt", "torch")),
     BackendSpec("onnxruntime", "onnx", "OnnxBackend",
                 ("device", "precision", "artifacts_dir", "allow_pickle", "model", "threads"), ("fp32",) + QUANTIZED_PRECISIONS,
                 "onnxruntime over the exported ONNX graphs: fp32, or int8 / int4 quantized from them (made on "
                 "first use)", ("onnxruntime",)),
     BackendSpec("torch", "torch", "create",
-                ("device", "precision", "allow_pickle", "model", "cuda_graph", "torch_mode"), PRECISIONS,
+                ("device", "precision", "allow_pickle", "model", "cuda_graph", "torch_mode", "arena_budget_mb"),
+                PRECISIONS,
                 "torch: on a GPU a static KV arena and CUDA graphs; on the CPU transformers' modules, the "
                 "reference every other backend equals token for token", ("torch", "transformers")),
 )

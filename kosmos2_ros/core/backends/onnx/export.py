@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -58,13 +59,23 @@ import numpy as np
 from ...defaults import DTYPE_NAMES, PRECISIONS, QUANTIZED_PRECISIONS
 from ..base import Backend, position_ids
 from ..kv_cache import KVCache
-from ..modules import MASK_VALUE, MIN_POSITION_ROWS, _modules, decoder_module, torch_dtype, vision_module  # noqa: F401 (re-exported)
+from ..modules import (  # noqa: F401 (re-exported)
+    MASK_VALUE,
+    MIN_POSITION_ROWS,
+    _modules,
+    decoder_module,
+    image_features,
+    load_kosmos2,
+    torch_dtype,
+    vision_module,
+)
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
 #: 4: fp16 / bf16 graph variants (strongly typed: precision lives in the graph).
 #: 5: no CumSum (image positions counted by a matrix product) and no Gather at index -1 (the last
 #: position is a Slice from the shape): both undefined or unsupported in TensorRT 10.3.
-EXPORT_VERSION = "5"
+#: 6: attention reads the past KV without a Concat (scores over past and new keys joined before the softmax).
+EXPORT_VERSION = "6"
 #: Graph precisions (`defaults.PRECISIONS`): fp32 (the reference onnxruntime runs) and the reduced-precision
 #: variants TensorRT builds its fp16 / bf16 engines from (exported on demand, under `<precision>/`).
 #: ONNX / numpy element type names of each precision's compute dtype (and KV cache).
@@ -179,12 +190,9 @@ def read_manifest(out_dir: Path) -> Optional[dict]:
 
 def load_for_export(model_dir: str, allow_pickle: bool = False) -> Any:
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
-    model = Kosmos2ForConditionalGeneration.from_pretrained(
-        os.path.expanduser(model_dir), dtype=torch.float32, attn_implementation="eager",
-        use_safetensors=None if allow_pickle else True, trust_remote_code=False)
-    return model.eval()
+    return load_kosmos2(os.path.expanduser(model_dir), dtype=torch.float32, attn_implementation="eager",
+                        use_safetensors=None if allow_pickle else True, trust_remote_code=False)
 
 
 def decoder_names(num_layers: int) -> Tuple[List[str], List[str]]:
@@ -205,7 +213,13 @@ def _export(module: Any, args: tuple, path: Path, inputs: List[str], outputs: Li
         # The TorchScript exporter: no extra dependency, and hand-written modules trace cleanly.
         torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
-                          dynamo=False)
+                          **torchscript_exporter(torch.onnx.export))
+
+
+def torchscript_exporter(export: Any) -> Dict[str, Any]:
+    """`dynamo=False` where torch.onnx.export has the flag (torch 2.4+, where later releases default to dynamo);
+    torch 2.3 (JetPack 6.0) has only the TorchScript exporter and no such argument."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(export).parameters else {}
 
 
 def has_external_data(path: Path) -> bool:
@@ -481,7 +495,7 @@ def fp16_headroom(model: Any, pixel_values: Any, input_ids: Any, image_mask: Any
         track(f"vision{i}.fc2", layer.mlp.fc2, True)
     try:
         with torch.no_grad():
-            embeds = model.get_image_features(pixel_values, return_dict=True).pooler_output
+            embeds = image_features(model, pixel_values)
             peaks["image_embeds*scale"] = float(embeds.abs().max()) * float(text.embed_scale)
             model.text_model(input_ids=input_ids, image_embeds=embeds, image_embeds_position_mask=image_mask)
     finally:

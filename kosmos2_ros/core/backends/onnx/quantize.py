@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ...defaults import QUANTIZED_PRECISIONS
 
@@ -144,16 +144,32 @@ def quantize_graph(src: Path, dst: Path, recipe: GraphRecipe) -> dict:
                          use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
     elif recipe.method == "weight-only":
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=recipe.bits, block_size=recipe.block_size,
-                                         is_symmetric=True, accuracy_level=recipe.accuracy_level,
-                                         nodes_to_exclude=keep, op_types_to_quantize=("MatMul",))
+        quantizer = weight_only_quantizer(recipe.bits)(
+            onnx.load(str(src)), block_size=recipe.block_size, is_symmetric=True,
+            accuracy_level=recipe.accuracy_level, nodes_to_exclude=keep, op_types_to_quantize=("MatMul",))
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
     else:
         raise QuantizeError(f"unknown quantization method {recipe.method!r}")
     return {"quantized": len(quantized), "kept_fp32": len(keep), "min_width": width}
+
+
+def weight_only_quantizer(bits: int) -> Callable[..., Any]:
+    """onnxruntime's MatMulNBits quantizer for `bits`: `MatMulNBitsQuantizer` where it exists (1.21+), else the
+    4-bit `MatMul4BitsQuantizer` of older releases (NVIDIA's Jetson builds of 1.19-1.20); same arguments but bits."""
+    if importlib.util.find_spec("onnxruntime.quantization.matmul_nbits_quantizer") is not None:
+        from functools import partial
+
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        return partial(MatMulNBitsQuantizer, bits=bits)
+    if bits != 4:
+        raise QuantizeError(f"{bits}-bit weight-only quantization needs onnxruntime 1.21 or later "
+                            f"(its MatMulNBitsQuantizer); this onnxruntime quantizes 4 bits only")
+    from onnxruntime.quantization.matmul_4bits_quantizer import MatMul4BitsQuantizer
+
+    return MatMul4BitsQuantizer
 
 
 def quantize_variant(out_dir: Path, manifest: dict, precision: str, log: Optional[Callable[[str], None]] = None) -> dict:

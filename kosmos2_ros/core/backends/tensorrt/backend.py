@@ -11,10 +11,14 @@ strongly typed graphs say (`onnx.export`); the arena is allocated in the cache's
 What is shared with torch's static path (packed prefill, the static arena, the step captured as a
 CUDA graph, batches split to the engine's profiles) is `device_graph.DeviceGraphBackend`; this
 module binds tensors to execution contexts (`binding.bind`: non-null, 256-byte aligned, shapes
-inside the profile, output shapes as the engine computes them) and enqueues them. Three
-contexts: vision, prefill (decoder profile 0) and the decode step (decoder profile 1). The step
-context allocates its device memory for its own profile only (`ON_PROFILE_CHANGE`), not for the
-prefill profile's 8 x 256 x context attention scores; what each context takes is logged.
+inside the profile, output shapes as the engine computes them) and enqueues them. Contexts:
+vision, prefill (decoder profile 0), and one per decode-step buffers (decoder profile 1), bound once
+to that step's buffers and arena: TensorRT's rule for CUDA graphs with `enqueueV3` is that a captured
+graph is valid only for the context state (shapes, addresses) it was captured with, so a graph is
+never replayed on a context re-bound to another arena. The step contexts take their scratch memory
+from one shared allocation (`USER_MANAGED` + `set_device_memory`, sized for profile 1, not for the
+prefill profile's 8 x 256 x context attention scores): they run one at a time on the backend's
+stream, which is all TensorRT asks of contexts sharing memory. What each context takes is logged.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 from ...defaults import ARTIFACTS_DIR
 from ..base import BackendError, BackendUnavailable
 from ..device_graph import DeviceGraphBackend, StepBuffers
-from ..kv_cache import KVCache
+from ..kv_cache import ARENA_BUDGET_MB, KVCache
 from . import binding, engines
 
 #: The cache type of this backend (kept for callers that name it).
@@ -38,7 +42,7 @@ class TensorRTBackend(DeviceGraphBackend):
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp16",
                  artifacts_dir: str = ARTIFACTS_DIR, build_engines: bool = False,
-                 cuda_graph: bool = True, log: Any = print) -> None:
+                 cuda_graph: bool = True, arena_budget_mb: float = ARENA_BUDGET_MB, log: Any = print) -> None:
         trt = engines.require_tensorrt()
         torch = engines.require_cuda_torch()
         device = engines.cuda_device(torch, device)
@@ -65,13 +69,16 @@ class TensorRTBackend(DeviceGraphBackend):
             limits = engines.EngineLimits(**meta["limits"])
             self.max_rows, self.max_chunk = limits.max_batch, limits.max_prompt
             self._init_device(torch, device, kv_dtype, dec, len(self._kv_names), int(m["heads"]), int(m["head_dim"]),
-                              self.embed_dim, engines.arena_limit(m, limits), cuda_graph)
+                              self.embed_dim, engines.arena_limit(m, limits), cuda_graph, arena_budget_mb, log)
+            self._log = log
             self._dummy = torch.zeros(binding.ALIGNMENT, dtype=torch.uint8, device=device)  # for empty tensors
             self._vision_ctx = engines.context(trt, self._engines["vision"], "vision", log=log)
-            self._prefill_ctx = engines.context(trt, self._engines["decoder"], "decoder prefill", profile=0,
+            self._prefill_ctx = engines.context(trt, self._engines["decoder"], "decoder prefill", profile=engines.PREFILL_PROFILE,
                                                 stream=self._stream_handle(), log=log)
-            self._step_ctx = engines.context(trt, self._engines["decoder"], "decoder step", profile=1,
-                                             stream=self._stream_handle(), log=log)
+            # One scratch allocation for every step context (they run one at a time on this backend's stream).
+            size = int(self._engines["decoder"].get_device_memory_size_for_profile_v2(engines.STEP_PROFILE))
+            self._step_scratch = torch.empty(max(size, binding.ALIGNMENT), dtype=torch.uint8, device=device)
+            log(f"tensorrt: decoder step contexts: {size / (1 << 20):.1f} MiB of device memory, shared")
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> Any:
@@ -86,24 +93,34 @@ class TensorRTBackend(DeviceGraphBackend):
         return out
 
     def close(self) -> None:
-        super().close()
-        self._vision_ctx = self._prefill_ctx = self._step_ctx = None
+        super().close()      # the step buffers, and with them their contexts, before the scratch they use
+        self._vision_ctx = self._prefill_ctx = None
+        self._step_scratch = None
         self._engines = {}
 
     # -- DeviceGraphBackend ----------------------------------------------------------------
     def _run_decoder(self, inputs: Dict[str, Any], outputs: Dict[str, Any]) -> None:
         self._execute(self._prefill_ctx, inputs, outputs)
 
-    def _bind_step(self, step: StepBuffers) -> None:
-        """Shapes and addresses of the step context: the step's fixed buffers and the arena's arrays."""
+    def _prepare_step(self, step: StepBuffers) -> None:
+        """The step's own context (profile 1, the shared scratch), bound once to its fixed buffers and its
+        arena's arrays: nothing re-binds it, so its captured graph stays valid for as long as the step lives."""
+        if self._step_scratch is None:
+            raise BackendError("backend is closed")
+        label = f"decoder step {step.arena.rows}x{step.arena.capacity}"
+        ctx = engines.context(self._trt, self._engines["decoder"], label, profile=engines.STEP_PROFILE,
+                              stream=self._stream_handle(),
+                              memory=(int(self._step_scratch.data_ptr()), int(self._step_scratch.numel())),
+                              log=lambda line: None)
         inputs: Dict[str, Any] = dict(step.inputs, image_embeds=self._no_image)
         for j, name in enumerate(self._kv_names):
             inputs[name] = step.arena.kv[j]
         outputs = {"logits": step.logits, **{name: step.new[j] for j, name in enumerate(self._new_names)}}
-        binding.bind(self._step_ctx, inputs, outputs, self._dummy.data_ptr())
+        binding.bind(ctx, inputs, outputs, self._dummy.data_ptr())
+        step.context = ctx
 
     def _launch_step(self, step: StepBuffers) -> None:
-        if not self._step_ctx.execute_async_v3(self._stream_handle()):
+        if not step.context.execute_async_v3(self._stream_handle()):
             raise BackendError("TensorRT execution of the decode step failed")
 
     # -- helpers -----------------------------------------------------------------------------------

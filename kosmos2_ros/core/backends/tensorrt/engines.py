@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from ...defaults import PRECISIONS
-from ..base import BackendUnavailable
+from ..base import BackendError, BackendUnavailable
 from ..onnx import export
 
 #: The oldest TensorRT the engines are built and run with: JetPack 6's (strongly typed ONNX
@@ -165,6 +165,10 @@ def arena_limit(manifest: dict, limits: EngineLimits) -> int:
     """Longest row a decode-step arena may hold: its capacity + 1 columns plus the new token stay
     within the step profile (`max_context` - 1 past), and positions within the exported table."""
     return min(limits.max_context - 2, int(manifest["max_positions"]) - int(manifest["pad_token_id"]) - 2)
+
+
+#: The decoder engine's optimisation profiles (`profiles`): prefill, then the decode step.
+PREFILL_PROFILE, STEP_PROFILE = 0, 1
 
 
 def profiles(manifest: dict, limits: EngineLimits) -> Dict[str, list]:
@@ -352,21 +356,31 @@ def load_engines(trt: Any, engine_dir: Path, meta: dict, compute_capability: Tup
 
 
 def context(trt: Any, engine: Any, label: str, profile: Optional[int] = None, stream: int = 0,
-            log: Any = print) -> Any:
+            memory: Optional[Tuple[int, int]] = None, log: Any = print) -> Any:
     """An execution context; with `profile`, one that allocates device memory for that profile only
-    (ON_PROFILE_CHANGE: the decode-step context does not reserve the prefill profile's scratch).
+    (ON_PROFILE_CHANGE: the decode-step context does not reserve the prefill profile's scratch); with
+    `memory` (address, bytes), one that uses that allocation (USER_MANAGED, `set_device_memory`: TensorRT's
+    setDeviceMemoryV2, which several contexts may share as long as they never run at the same time).
     Logs the device memory it takes."""
     if profile is None:
         ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.STATIC)
         size = int(engine.device_memory_size_v2)
     else:
-        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
+        strategy = (trt.ExecutionContextAllocationStrategy.USER_MANAGED if memory is not None
+                    else trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
+        ctx = engine.create_execution_context(strategy)
+        size = int(engine.get_device_memory_size_for_profile_v2(profile))
+        # The profile first, then the memory sized for it (trtexec's order, samples/common/sampleInference.cpp):
+        # a new context starts on profile 0, whose scratch is larger than the step profile's.
         if ctx is not None and not ctx.set_optimization_profile_async(profile, stream):
             raise BackendUnavailable(f"TensorRT could not select optimisation profile {profile} for the {label} context")
-        size = int(engine.get_device_memory_size_for_profile_v2(profile))
+        if ctx is not None and memory is not None:
+            if memory[1] < size:
+                raise BackendError(f"{label}: shared scratch of {memory[1]} bytes, the profile needs {size}")
+            ctx.set_device_memory(memory[0], memory[1])
     if ctx is None:
         raise BackendUnavailable(f"TensorRT could not create the {label} execution context (out of GPU memory?)")
-    log(f"tensorrt: {label} context: {size / (1 << 20):.1f} MiB of device memory")
+    log(f"tensorrt: {label} context: {size / (1 << 20):.1f} MiB of device memory" + (" (shared)" if memory else ""))
     return ctx
 
 

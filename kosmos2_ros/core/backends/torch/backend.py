@@ -13,6 +13,8 @@ import numpy as np
 
 from ...defaults import DTYPE_NAMES, TORCH_MODES
 from ..base import Backend, BackendError, BackendUnavailable, pack_rows
+from ..kv_cache import ARENA_BUDGET_MB
+from ..modules import image_features, load_kosmos2
 
 DTYPES = DTYPE_NAMES
 
@@ -40,7 +42,8 @@ MODES = TORCH_MODES
 
 
 def create(model_dir: str, device: str = "auto", precision: str = "fp32", allow_pickle: bool = False,
-           model: Any = None, cuda_graph: bool = True, torch_mode: str = "auto") -> Backend:
+           model: Any = None, cuda_graph: bool = True, torch_mode: str = "auto",
+           arena_budget_mb: float = ARENA_BUDGET_MB) -> Backend:
     """The torch backend: on a GPU (mode auto) the static path (`static.TorchStaticBackend`: static KV
     arena, the decode step as a CUDA graph); on the CPU, or with mode reference, transformers' own
     modules step by step (`TorchBackend`, the reference every backend is held equal to)."""
@@ -49,18 +52,16 @@ def create(model_dir: str, device: str = "auto", precision: str = "fp32", allow_
     if torch_mode == "static" or (torch_mode == "auto" and resolve_device(device).startswith("cuda")):
         from .static import TorchStaticBackend
 
-        return TorchStaticBackend(model_dir, device, precision, allow_pickle, model, cuda_graph)
+        return TorchStaticBackend(model_dir, device, precision, allow_pickle, model, cuda_graph, arena_budget_mb)
     return TorchBackend(model_dir, device, precision, allow_pickle, model)
 
 
 def load_model(model_dir: str, precision: str, allow_pickle: bool) -> Any:
     """transformers' Kosmos-2 from a local directory: safetensors only unless pickles are allowed, no remote code."""
     import torch
-    from transformers import Kosmos2ForConditionalGeneration
 
-    return Kosmos2ForConditionalGeneration.from_pretrained(
-        model_dir, dtype=getattr(torch, DTYPES[precision]), use_safetensors=None if allow_pickle else True,
-        trust_remote_code=False).eval()
+    return load_kosmos2(model_dir, dtype=getattr(torch, DTYPES[precision]),
+                        use_safetensors=None if allow_pickle else True, trust_remote_code=False)
 
 
 class TorchBackend(Backend):
@@ -98,8 +99,7 @@ class TorchBackend(Backend):
         torch = self._torch
         with torch.inference_mode():
             pv = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
-            out = self.model.get_image_features(pv, return_dict=True)
-            return out.pooler_output
+            return image_features(self.model, pv)
 
     def prefill_images(self, image_embeds: Sequence[Any], input_ids: Sequence[int],
                        image_mask: Sequence[int]) -> List[TorchCache]:

@@ -11,15 +11,62 @@ arithmetic without streams or graphs (how CI proves its tokens equal `generate`)
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
 from ...defaults import DTYPE_NAMES
 from ..base import BackendError, BackendUnavailable
 from ..device_graph import DeviceGraphBackend, StepBuffers
+from ..kv_cache import ARENA_BUDGET_MB
 from ..modules import MIN_POSITION_ROWS, decoder_module, vision_module
 from .backend import load_model, resolve_device
+
+
+def static_modules(model_dir: str, precision: str, allow_pickle: bool = False, model: Any = None) -> Tuple[Any, Any, Any]:
+    """(decoder, vision, config): the mixed-precision modules the static path runs, on the CPU. They hold the
+    model's own weights; an fp32 model given in is copied to the reduced dtype (and can then go)."""
+    import torch
+
+    given = model is not None
+    model = model if given else load_in(model_dir, precision, allow_pickle)
+    with torch.no_grad():
+        decoder, vision = decoder_module(model, precision), vision_module(model, precision)
+        if precision != "fp32":    # the mixed modules' fp32 islands (the fp32 vision module is transformers' own)
+            islands = decoder.fp32_parameters() + vision.fp32_parameters()
+            if given:      # a model given in the runtime dtype keeps its rounded values there
+                for p in islands:
+                    p.data = p.data.float()
+            else:
+                restore_fp32(model_dir, model, islands)
+    return decoder, vision, model.config
+
+
+def load_in(model_dir: str, precision: str, allow_pickle: bool) -> Any:
+    """The checkpoint read once, in the runtime dtype where its weights are safetensors (fp16: 3.3 GB for the
+    full-size model, not 6.6 GB of fp32 and then fp16 copies: about 10 GB at the peak, on a Jetson whose 8 or
+    16 GB are shared with the GPU); pickle weights are read in fp32 and copied."""
+    reduced = precision != "fp32" and any(Path(model_dir).glob("*.safetensors"))
+    return load_model(model_dir, precision if reduced else "fp32", allow_pickle)
+
+
+def restore_fp32(model_dir: str, model: Any, params: List[Any]) -> None:
+    """Give the parameters the mixed graphs keep in fp32 (LayerNorms, the ViT's embeddings, the image-to-text
+    projection: tens of MB) their fp32 values from the checkpoint, so a model loaded in fp16 / bf16 computes
+    exactly what one loaded in fp32 and cast does. Those already fp32 are left alone."""
+    import torch
+    from safetensors import safe_open
+
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    wanted = {names[id(p)]: p for p in params if p.dtype != torch.float32}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in set(f.keys()) & set(wanted):
+                wanted.pop(name).data = f.get_tensor(name).to(torch.float32)
+    if wanted:
+        raise BackendUnavailable(f"{model_dir}: no fp32 weights for {', '.join(sorted(wanted)[:3])} in its "
+                                 "safetensors files (a checkpoint saved by another transformers?)")
 
 
 class TorchStaticBackend(DeviceGraphBackend):
@@ -29,7 +76,8 @@ class TorchStaticBackend(DeviceGraphBackend):
     batches_images = True
 
     def __init__(self, model_dir: str, device: str = "auto", precision: str = "fp32",
-                 allow_pickle: bool = False, model: Any = None, cuda_graph: bool = True) -> None:
+                 allow_pickle: bool = False, model: Any = None, cuda_graph: bool = True,
+                 arena_budget_mb: float = ARENA_BUDGET_MB) -> None:
         import torch
 
         if precision not in DTYPE_NAMES:
@@ -38,22 +86,19 @@ class TorchStaticBackend(DeviceGraphBackend):
         if device == "cpu" and precision == "fp16":
             raise BackendUnavailable("fp16 on CPU is not supported by torch matmuls; use fp32 or bf16 on CPU")
         self.precision = precision
-        model = model if model is not None else load_model(model_dir, "fp32", allow_pickle)
-        tcfg = model.config.text_config
+        decoder, vision, config = static_modules(model_dir, precision, allow_pickle, model)
+        tcfg = config.text_config
         layers, heads, dim = int(tcfg.layers), int(tcfg.attention_heads), int(tcfg.embed_dim)
         self.vocab_size = int(tcfg.vocab_size)
         self.pad_token_id = int(tcfg.pad_token_id if tcfg.pad_token_id is not None else 1)
-        self.image_tokens = int(model.config.latent_query_num)
-        # fp32: the modules hold the model's own weights; fp16 / bf16: reduced copies (the fp32 model goes).
-        with torch.no_grad():
-            self._decoder = decoder_module(model, precision).to(device)
-            self._vision = vision_module(model, precision).to(device)
-        del model
+        self.image_tokens = int(config.latent_query_num)
+        self._decoder, self._vision = decoder.to(device), vision.to(device)
+        del decoder, vision
         self._kv_names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
         self._new_names = [f"new_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
         kv_dtype = getattr(torch, DTYPE_NAMES[precision])
         self._init_device(torch, device, kv_dtype, {}, 2 * layers, heads, dim // heads, dim,
-                          MIN_POSITION_ROWS - self.pad_token_id - 2, cuda_graph)
+                          MIN_POSITION_ROWS - self.pad_token_id - 2, cuda_graph, arena_budget_mb)
 
     # -- Backend ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> Any:
