@@ -220,7 +220,8 @@ def arena_switches(table: Table, name: str, backend: Any, emb: Any, codec: Any, 
     same = runs[True] == runs[False]
     table.add(f"{name} arena switches (1, 2, 1 rows): graphs == plain", "tiny", prec,
               f"{'yes' if same else 'NO'}; {replayed} replays",
-              f"the same steps without CUDA graphs ({backend.graph_error or 'graphs on'})", same)
+              "the same steps without CUDA graphs ("
+              + (backend.graph_error or ("graphs on" if backend.cuda_graph else f"no graphs on {DEVICE}")) + ")", same)
 
 
 # -- full-size architecture: speed and memory -------------------------------------------------------------
