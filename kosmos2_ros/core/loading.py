@@ -184,5 +184,8 @@ def load_processor(model_dir: str) -> Any:
     ("fast") one where torchvision is installed (a GPU machine, a Jetson), and its pixels differ from PIL's,
     so tokens would depend on what else is installed."""
     from transformers import AutoProcessor
+    from transformers.models.auto import image_processing_auto
 
-    return AutoProcessor.from_pretrained(model_dir, trust_remote_code=False, use_fast=False)
+    # Newer transformers name image-processor backends ("pil", "torchvision") and deprecate `use_fast`.
+    pil = {"backend": "pil"} if hasattr(image_processing_auto, "_resolve_backend") else {"use_fast": False}
+    return AutoProcessor.from_pretrained(model_dir, trust_remote_code=False, **pil)

@@ -259,6 +259,14 @@ class DeviceGraphBackend(GraphBackend):
                  for i in range(0, len(caches), size)]
         return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
+    def truncate(self, cache: KVCache, length: int) -> KVCache:
+        with self._on_device():      # copies on the backend's stream, where the caches are read
+            return super().truncate(cache, length)
+
+    def fork(self, cache: KVCache) -> KVCache:
+        with self._on_device():
+            return super().fork(cache)
+
     def counters(self) -> Dict[str, Any]:
         g, pool = self.graph_stats, self._arenas.stats
         return {"decode_graph_captures": g.captures, "decode_graph_replays": g.replays,
@@ -275,9 +283,10 @@ class DeviceGraphBackend(GraphBackend):
     # -- the decode step -------------------------------------------------------------------------------
     def _decode_group(self, caches: List[Any], token_ids: List[int], slot: int) -> Tuple[np.ndarray, List[Any]]:
         torch = self._torch
-        arena, rows = self._arenas.arena_for(caches, slot)
-        feeds = arena.step_feeds(rows, [int(t) for t in token_ids], self.pad_token_id)
         with self._on_device(), torch.no_grad():
+            # Loading rows into an arena (and copies of views it releases) on the backend's stream, as the step.
+            arena, rows = self._arenas.arena_for(caches, slot)
+            feeds = arena.step_feeds(rows, [int(t) for t in token_ids], self.pad_token_id)
             step = self._step_for(arena)
             step.load(torch, feeds)
             if step.graph is not None and self.cuda_graph:
@@ -393,7 +402,8 @@ class DeviceGraphBackend(GraphBackend):
                 outputs[name] = torch.empty((bsz, self.heads, rows.smax, self.head_dim), dtype=self.kv_dtype,
                                             device=self.device)
             self._run_decoder(inputs, outputs)
+            new = appended(caches, rows.lens, rows.smax, [outputs[n] for n in self._new_names], self._ops)
             self._sync()
             logits = outputs["logits"].float().cpu().numpy()
         self._check(logits)
-        return logits, appended(caches, rows.lens, rows.smax, [outputs[n] for n in self._new_names], self._ops)
+        return logits, new
