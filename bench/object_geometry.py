@@ -54,7 +54,7 @@ def measure(size: str, objects: int, seed: int) -> List[Dict[str, float]]:
             t0 = time.perf_counter()
             geo = object_geometry(box, scene.rgb, depth, scene.intrinsics, cell)
             ms = (time.perf_counter() - t0) * 1e3
-            old = box_point_3d(box, depth, scene.intrinsics)
+            old, _ = box_point_3d(box, depth, scene.intrinsics)   # (point, why there is none)
             row = {"distance": truth.distance, "ms": ms, "valid": float(geo.valid), "model_iou": iou(box, truth.box),
                    "old_centroid_mm": 1e3 * float(np.linalg.norm(np.asarray(old) - truth.centre)) if old else math.nan}
             if geo.valid:
