@@ -191,12 +191,33 @@ def test_reduced_precision_is_read_once_in_its_dtype_and_computes_what_the_cast_
     fp32 = load_model(str(tiny_model_dir), "fp32", False)
     tied = fp32.text_model.lm_head.weight is fp32.text_model.model.embed_tokens.weight
     cast = TorchStaticBackend(str(tiny_model_dir), device="cpu", precision="bf16", model=fp32)
+    pad = int(fp32.config.text_config.pad_token_id)
     for mine, theirs in ((direct._decoder, cast._decoder), (direct._vision, cast._vision)):
         a, b = mine.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys()
         for name in a:
-            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+            x, y = a[name], b[name]
+            if name in ("embed_tokens.weight", "lm_head.weight") and not torch.equal(x, y):
+                # transformers 5.0-5.14 zero the padding row when they load (a pad token is never attended);
+                # the file's row is what is read here. Every other row is the same.
+                assert not y[pad].any()
+                x, y = torch.cat([x[:pad], x[pad + 1:]]), torch.cat([y[:pad], y[pad + 1:]])
+            assert x.dtype == y.dtype and torch.equal(x, y), name
     assert any(p.dtype == torch.float32 for p in direct._decoder.parameters())      # the LayerNorms
     assert (direct._decoder.lm_head.weight is direct._decoder.embed_tokens.weight) == tied
     direct.close()
     cast.close()
+
+
+def test_a_truncated_checkpoint_is_refused_with_the_reason(tiny_model_dir, tmp_path):
+    """The plain-read loader checks what the file says against what it holds."""
+    import shutil
+
+    from kosmos2_ros.core.backends.base import BackendUnavailable
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4096])
+    with pytest.raises(BackendUnavailable, match="file ends inside a tensor"):
+        TorchStaticBackend(str(broken), device="cpu", precision="bf16")
