@@ -253,8 +253,7 @@ def rows_for(rows: int, max_rows: Optional[int]) -> int:
 
 @dataclass
 class PoolStats:
-    """What an arena pool did: the shapes it made and dropped, and what it holds (diagnostics)."""
-    created: int = 0
+    """What an arena pool dropped, and what it holds (diagnostics)."""
     dropped: int = 0
     kept: int = 0
     kept_mb: float = 0.0
@@ -297,7 +296,6 @@ class ArenaPool:
         arena = self._arenas.pop(key, None)
         if arena is None:
             arena = KVArena(self.ops, self.n_arrays, rows, self.heads, cap, self.head_dim)
-            self.stats.created += 1
             self._arenas[key] = arena
             self._fit(keep=key)
             self._report(f"arena {rows} x {cap} tokens made")
