@@ -30,6 +30,10 @@ Rows (`check` column):
   pipeline (constrained), against transformers `processor + generate` (fp16, greedy, 5 new tokens)
   on the same frames in the same run; p50 over OK results only, and the row fails if any was not OK.
   Target: encoded ahead <= 15 ms.
+- `logits read per step`: what a decode step's logits cost the host, 8 rows of the real vocabulary:
+  the loop's read (`DeviceLogits.read_on_device`: argmax, normaliser, location span, control tokens
+  computed on the GPU, one ~4 KB-a-row copy) against every row's 65k logits copied back and reduced
+  in numpy (`bench/logits_read.py`). Informational.
 - `peak GPU memory`: `torch.cuda.max_memory_allocated` over the full-size rows.
 - `tensorrt ...`: only where `import tensorrt` works (engines built, tokens against torch).
 
@@ -52,6 +56,7 @@ from typing import Any, Callable, List, Tuple
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # the other benchmarks' measuring functions
 
 PROMPTS = ("<grounding><phrase> the red square</phrase>", "<grounding>An image of",
            "<grounding> Question: what is on the left? Answer:", "<grounding>Describe this image in detail:")
@@ -225,6 +230,15 @@ def arena_switches(table: Table, name: str, backend: Any, emb: Any, codec: Any, 
 
 
 # -- full-size architecture: speed and memory -------------------------------------------------------------
+def logits_rows(table: Table) -> None:
+    from logits_read import measure
+
+    for rows, fb, fms, rb, rms in measure(DEVICE, [1, 8], 50):
+        table.add(f"logits read per step, {rows} row(s)", "-", "fp32",
+                  f"{rms:.3f} ms, {rb:,} B (time full / read {fms / rms:.2f}x, bytes {fb / rb:.0f}x)",
+                  f"full rows to numpy: {fms:.3f} ms, {fb:,} B", True)
+
+
 def full_precision() -> str:
     """fp16 on the GPU; bf16 in the CPU smoke test (torch has no CPU fp16 matmul)."""
     return "fp16" if DEVICE != "cpu" else "bf16"
@@ -460,7 +474,8 @@ def main(argv: Any = None) -> int:
     tiny = work / "tiny"
     if not (tiny / "config.json").is_file():
         build_tiny_checkpoint(tiny, train=True)
-    steps: List[Tuple[str, Callable[[], None]]] = [("tiny", lambda: tiny_rows(table, tiny, precisions))]
+    steps: List[Tuple[str, Callable[[], None]]] = [("tiny", lambda: tiny_rows(table, tiny, precisions)),
+                                                   ("logits", lambda: logits_rows(table))]
     if not args.skip_full:
         steps.append(("full-size", lambda: full_rows(table, work)))
     if tensorrt is not None and DEVICE != "cpu":

@@ -420,13 +420,30 @@ FAULTS = {
 }
 
 
+def fault_at(control: Path, where: str, rows: int = 1) -> None:
+    """Raise the fault the control folder's `fault` file asks for at `where`, once (see FaultyBackend)."""
+    path = control / "fault"
+    try:
+        words = path.read_text().split()
+    except OSError:
+        return
+    if len(words) < 2 or words[1] != where or rows < (int(words[2]) if len(words) > 2 else 1):
+        return
+    try:
+        path.unlink()
+    except OSError:
+        return   # another call fired it
+    raise FAULTS[words[0]]()
+
+
 class FaultyBackend:
     """Wraps the real backend; files in a control folder steer it while the node runs.
 
     `delay`: seconds to sleep before each decode step, eos suppressed (long, cancellable work).
     `fault`: "<kind> <where> [min_rows]" makes the next matching call raise FAULTS[kind]
-    (where: encode | prefill | decode; min_rows: only a decode of at least that many rows),
-    once: the file is removed when it fires.
+    (where: encode | prefill | decode; min_rows: only a decode of at least that many rows;
+    `fault_node_main` adds publish: the node's next result publication), once: the file is removed
+    when it fires.
     """
 
     def __init__(self, inner: Any, eos: int, control: Path) -> None:
@@ -442,18 +459,7 @@ class FaultyBackend:
             return 0.0
 
     def _maybe_fail(self, where: str, rows: int = 1) -> None:
-        path = self._control / "fault"
-        try:
-            words = path.read_text().split()
-        except OSError:
-            return
-        if len(words) < 2 or words[1] != where or rows < (int(words[2]) if len(words) > 2 else 1):
-            return
-        try:
-            path.unlink()
-        except OSError:
-            return   # another call fired it
-        raise FAULTS[words[0]]()
+        fault_at(self._control, where, rows)
 
     def _no_eos(self, logits: Any) -> Any:
         if self._delay() <= 0:
@@ -499,7 +505,16 @@ class FaultyBackend:
 
 def fault_node_main() -> None:
     """The real node behind FaultyBackend (control folder: env KOSMOS2_TEST_FAULT_DIR)."""
+    from kosmos2_ros.ros import publishing
+
     control = Path(os.environ[FAULT_DIR_ENV])
+    publish = publishing.ResultPublishers.publish
+
+    def faulty_publish(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fault_at(control, "publish")
+        return publish(self, *args, **kwargs)
+
+    publishing.ResultPublishers.publish = faulty_publish   # type: ignore[method-assign]
     run_node_with_backend(lambda backend, pipe: FaultyBackend(backend, pipe.vocab.eos, control))
 
 

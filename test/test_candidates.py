@@ -200,6 +200,18 @@ def test_descriptions_of_an_ambiguous_result_are_one_batch(backends, tiny_model_
     assert all(not b.description for b in quiet.objects + quiet.candidates)
 
 
+def test_descriptions_within_a_small_token_limit_keep_the_result(backends, tiny_model_dir):
+    """With max_new_tokens_limit below the descriptions' 24 tokens, the boxes are described within the
+    limit and the grounded result is answered OK (the refused description plan used to fail the batch)."""
+    rgb, _ = draw_scene(320, 240, np.random.default_rng(6), count=3)
+    pipe = _pipe(tiny_model_dir, backends["torch"], ambiguity_ratio=0.0, describe_candidates=True,
+                 max_new_tokens=8, max_new_tokens_limit=16)
+    res = pipe.run(Command(id="a", task="refer", text="a blue square"), Frame(rgb=rgb))
+    assert res.status == 0, res.error
+    assert res.objects and res.ambiguous
+    assert all(b.description for b in res.objects[:1] + res.candidates)
+
+
 def test_region_text_becomes_a_short_description():
     assert described_as("It is a red mug next to the laptop.") == "a red mug next to the laptop"
     assert described_as("It sits on the shelf.") == "sits on the shelf"

@@ -2,6 +2,8 @@
 buffers and their scatter into the arena, and the 256-byte alignment of every array bound."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -30,8 +32,11 @@ def test_step_scatter_writes_what_the_host_path_writes():
     assert step.columns.numpy().tolist() == feeds.columns.tolist()
     logits = torch.arange(40, dtype=torch.float32).view(4, 10)
     step.logits = logits
-    np.testing.assert_array_equal(step.read_logits([0, 1]), logits[:2].numpy())
-    np.testing.assert_array_equal(step.read_logits([2, 0]), logits[[2, 0]].numpy())
+    np.testing.assert_array_equal(np.asarray(step.read_logits([0, 1], contextlib.nullcontext, "")), logits[:2].numpy())
+    want = logits[[2, 0]].numpy().copy()
+    kept = step.read_logits([2, 0], contextlib.nullcontext, "")
+    step.logits.fill_(-1.0)                                # the next step writes the buffer: the read is a copy
+    np.testing.assert_array_equal(np.asarray(kept), want)
     new = rng.randn(4, 3, 2, 1, 3).astype(np.float32)
     step.new.copy_(torch.from_numpy(new))
     step.scatter()

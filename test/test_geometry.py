@@ -175,7 +175,8 @@ K = CameraIntrinsics(fx=500.0, fy=400.0, cx=320.0, cy=240.0, width=640, height=4
 
 
 def pinhole(u: float, v: float, z: float, k: CameraIntrinsics = K) -> tuple:
-    return ((u - k.cx) * z / k.fx, (v - k.cy) * z / k.fy, z)
+    """The point at continuous pixel coordinates (u, v): camera_info's K has pixel i's centre at i."""
+    return ((u - 0.5 - k.cx) * z / k.fx, (v - 0.5 - k.cy) * z / k.fy, z)
 
 
 def test_box_point_3d_matches_pinhole() -> None:
@@ -183,7 +184,7 @@ def test_box_point_3d_matches_pinhole() -> None:
     point, why = box_point_3d((100, 50, 200, 150), depth, K)
     assert point is not None and why == ""
     assert np.allclose(point, pinhole(150, 100, 2.0))
-    assert np.allclose(point, (-0.68, -0.7, 2.0))
+    assert np.allclose(point, (-0.682, -0.7025, 2.0))        # through pixel index (149.5, 99.5)
 
 
 def test_box_point_3d_uses_median_of_the_inner_part() -> None:
@@ -201,6 +202,15 @@ def test_box_point_3d_scales_box_to_a_smaller_depth_image() -> None:
     point, _ = box_point_3d((120, 80, 180, 120), depth, K)
     assert point is not None and math.isclose(point[2], 1.0)
     assert np.allclose(point, pinhole(150, 100, 1.0))        # back-projected with colour intrinsics
+
+
+def test_box_point_3d_scales_camera_info_to_the_colour_image() -> None:
+    """camera_info for 640x480 and a 1280x960 colour image (a driver publishing both sizes): the box is in
+    the colour image's pixels, so K is scaled to it (it was used unscaled: the point twice as far out)."""
+    depth = np.full((480, 640), 2.0, dtype=np.float32)
+    point, _ = box_point_3d((200, 100, 400, 300), depth, K, image_size=(1280, 960))
+    assert np.allclose(point, pinhole(300, 200, 2.0, K.scaled(1280, 960)))
+    assert np.allclose(point, pinhole(150, 100, 2.0), atol=2e-3)    # the same place as the 640x480 box
 
 
 def test_a_centre_far_behind_the_box_is_not_the_object() -> None:
@@ -247,6 +257,7 @@ def test_raw_images_are_undistorted_with_d() -> None:
     kmat = np.array([[500.0, 0, 320.0], [0, 400.0, 240.0], [0, 0, 1]])
     (u, v), = cv2.projectPoints(truth, np.zeros(3), np.zeros(3), kmat, np.array(d))[0].reshape(-1, 2)
     depth = np.full((480, 640), 1.5, dtype=np.float32)
+    u, v = u + 0.5, v + 0.5                  # OpenCV's pixel index -> the box's continuous pixel coordinates
     box = (u - 10, v - 10, u + 10, v + 10)
     point, _ = box_point_3d(box, depth, raw)
     assert np.allclose(point, truth[0], atol=1e-3)
@@ -256,6 +267,7 @@ def test_raw_images_are_undistorted_with_d() -> None:
                                       "equidistant")
     (fu, fv), = cv2.fisheye.projectPoints(truth.reshape(-1, 1, 3), np.zeros(3), np.zeros(3), kmat,
                                           np.array([0.1, 0.01, 0, 0]))[0].reshape(-1, 2)
+    fu, fv = fu + 0.5, fv + 0.5
     point, _ = box_point_3d((fu - 10, fv - 10, fu + 10, fv + 10), depth, fisheye)
     assert np.allclose(point, truth[0], atol=1e-3)
     assert raw.scaled(320, 240).distortion == d and raw.scaled(320, 240).fx == 250.0

@@ -11,7 +11,8 @@ BACKENDS = PACKAGE / "core" / "backends"
 #: What a backend folder may import from the package besides itself.
 BACKEND_SHARED = {"kosmos2_ros.core.defaults", "kosmos2_ros.core.backends.base", "kosmos2_ros.core.backends.graph",
                   "kosmos2_ros.core.backends.kv_cache", "kosmos2_ros.core.backends.modules",
-                  "kosmos2_ros.core.backends.device_graph"}
+                  "kosmos2_ros.core.backends.device_graph", "kosmos2_ros.core.backends.logits",
+                  "kosmos2_ros.core.backends.errors"}
 
 
 def module_name(path: Path) -> str:

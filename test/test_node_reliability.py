@@ -175,6 +175,31 @@ def test_every_interface_gets_exactly_one_result_and_the_queue_is_bounded(node: 
     assert got["long"].status == OK
 
 
+def test_a_result_whose_publishing_raises_still_answers_the_service_and_the_action(node: tuple) -> None:
+    """The service and the action answer from the result's message, made before it is published: a
+    publisher that raises (counted in diagnostics) used to leave them reading None."""
+    from kosmos2_ros.action import GroundTask
+    from kosmos2_ros.srv import Ground
+
+    _, t, control = node
+    fresh_frame(t)
+    assert t.ground_client.wait_for_service(timeout_sec=10) and t.action_client.wait_for_server(timeout_sec=10)
+    t_fail = time.monotonic()
+    control.fault("runtime publish")
+    reply = t.wait_for(t.ground_client.call_async(Ground.Request(command=t.command("svc-unpublished", "caption"))),
+                       30).result
+    assert reply.id == "svc-unpublished" and reply.status == OK, reply.error
+    assert not control.fault_pending()
+    control.fault("runtime publish")
+    handle = t.wait_for(t.action_client.send_goal_async(GroundTask.Goal(command=t.command("goal-unpublished",
+                                                                                          "caption"))), 10)
+    outcome = t.wait_for(handle.get_result_async(), 30).result.result
+    assert outcome.id == "goal-unpublished" and outcome.status == OK, outcome.error
+    assert "svc-unpublished" not in t.results and "goal-unpublished" not in t.results   # never reached ~/result
+    diag = latest_diagnostics(t, t_fail)
+    assert int(diag["results_unpublished"]) >= 2
+
+
 # -- 2. lifecycle transitions under load -------------------------------------------------------
 def test_deactivate_and_cleanup_under_load_answer_everything_then_reactivate(node: tuple) -> None:
     from kosmos2_ros.srv import Ground

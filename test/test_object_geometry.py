@@ -118,6 +118,22 @@ def test_without_a_plane_the_box_comes_from_the_points():
     assert geo.grasp_rotation[:, 2] @ ray > 0.99              # approach along the viewing ray
 
 
+def test_a_free_box_whose_long_axis_lies_along_the_ray_still_closes_across_it():
+    """A bar pointing at the camera (its first principal axis along the viewing ray): the gripper closes
+    across the ray on the bar's narrow side, the opening that side's width (the closing vector used to
+    vanish there, a NaN grasp, and the width came from other extents than the direction)."""
+    from kosmos2_ros.core.object_geometry import _free_box
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    points = np.stack([rng.uniform(-0.02, 0.02, n), rng.uniform(-0.01, 0.01, n), rng.uniform(0.8, 1.1, n)], axis=1)
+    center, rotation, size, top, approach, closing, opening = _free_box(points)
+    assert np.isfinite(closing).all() and abs(np.linalg.norm(closing) - 1.0) < 1e-9
+    assert abs(closing @ approach) < 1e-9                    # across the ray
+    assert abs(closing[1]) > 0.99                            # the narrow side: y, 2 cm
+    assert opening == pytest.approx(0.0192, abs=1e-3)        # its robust (2-98 %) extent
+
+
 def test_16uc1_and_32fc1_give_the_same_geometry():
     scene = render([SHAPES["box"]], 640, 480, distance=0.9)
     noisy = noisy_depth(scene.depth_m, np.random.default_rng(7))

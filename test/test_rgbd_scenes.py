@@ -10,12 +10,13 @@ from kosmos2_ros.core.rgbd_scenes import NOISE_K, SceneObject, model_box, noisy_
 
 
 def test_depth_is_the_optical_z_of_the_nearest_surface():
-    """An empty table: every pixel's depth back-projects onto the plane z = 0 of the world."""
+    """An empty table: every pixel's depth back-projects onto the plane z = 0 of the world, through the
+    pixel's centre where camera_info's K puts it (pixel (u, v) at (u, v): OpenCV's convention)."""
     scene = render([], 320, 240, distance=1.0, elevation_deg=45.0)
     k, rot, t = scene.intrinsics, scene.cam_to_world[:3, :3], scene.cam_to_world[:3, 3]
     for v, u in ((200, 160), (150, 40), (230, 300)):
         z = float(scene.depth_m[v, u])
-        p_cam = np.array([(u + 0.5 - k.cx) * z / k.fx, (v + 0.5 - k.cy) * z / k.fy, z])
+        p_cam = np.array([(u - k.cx) * z / k.fx, (v - k.cy) * z / k.fy, z])
         assert abs((rot @ p_cam + t)[2]) < 1e-5
     assert (scene.ids[120:] == -1).all()               # the lower half of the view is table
 

@@ -82,6 +82,31 @@ def test_geometry_moves_into_the_target_frame_at_the_image_stamp(result: Result)
     assert not res.objects[1].geometry.valid        # an object without geometry stays without
 
 
+def test_candidates_move_with_the_objects(result: Result) -> None:
+    """A candidate a person picks is what the arm reaches for: its geometry is in target_frame too (it
+    stayed in the camera's frame, labelled with the target's, 0.7 m off), and in the message (which
+    `~/tracks` entries copy their candidates from)."""
+    import copy
+
+    scene = result.scene
+    rot, t = scene.cam_to_world[:3, :3], scene.cam_to_world[:3, 3]
+    res = _copy(result)
+    res.candidates = [copy.deepcopy(res.objects[0])]
+    before = res.candidates[0].geometry
+    GeometryFrames("world", 0.05, Given({("world", "cam_optical"): (rot, t)}), warn=pytest.fail).place([res])
+    after = res.candidates[0].geometry
+    assert after.frame_id == "world"
+    np.testing.assert_allclose(after.center, rot @ before.center + t, atol=1e-9)
+    np.testing.assert_allclose(after.grasp_position, rot @ before.grasp_position + t, atol=1e-9)
+    msg = convert.result_to_msg(res)
+    np.testing.assert_allclose([msg.candidates[0].pose.position.x, msg.candidates[0].pose.position.z],
+                               [after.center[0], after.center[2]], atol=1e-9)
+    missing = _copy(result)
+    missing.candidates = [copy.deepcopy(missing.objects[0])]
+    GeometryFrames("base_link", 0.05, Given({}), warn=lambda text: None).place([missing])
+    assert not missing.candidates[0].geometry.valid and "no transform" in missing.candidates[0].geometry.error
+
+
 def test_a_missing_transform_makes_the_geometry_invalid_and_says_what_to_check(result: Result) -> None:
     warnings = []
     frames = GeometryFrames("base_link", 0.05, Given({}), warn=warnings.append)

@@ -69,6 +69,39 @@ def test_commands_about_several_cameras_share_one_batch(pipeline: Pipeline) -> N
         assert res.status is Status.OK and res.camera == cmd.camera and res.token_ids == alone.token_ids
 
 
+def test_a_frame_lookup_that_raises_while_batching_loses_no_queued_command(pipeline: Pipeline) -> None:
+    """Queued commands are looked at for the running one's batch; a lookup that raises (not the expected
+    FrameRejected) used to lose every queued command. Each gets exactly one answer: OK, or MODEL_ERROR
+    for the one whose lookup raises in its own turn."""
+    store = frames()
+    gate = threading.Event()
+
+    def resolve(cmd: Command) -> Frame:
+        if cmd.camera == "broken":
+            raise RuntimeError("camera map changed under the lookup")
+        if cmd.id == "first":
+            gate.wait(10)        # the others queue up while the first looks up its frame
+        return store[cmd.camera]
+
+    finished: List[Any] = []
+    worker = Worker(lambda: pipeline, resolve, lambda job, res, f, q: finished.append(job.command.id),
+                    capacity=lambda: 16)
+    try:
+        cmds = [Command(id="first", text="a mug", camera="front", max_new_tokens=4),
+                Command(id="broken", text="a cup", camera="broken", max_new_tokens=4),
+                Command(id="after", text="a box", camera="wrist", max_new_tokens=4)]
+        jobs = [Job(c) for c in cmds]
+        for job in jobs:
+            assert worker.submit(job)
+        gate.set()
+        results = {job.command.id: job.future.result(timeout=60) for job in jobs}
+    finally:
+        worker.stop()
+    assert sorted(finished) == ["after", "broken", "first"]          # exactly one answer each
+    assert results["first"].status is Status.OK and results["after"].status is Status.OK
+    assert results["broken"].status is Status.MODEL_ERROR and "camera map changed" in results["broken"].error
+
+
 def test_idle_work_waits_for_commands_and_survives_its_errors(pipeline: Pipeline) -> None:
     store = frames()
     events: List[str] = []

@@ -11,17 +11,26 @@ Logits processors (`NoRepeatNGram`, as transformers' `NoRepeatNGramLogitsProcess
 small objects a row carries and the loop applies in order before choosing a token, in both
 modes: a constrained row chooses among its allowed tokens after the processors have banned
 theirs (a banned location token is skipped for the next best).
+
+The loop reads each step's logits through `backends.logits.TokenScores`: the argmax, the softmax
+normaliser and the location and control tokens' logits, computed where the backend's logits are
+(on the GPU for the torch and TensorRT backends), so a token costs one small transfer, not a
+65k-float row.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .backends.base import Backend
+from .backends.logits import Readout, TokenScores, read_scores
 from .vocab import GroundingVocab
+
+#: A row's next-token logits as the functions below take them: the loop's `TokenScores`, or a [vocab] array.
+Logits = Union[TokenScores, np.ndarray]
 
 
 class DecodingMode(str, enum.Enum):
@@ -44,11 +53,22 @@ class LogitsProcessor:
     """Rewrites one row's next-token logits from its whole sequence so far (prompt + generated).
 
     `ids`: [seq] ints; `logits`: [vocab] float32. Returns new logits (never edits the given
-    array, which the loop also uses for token probabilities). Banned tokens get -inf.
+    array, which the loop also uses for token probabilities). Banned tokens get -inf: a processor
+    says which (`banned`), so the loop reads a row's full logits only when its argmax is banned.
     """
 
-    def __call__(self, ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+    def banned(self, ids: Sequence[int]) -> np.ndarray:
+        """Token ids this processor bans after `ids`."""
         raise NotImplementedError
+
+    def __call__(self, ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        banned = np.asarray(self.banned(ids), dtype=np.int64)
+        banned = banned[banned < logits.shape[-1]]
+        if banned.size == 0:
+            return logits
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[banned] = -np.inf
+        return out
 
 
 class NoRepeatNGram(LogitsProcessor):
@@ -75,15 +95,6 @@ class NoRepeatNGram(LogitsProcessor):
         for k in range(n - 1):
             match &= seq[k:k + windows] == prefix[k]
         return seq[np.nonzero(match)[0] + n - 1]
-
-    def __call__(self, ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        banned = self.banned(ids)
-        banned = banned[banned < logits.shape[-1]]
-        if banned.size == 0:
-            return logits
-        out = np.array(logits, dtype=np.float32, copy=True)
-        out[banned] = -np.inf
-        return out
 
 
 def logits_processors(no_repeat_ngram_size: int = 0) -> Tuple[LogitsProcessor, ...]:
@@ -141,37 +152,51 @@ class Row:
     max_candidates: int = 0
 
 
-def token_prob(logits: np.ndarray, token: int) -> float:
+def scores_of(logits: Logits, vocab: Optional[GroundingVocab] = None) -> TokenScores:
+    """`TokenScores` of one row (host arrays read here; the loop's own are read where computed)."""
+    if isinstance(logits, TokenScores):
+        return logits
+    return TokenScores.from_host(logits, readout_for(vocab) if vocab is not None else Readout())
+
+
+def readout_for(vocab: GroundingVocab) -> Readout:
+    """What the loop reads of each row: the location tokens and the control tokens a box's grammar uses."""
+    lo, hi = vocab.patch_ids()
+    return Readout(lo, hi, (vocab.object_open, vocab.object_close, vocab.delimiter, vocab.eos))
+
+
+def token_prob(logits: Logits, token: int) -> float:
     """Softmax probability of `token` over the whole vocabulary.
 
     float32 exponentials with a float64 sum: within 1e-7 absolute (1e-5 relative) of an
     all-float64 softmax and about 5x faster (it runs once per token per row, next to a GPU step of well under a millisecond).
     """
-    z = np.asarray(logits, dtype=np.float32)
-    e = np.exp(z - z.max())
-    return float(e[token] / e.sum(dtype=np.float64))
+    return scores_of(logits).prob(token)
 
 
-def _argmax_in(logits: np.ndarray, allowed: Optional[np.ndarray]) -> int:
-    if allowed is None:
-        return int(np.argmax(logits))
-    return int(allowed[np.argmax(logits[allowed])])
-
-
-def choose(logits: np.ndarray, ids: Sequence[int], processors: Sequence[LogitsProcessor],
+def choose(logits: Logits, ids: Sequence[int], processors: Sequence[LogitsProcessor],
            allowed: Optional[np.ndarray] = None) -> int:
     """The greedy choice: argmax (first on ties) of the processed logits among `allowed`.
 
     Should the processors ban every allowed token (a box's grammar leaves no other choice), the
     grammar wins and the unprocessed best allowed token is taken, so a constrained row always ends.
+    Free choices need a row's full logits only when a processor bans its argmax.
     """
-    scores = logits
-    for proc in processors:
-        scores = proc(ids, scores)
-    tok = _argmax_in(scores, allowed)
-    if allowed is not None and scores is not logits and not np.isfinite(scores[tok]):
-        tok = _argmax_in(logits, allowed)
-    return tok
+    scores = scores_of(logits)
+    banned = np.unique(np.concatenate([np.asarray(p.banned(ids), dtype=np.int64) for p in processors])) \
+        if processors else np.empty(0, dtype=np.int64)
+    if allowed is None:
+        if not np.isin(scores.argmax, banned):
+            return scores.argmax
+        z = scores.full()
+        for proc in processors:
+            z = proc(ids, z)
+        return int(np.argmax(z))
+    values = scores.logits_at(allowed)
+    kept = ~np.isin(allowed, banned)
+    if kept.any():
+        return int(allowed[np.argmax(np.where(kept, values, -np.inf))])
+    return int(allowed[np.argmax(values)])
 
 
 class Phase(enum.Enum):
@@ -201,14 +226,12 @@ def candidate_search(wanted: int) -> int:
     return max(int(wanted), CANDIDATE_SEARCH) if wanted > 0 else 0
 
 
-def candidate_cells(logits: np.ndarray, chosen: int, vocab: GroundingVocab, count: int,
+def candidate_cells(logits: Logits, chosen: int, vocab: GroundingVocab, count: int,
                     spacing: int = CANDIDATE_SPACING, grid: int = 32) -> List[Tuple[int, float]]:
     """The most likely other first-corner tokens (token id, probability), best first, each at least
     `spacing` cells from the chosen one and from each other; fewer when the grid runs out."""
-    lo, hi = vocab.patch_ids()
-    z = np.asarray(logits, dtype=np.float32)
-    e = np.exp(z - z.max())
-    probs = e[lo:hi] / e.sum(dtype=np.float64)
+    lo, _ = vocab.patch_ids()
+    probs = scores_of(logits, vocab).span_probs()
     taken = [chosen - lo]
     out: List[Tuple[int, float]] = []
     for cell in np.argsort(-probs, kind="stable"):
@@ -221,12 +244,12 @@ def candidate_cells(logits: np.ndarray, chosen: int, vocab: GroundingVocab, coun
     return out
 
 
-def best_second(logits: np.ndarray, first: int, vocab: GroundingVocab, grid: int = 32) -> int:
+def best_second(logits: Logits, first: int, vocab: GroundingVocab, grid: int = 32) -> int:
     """The model's most likely lower-right token that makes a box with `first` (not above or left of it)."""
     lo, _ = vocab.patch_ids()
     r, c = divmod(first - lo, grid)
     cells = np.array([lo + rr * grid + cc for rr in range(r, grid) for cc in range(c, grid)])
-    return int(cells[np.argmax(np.asarray(logits)[cells])])
+    return int(cells[np.argmax(scores_of(logits, vocab).logits_at(cells))])
 
 
 class _RowState:
@@ -236,7 +259,7 @@ class _RowState:
         self.vocab = vocab
         self.gen = Generation()
         self.cache: Any = None
-        self.logits: Optional[np.ndarray] = None
+        self.scores: Optional[TokenScores] = None
         self.done = row.max_new_tokens <= 0
         self.phase = Phase.OPEN if row.constrained else Phase.FREE
         self.feed: Optional[int] = None      # a forced token the next decode step reads without a choice
@@ -289,25 +312,27 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
              should_stop: Optional[Callable[[], bool]] = None) -> List[Generation]:
     """Decode every row greedily; rows advance together so backends can batch decode steps."""
     states = [_RowState(i, r, vocab) for i, r in enumerate(rows)]
+    readout = readout_for(vocab)
     prompts = [(st, list(st.row.input_ids)) for st in states if not st.done]
     # Rows on a shared prefix prefill their suffixes together; others (with the image) alone.
     on_prefix = [(st, ids) for st, ids in prompts if st.row.prefix_cache is not None]
     if on_prefix:
         logits, caches = backend.prefill_batch([st.row.prefix_cache for st, _ in on_prefix],
                                                [ids[st.row.prefix_len:] for st, ids in on_prefix])
-        for (st, _), row_logits, cache in zip(on_prefix, logits, caches):
-            st.logits, st.cache = row_logits, cache
+        for (st, _), scores, cache in zip(on_prefix, read_scores(logits, readout), caches):
+            st.scores, st.cache = scores, cache
     for st, ids in prompts:
         r = st.row
         if r.prefix_cache is None:
             mask = list(r.image_mask) + [0] * (len(ids) - len(r.image_mask))
             embeds = r.image_embeds if r.image_embeds is not None else image_embeds
-            st.logits, st.cache = backend.prefill(embeds, ids, mask)
+            logits, st.cache = backend.prefill(embeds, ids, mask)
+            st.scores = read_scores(logits, readout)[0]
             if r.export_prefix and r.prefix_len:
                 st.gen.prefix_cache = backend.truncate(st.cache, r.prefix_len)
         st.gen.model_calls += 1
         if r.input_ids and r.input_ids[-1] == vocab.phrase_close:
-            st.gen.presence = token_prob(st.logits, vocab.object_open)
+            st.gen.presence = st.scores.prob(vocab.object_open)
         if r.constrained:
             # <object> is forced; the prompt's own logits gave its probability (presence) first.
             st.take(vocab.object_open, 1.0, forced=True)
@@ -326,11 +351,11 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
                 tokens.append(tok)
                 continue
             ids = st.sequence() if st.row.processors else ()
-            tok = choose(st.logits, ids, st.row.processors, st.allowed())
+            tok = choose(st.scores, ids, st.row.processors, st.allowed())
             if st.row.max_candidates and st.pending_cache is None and _first_corner(st, tok):
-                st.pending = candidate_cells(st.logits, tok, vocab, st.row.max_candidates)
+                st.pending = candidate_cells(st.scores, tok, vocab, st.row.max_candidates)
                 st.pending_cache = backend.fork(st.cache) if st.pending else False
-            st.take(tok, token_prob(st.logits, tok))
+            st.take(tok, st.scores.prob(tok))
             tokens.append(tok)
             if on_token is not None:
                 on_token(st.index, st.gen)
@@ -338,8 +363,8 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
         if not stepping:
             continue
         logits, caches = backend.decode_batch([st.cache for st, _ in stepping], [tok for _, tok in stepping])
-        for (st, _), row_logits, cache in zip(stepping, logits, caches):
-            st.logits, st.cache = row_logits, cache
+        for (st, _), scores, cache in zip(stepping, read_scores(logits, readout), caches):
+            st.scores, st.cache = scores, cache
             st.gen.model_calls += 1
     _complete_candidates(backend, states, vocab)
     return [st.gen for st in states]
@@ -360,9 +385,9 @@ def _complete_candidates(backend: Backend, states: Sequence[_RowState], vocab: G
         return
     caches = [backend.fork(st.pending_cache) for st, _, _ in work]
     logits, _ = backend.decode_batch(caches, [tok for _, tok, _ in work])
-    for (st, tok, p), row_logits in zip(work, logits):
-        second = best_second(row_logits, tok, vocab)
-        st.gen.candidates.append(Candidate(tok, second, p, token_prob(row_logits, second)))
+    for (st, tok, p), scores in zip(work, read_scores(logits, readout_for(vocab))):
+        second = best_second(scores, tok, vocab)
+        st.gen.candidates.append(Candidate(tok, second, p, scores.prob(second)))
     for st in states:
         st.gen.candidates.sort(key=lambda c: -c.score)
         st.pending, st.pending_cache = [], None

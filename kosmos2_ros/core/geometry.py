@@ -170,22 +170,26 @@ MIN_FOREGROUND_FRACTION = 0.30
 
 
 def box_point_3d(box_px: Sequence[float], depth_m: np.ndarray, intrinsics: CameraIntrinsics,
-                 inner_fraction: float = 0.5, min_depth: float = 0.05,
-                 max_depth: float = 20.0) -> Tuple[Optional[Tuple[float, float, float]], str]:
+                 inner_fraction: float = 0.5, min_depth: float = 0.05, max_depth: float = 20.0,
+                 image_size: Optional[Tuple[int, int]] = None) -> Tuple[Optional[Tuple[float, float, float]], str]:
     """(3D point in the camera optical frame (metres), "") for a box, or (None, why there is none).
 
     The point is the median depth of the box's central part, back-projected through the box centre;
     where that depth lies far behind a nearer surface that covers enough of the box, it is the
     background seen past the object, and the nearer surface (its median depth, through its pixels'
-    centre) is the point instead. The depth image must be aligned with the colour image; when its
-    size differs, the box is scaled to it.
+    centre) is the point instead. `box_px` is in the colour image's pixels (`image_size`: its width
+    and height; default camera_info's size): camera_info is scaled to it, as `object_geometry` does,
+    and the aligned depth image may have another size (the box is scaled to it). Boxes are continuous
+    (pixel i spans [i, i + 1)) while camera_info's K puts pixel i's centre at i (OpenCV's convention),
+    so a point at continuous x is back-projected at x - 0.5.
     """
     if not intrinsics.valid():
         return None, "camera_info has no valid intrinsics"
     h, w = depth_m.shape[:2]
     x0, y0, x1, y1 = box_px
-    sx = w / intrinsics.width if intrinsics.width else 1.0
-    sy = h / intrinsics.height if intrinsics.height else 1.0
+    width, height = image_size or (intrinsics.width or w, intrinsics.height or h)
+    k = intrinsics.scaled(int(width), int(height))
+    sx, sy = w / width, h / height
 
     def window(fraction: float) -> Tuple[int, int, int, int]:
         cx_box, cy_box = (x0 + x1) / 2.0, (y0 + y1) / 2.0
@@ -203,7 +207,7 @@ def box_point_3d(box_px: Sequence[float], depth_m: np.ndarray, intrinsics: Camer
         return None, (f"no valid depth at the box's centre (none in [{min_depth:g}, {max_depth:g}] m of "
                       f"{(r1 - r0) * (c1 - c0)} pixels)")
     z = float(np.median(patch))
-    u, v = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    u, v = (x0 + x1) / 2.0, (y0 + y1) / 2.0        # continuous colour pixels
     b0, q0, b1, q1 = window(1.0)
     whole = depth_m[q0:q1, b0:b1]
     ok = usable(whole)
@@ -215,5 +219,5 @@ def box_point_3d(box_px: Sequence[float], depth_m: np.ndarray, intrinsics: Camer
             rows, cols = np.nonzero(front)
             z = float(np.median(whole[front]))
             u, v = (b0 + cols.mean() + 0.5) / sx, (q0 + rows.mean() + 0.5) / sy
-    xn, yn = intrinsics.normalized(u, v)
+    xn, yn = k.normalized(u - 0.5, v - 0.5)
     return (float(xn) * z, float(yn) * z, z), ""

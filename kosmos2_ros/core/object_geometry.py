@@ -183,7 +183,7 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
         # depth there is in the box is its surroundings, not the object
         return ObjectGeometry.invalid(f"no depth on the object: {int((valid & inner).sum())} of {int(inner.sum())} "
                                       "pixels at the box's centre have depth")
-    xn, yn = k.normalized(xs + 0.5, ys + 0.5)
+    xn, yn = k.normalized(xs, ys)        # camera_info's K: pixel (i, j)'s centre at (i, j) (OpenCV's convention)
     pts = np.stack([xn * z, yn * z, z], axis=-1)
     sigma = DEPTH_NOISE_K * np.nan_to_num(z, nan=1.0) ** 2
     rng = np.random.default_rng(config.seed)
@@ -423,7 +423,11 @@ def _standing_box(points: np.ndarray, plane: np.ndarray):
 
 
 def _free_box(points: np.ndarray):
-    """3D box from the points alone (principal axes, robust extents); grasp along the viewing ray."""
+    """3D box from the points alone (principal axes, robust extents); grasp along the viewing ray.
+
+    The gripper closes across the ray: along whichever of two directions perpendicular to it the
+    object is narrower (robust extents), the opening that extent. Both are perpendicular to the ray
+    by construction, so a principal axis lying along the ray cannot leave it without a direction."""
     centroid = np.median(points, axis=0)
     axes = np.linalg.svd(points - centroid, full_matrices=False)[2]
     if np.linalg.det(axes) < 0:
@@ -435,7 +439,11 @@ def _free_box(points: np.ndarray):
     near = points[:, 2] <= np.percentile(points[:, 2], 10)
     top = points[near].mean(axis=0)
     ray = top / np.linalg.norm(top)
-    across = [a - (a @ ray) * ray for a in axes[:2]]
-    widths = [float(np.ptp(local[:, i])) for i in range(2)]
-    closing = across[int(np.argmin(widths))]
-    return center, axes.T, size, top, ray, closing, float(min(size[0], size[1]))
+    # the principal axis least along the ray, made perpendicular to it, and the third direction
+    first = axes[int(np.argmin(np.abs(axes @ ray)))]
+    first = first - (first @ ray) * ray
+    first /= np.linalg.norm(first)
+    across = (first, np.cross(ray, first))
+    widths = [float(np.percentile(points @ a, 98) - np.percentile(points @ a, 2)) for a in across]
+    i = int(np.argmin(widths))
+    return center, axes.T, size, top, ray, across[i], widths[i]

@@ -560,12 +560,13 @@ class Pipeline:
                     boxes += res.objects[:1] + res.candidates
             if not boxes:
                 continue
-            asks = [(0, k, self.plan(Command(id=f"describe-{k}", task="region", region_px=tuple(b.box_px),
-                                             max_new_tokens=DESCRIBE_TOKENS, decoding="free", max_candidates=0,
-                                             describe_candidates=0), frame)) for k, b in enumerate(boxes)]
+            tokens = min(DESCRIBE_TOKENS, self.config.max_new_tokens_limit)   # within what the node allows
             try:
+                asks = [(0, k, self.plan(Command(id=f"describe-{k}", task="region", region_px=tuple(b.box_px),
+                                                 max_new_tokens=tokens, decoding="free", max_candidates=0,
+                                                 describe_candidates=0), frame)) for k, b in enumerate(boxes)]
                 described = self._decode_frame(frame, asks, None, should_stop)
-            except (BackendError, Cancelled, RuntimeError, MemoryError):
+            except (PromptError, ValueError, BackendError, Cancelled, RuntimeError, MemoryError):
                 continue
             for k, box in enumerate(boxes):
                 box.description = described_as(described[(0, k)].text)
@@ -622,7 +623,7 @@ class Pipeline:
         if not no_depth:
             try:
                 point, why = box_point_3d(box_px, frame.depth_m, frame.intrinsics, cfg.depth_inner_fraction,
-                                          cfg.min_depth_m, cfg.max_depth_m)
+                                          cfg.min_depth_m, cfg.max_depth_m, (frame.width, frame.height))
             except Exception as exc:  # noqa: BLE001 - a point that cannot be made must not fail the result
                 point, why = None, f"3D point failed: {type(exc).__name__}: {exc}"
         return GroundedBox(phrase, index, span, box_px, tuple(box_norm), score, point,

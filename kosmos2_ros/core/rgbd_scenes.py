@@ -150,7 +150,7 @@ def render(objects: Sequence[SceneObject], width: int = 640, height: int = 480, 
     tgt = np.asarray(target, dtype=np.float64)
     pos = tgt + distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
     rot = look_at(pos, tgt)
-    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    u, v = np.meshgrid(np.arange(width), np.arange(height))     # pixel centres on integers, as camera_info's K
     d_cam = np.stack([(u - k_cam.cx) / k_cam.fx, (v - k_cam.cy) / k_cam.fy, np.ones_like(u)], axis=-1).reshape(-1, 3)
     d = d_cam @ rot.T                                  # world directions, scaled so that t = optical z
     n_rays = d.shape[0]

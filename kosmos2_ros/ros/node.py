@@ -265,8 +265,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
 
     def _on_ground(self, request: Ground.Request, response: Ground.Response) -> Ground.Response:
         job = self.submit(convert.command_from_msg(request.command))
-        job.future.result()
-        response.result = job.message
+        response.result = self._answer(job)
         return response
 
     def _on_goal(self, goal_handle: Any) -> GroundTask.Result:
@@ -292,8 +291,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
 
         job = self.submit(cmd, on_token=on_token, should_stop=lambda: goal_handle.is_cancel_requested,
                           on_candidates=on_candidates)
-        job.future.result()
-        msg: GroundingResult = job.message
+        msg = self._answer(job)
         if msg.status == GroundingResult.STATUS_CANCELLED and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         elif msg.status == GroundingResult.STATUS_OK:
@@ -354,13 +352,28 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self.outputs.publish_tracks(msg, frame, combined, self.config)
 
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
-        """Publish a command's one result (and debug image, markers, detections)."""
+        """Publish a command's one result (and debug image, markers, detections). The message is made and
+        kept for the service or action before anything is published, so a publisher that raises (the worker
+        counts it) cannot leave them without an answer."""
         cam = self.cameras.get(result.camera) or next(iter(self.cameras.values()))
         try:
             self.place_geometry([result])
         except Exception as exc:  # noqa: BLE001 - a geometry failure must never lose the result
-            invalidate_objects(result.objects, f"could not move the geometry into {self.config.target_frame}: {exc}")
-        job.message = self.outputs.publish(result, frame, queue_ms, self.config, cam.stats)
+            invalidate_objects(result.objects + result.candidates,
+                               f"could not move the geometry into {self.config.target_frame}: {exc}")
+        try:
+            job.message = convert.result_to_msg(result, queue_ms, masks=self.config.result_masks)
+        except Exception as exc:  # noqa: BLE001 - a result that cannot become a message is still answered
+            result = Result.failure(job.command, Status.MODEL_ERROR, f"the result could not be converted: {exc}", frame)
+            job.message = convert.result_to_msg(result, queue_ms)
+        self.outputs.publish(job.message, result, frame, self.config, cam.stats)
+
+    @staticmethod
+    def _answer(job: Job) -> GroundingResult:
+        """The one result message of a job the worker completed (waits for it): the published one, or, where
+        none could be made, the result the worker answered with."""
+        result = job.future.result()
+        return job.message if job.message is not None else convert.result_to_msg(result)
 
     def _every_second(self) -> None:
         self._rematch_sensor_qos()

@@ -50,10 +50,9 @@ class ResultPublishers:
             self.detections = node.create_publisher(Detection2DArray, "~/detections", 10)
             self.detections_3d = node.create_publisher(Detection3DArray, "~/detections_3d", 10)
 
-    def publish(self, result: Result, frame: Optional[Frame], queue_ms: float, config: Kosmos2Config,
-                stats: visualize.Stats) -> GroundingResult:
-        """Publish a command's one result (and its views); counts it in `stats`; returns its message."""
-        msg = convert.result_to_msg(result, queue_ms, masks=config.result_masks)
+    def publish(self, msg: GroundingResult, result: Result, frame: Optional[Frame], config: Kosmos2Config,
+                stats: visualize.Stats) -> None:
+        """Publish a command's one result message (and its views); counts it in `stats`."""
         self.result.publish(msg)
         stats.result(msg.status, msg.total_ms)
         self._count_geometry(result, stats)
@@ -62,7 +61,6 @@ class ResultPublishers:
                                           throttle_duration_sec=1.0)
         if frame is not None and result.status is Status.OK:
             self._views(msg, result, frame, config, cloud=True)
-        return msg
 
     def publish_tracks(self, msg: Tracks, frame: Frame, combined: Result, config: Kosmos2Config) -> None:
         """A frame's standing-query answers on ~/tracks, and the usual views of them."""

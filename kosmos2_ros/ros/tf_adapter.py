@@ -71,10 +71,13 @@ class GeometryFrames:
         self.transforms = None
 
     def place(self, results: Iterable[Result]) -> None:
+        """Every box a result holds (its objects and its candidates: a planner may act on either, and
+        `geometry_frame_id` names one frame for all) moved into target_frame, or made invalid with why."""
         for res in results:
             if not self.target or res.status is not Status.OK:
                 continue
-            objects = [o for o in res.objects if o.geometry is not None and o.geometry.valid]
+            held = list(res.objects) + list(res.candidates)
+            objects = [o for o in held if o.geometry is not None and o.geometry.valid]
             res.geometry_frame_id = self.target
             if not objects or res.frame_id == self.target:
                 continue
@@ -84,13 +87,13 @@ class GeometryFrames:
                 rotation, translation = self.transforms.lookup(self.target, res.frame_id, res.stamp_ns, self.timeout_s)
             except TransformUnavailable as exc:
                 self.failures += 1
-                invalidate_objects(res.objects, str(exc))
+                invalidate_objects(held, str(exc))
                 if not self._warned:
                     self._warned = True
                     self._warn(f"{exc}. Check it with: ros2 run tf2_ros tf2_echo {self.target} {res.frame_id} "
                                "(is the robot's TF published, and is the camera's frame_id in it?)")
                 continue
-            move_objects(res.objects, rotation, translation, self.target)
+            move_objects(held, rotation, translation, self.target)
 
 
 def make_geometry_frames(node: Any, target_frame: str, timeout_s: float) -> GeometryFrames:

@@ -245,24 +245,25 @@ class Worker:
 
         Commands about one frame share its encoding and prompt head; commands about other frames
         join the same decode batch (`Pipeline.run_frames`). A command whose frame is unavailable
-        stays queued and is answered in its turn.
+        stays queued and is answered in its turn (so does one whose frame lookup raised: its own turn
+        answers it). Jobs leave the queue only once their frames are in hand, so nothing raised here
+        can lose a queued command.
         """
         taken: List[Tuple[Job, Frame]] = []
         with self._cv:
-            keep: Deque[Job] = collections.deque()
-            while self._queue:
-                other = self._queue.popleft()
-                frame = self._frame_of(other) if len(taken) + 1 < self.max_batch and other.batchable else None
+            for other in list(self._queue):
+                if len(taken) + 1 >= self.max_batch:
+                    break
+                frame = self._frame_of(other) if other.batchable else None
                 if frame is not None:
                     taken.append((other, frame))
-                else:
-                    keep.append(other)
-            self._queue.extend(keep)
+            for other, _ in taken:
+                self._queue.remove(other)
         return taken
 
     def _frame_of(self, job: Job) -> Optional[Frame]:
         try:
             return self._resolve(job.command)
-        except FrameRejected:
+        except Exception:  # noqa: BLE001 - FrameRejected, or a lookup that broke: the job waits for its turn
             return None
 

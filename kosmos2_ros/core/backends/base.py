@@ -2,7 +2,8 @@
 
 The greedy loop (`core.decoding`) is shared by every backend, so faithfulness to
 transformers' `generate` is decided in one place; a backend only has to compute the same
-logits. Caches are opaque to the loop.
+logits. Caches are opaque to the loop. Logits come back as host arrays or, where they were
+computed on a GPU, as `logits.DeviceLogits`, which the loop reads on the device.
 """
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .errors import BackendError, BackendUnavailable
+from .logits import stack_rows
 
-class BackendError(RuntimeError):
-    """A backend failed on a command (the node turns it into a MODEL_ERROR result)."""
-
-
-class BackendUnavailable(BackendError):
-    """The backend cannot run on this machine (a library or device is missing)."""
+__all__ = ["Backend", "BackendError", "BackendUnavailable", "PackedRows", "cuda_capability", "cuda_device_count",
+           "pack_rows", "position_ids"]
 
 
 def cuda_device_count() -> int:
@@ -149,7 +148,7 @@ class Backend(abc.ABC):
             logits, new_cache = self.decode(cache, tok)
             rows.append(logits)
             out.append(new_cache)
-        return np.stack(rows), out
+        return stack_rows(rows), out
 
     def prefill_batch(self, caches: List[Any], chunks: List[List[int]]) -> Tuple[np.ndarray, List[Any]]:
         """Text chunks (no image) appended to several caches -> (rows of last logits, new caches).
@@ -162,7 +161,7 @@ class Backend(abc.ABC):
             logits, new_cache = self.prefill(None, chunk, [0] * len(chunk), cache=cache)
             rows.append(logits)
             out.append(new_cache)
-        return np.stack(rows), out
+        return stack_rows(rows), out
 
     def truncate(self, cache: Any, length: int) -> Any:
         """A new cache holding only the first `length` tokens of `cache`, or None if unsupported.

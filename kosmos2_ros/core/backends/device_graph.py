@@ -45,6 +45,7 @@ from .kv_cache import (
     pack_appends,
     packed_past,
 )
+from .logits import DeviceLogits, stack_rows
 
 #: The decoder graph's first five inputs (`onnx.export.GRAPH_IO`); the KV arrays follow.
 STEP_INPUTS = ("input_ids", "image_mask", "position_ids", "attention_mask")
@@ -78,13 +79,14 @@ class StepBuffers:
             self._staged = torch.zeros(total, dtype=torch.int64, device=device)
             cuda = str(device).startswith("cuda")
             self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True) if cuda else self._staged
+            self._copied = torch.cuda.Event() if cuda else None   # recorded after each copy out of _host
             pieces = {name: self._staged[o:o + int(np.prod(shapes[name]))].view(shapes[name])
                       for name, o in offsets.items()}
             host = self._host.numpy()
             self._host_pieces = {name: host[o:o + int(np.prod(shapes[name]))].reshape(shapes[name])
                                  for name, o in offsets.items()}
         else:
-            self._staged = self._host = None
+            self._staged = self._host = self._copied = None
             pieces = {name: torch.zeros(shape, dtype=dt.get(name, torch.int64), device=device)
                       for name, shape in shapes.items()}
         self.columns = pieces.pop("columns")      # scatter_ indexes in int64
@@ -102,24 +104,25 @@ class StepBuffers:
 
     def load(self, torch: Any, feeds: StepFeeds) -> None:
         """The step's inputs onto the device, on the current (the backend's) stream. The host buffer is reused
-        step after step: safe because every step ends by reading its logits back, which waits for the stream."""
+        step after step: before writing it, wait for the last step's copy out of it (an event, not the stream)."""
         arrays = {"input_ids": feeds.input_ids, "position_ids": feeds.position_ids,
                   "attention_mask": feeds.attention_mask, "columns": feeds.columns}
         if self._staged is None:
             for name, arr in arrays.items():
                 (self.columns if name == "columns" else self.inputs[name]).copy_(torch.from_numpy(arr))
             return
+        if self._copied is not None:
+            self._copied.synchronize()      # returns at once before the first record
         for name, arr in arrays.items():
             self._host_pieces[name][...] = arr
-        if self._host is not self._staged:
+        if self._copied is not None:
             self._staged.copy_(self._host, non_blocking=True)
+            self._copied.record()           # on the current stream: the backend's
 
-    def read_logits(self, active: List[int]) -> np.ndarray:
-        """The active rows' logits on the host ([len(active), vocab], fp32): a slice when they are the first rows
-        (no index tensor to upload), else every row, picked on the host."""
-        if active == list(range(len(active))):
-            return self.logits[:len(active)].float().cpu().numpy()
-        return self.logits.float().cpu().numpy()[active]
+    def read_logits(self, active: List[int], on_device: Callable[[], Any], nonfinite_error: str) -> DeviceLogits:
+        """The active rows' logits, left on the device for the loop's small read (`logits`): a copy, made on
+        the backend's stream, since the next step (or its graph's replay) writes this buffer again."""
+        return DeviceLogits(self.logits.clone(), active, on_device, nonfinite_error)
 
     def scatter(self) -> None:
         """Write the step's new keys/values into the arena at each row's column (idle rows: scratch)."""
@@ -250,14 +253,16 @@ class DeviceGraphBackend(GraphBackend):
         _, caches = self._append([None] * n, [list(input_ids)] * n, embeds, [list(image_mask)] * n)
         return caches
 
-    def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[np.ndarray, List[Any]]:
-        """One step for every row; more rows than one step may hold decode in groups, each on its own arena."""
+    def decode_batch(self, caches: List[Any], token_ids: List[int]) -> Tuple[Any, List[Any]]:
+        """One step for every row; more rows than one step may hold decode in groups, each on its own arena.
+        The logits stay on the device (`DeviceLogits`)."""
         if not caches:
             return np.zeros((0, self.vocab_size), dtype=np.float32), []
         size = self.max_rows or len(caches)
         parts = [self._decode_group(caches[i:i + size], token_ids[i:i + size], slot=i // size)
                  for i in range(0, len(caches), size)]
-        return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+        logits = parts[0][0] if len(parts) == 1 else stack_rows([p[0] for p in parts])
+        return logits, [c for p in parts for c in p[1]]
 
     def truncate(self, cache: KVCache, length: int) -> KVCache:
         with self._on_device():      # copies on the backend's stream, where the caches are read
@@ -281,7 +286,7 @@ class DeviceGraphBackend(GraphBackend):
             self._torch.cuda.empty_cache()
 
     # -- the decode step -------------------------------------------------------------------------------
-    def _decode_group(self, caches: List[Any], token_ids: List[int], slot: int) -> Tuple[np.ndarray, List[Any]]:
+    def _decode_group(self, caches: List[Any], token_ids: List[int], slot: int) -> Tuple[DeviceLogits, List[Any]]:
         torch = self._torch
         with self._on_device(), torch.no_grad():
             # Loading rows into an arena (and copies of views it releases) on the backend's stream, as the step.
@@ -298,8 +303,7 @@ class DeviceGraphBackend(GraphBackend):
                 self.graph_stats.plain_steps += 1
                 if self.cuda_graph and step.graph is None and step.runs >= 2:   # TensorRT wants a plain run first
                     self._capture(step)
-            logits = step.read_logits(feeds.active)
-        self._check(logits)
+            logits = step.read_logits(feeds.active, self._on_device, self.nonfinite_error)
         return logits, arena.advance(feeds)
 
     def _run_step(self, step: StepBuffers) -> None:
@@ -350,13 +354,13 @@ class DeviceGraphBackend(GraphBackend):
         if len(chunks) > size:
             parts = [self._append(caches[i:i + size], chunks[i:i + size], self._image_rows(image_embeds, i, size),
                                   masks[i:i + size]) for i in range(0, len(chunks), size)]
-            return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+            return stack_rows([p[0] for p in parts]), [c for p in parts for c in p[1]]
         longest = max(len(c) for c in chunks)
         if self.max_chunk is None or longest <= self.max_chunk:
             return self._prefill_call(caches, chunks, image_embeds, masks)
         rows = [self._pieces(caches[b], chunks[b], self._image_rows(image_embeds, b, 1), masks[b])
                 for b in range(len(chunks))]
-        return np.stack([r[0] for r in rows]), [r[1] for r in rows]
+        return stack_rows([r[0] for r in rows]), [r[1] for r in rows]
 
     @staticmethod
     def _image_rows(image_embeds: Any, start: int, count: int) -> Any:
@@ -403,7 +407,6 @@ class DeviceGraphBackend(GraphBackend):
                                             device=self.device)
             self._run_decoder(inputs, outputs)
             new = appended(caches, rows.lens, rows.smax, [outputs[n] for n in self._new_names], self._ops)
-            self._sync()
-            logits = outputs["logits"].float().cpu().numpy()
-        self._check(logits)
+            self._sync()   # the new caches complete before anyone on another stream reads them
+            logits = DeviceLogits(outputs["logits"], None, self._on_device, self.nonfinite_error)
         return logits, new

@@ -12,8 +12,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...defaults import DTYPE_NAMES, TORCH_MODES
-from ..base import Backend, BackendError, BackendUnavailable, pack_rows
+from ..base import Backend, BackendUnavailable, pack_rows
 from ..kv_cache import ARENA_BUDGET_MB
+from ..logits import DeviceLogits
 from ..modules import image_features, load_kosmos2
 
 DTYPES = DTYPE_NAMES
@@ -127,7 +128,7 @@ class TorchBackend(Backend):
         return out
 
     def prefill(self, image_embeds: Any, input_ids: Sequence[int], image_mask: Sequence[int],
-                cache: Optional[TorchCache] = None) -> Tuple[np.ndarray, TorchCache]:
+                cache: Optional[TorchCache] = None) -> Tuple[Any, TorchCache]:
         torch = self._torch
         from transformers import DynamicCache
 
@@ -146,7 +147,7 @@ class TorchBackend(Backend):
                 use_cache=True, **kwargs, **self._last_only)
         return self._last_logits(out), TorchCache(getattr(out, self._cache_kw, None) or kv, past + ids.shape[1])
 
-    def decode(self, cache: TorchCache, token_id: int) -> Tuple[np.ndarray, TorchCache]:
+    def decode(self, cache: TorchCache, token_id: int) -> Tuple[Any, TorchCache]:
         torch = self._torch
         ids = torch.tensor([[int(token_id)]], dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -156,13 +157,13 @@ class TorchBackend(Backend):
                 use_cache=True, **{self._cache_kw: cache.kv})
         return self._last_logits(out), TorchCache(cache.kv, cache.length + 1)
 
-    def decode_batch(self, caches: list, token_ids: list) -> Tuple[np.ndarray, list]:
+    def decode_batch(self, caches: list, token_ids: list) -> Tuple[Any, list]:
         """One step for several rows in one forward (`_packed_forward` with one token per row)."""
         if len(caches) < 2:
             return super().decode_batch(caches, token_ids)
         return self._packed_forward(caches, [[int(t)] for t in token_ids])
 
-    def prefill_batch(self, caches: list, chunks: list) -> Tuple[np.ndarray, list]:
+    def prefill_batch(self, caches: list, chunks: list) -> Tuple[Any, list]:
         """Text chunks appended to several caches in one forward (a frame's standing queries)."""
         if len(caches) < 2 or any(c is None or c.length == 0 for c in caches):
             return super().prefill_batch(caches, chunks)
@@ -186,7 +187,7 @@ class TorchBackend(Backend):
             self._torch.cuda.empty_cache()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _packed_forward(self, caches: List[TorchCache], chunks: List[List[int]]) -> Tuple[np.ndarray, list]:
+    def _packed_forward(self, caches: List[TorchCache], chunks: List[List[int]]) -> Tuple[Any, list]:
         """Chunk b appended to cache b for every row in one forward -> (rows of last logits, new caches).
 
         Rows are laid out as the graph backends lay them out (`base.pack_rows`): the row's past,
@@ -227,12 +228,10 @@ class TorchBackend(Backend):
                 new.append(TorchCache(row, n + k))
         return logits, new
 
-    def _last_logits(self, out: Any) -> np.ndarray:
+    def _last_logits(self, out: Any) -> DeviceLogits:
         return self._finite(out.logits[0, -1])
 
-    def _finite(self, logits: Any) -> np.ndarray:
-        """float32 logits on the host, or BackendError when any is not finite."""
-        logits = logits.float()
-        if not bool(self._torch.isfinite(logits).all()):
-            raise BackendError("the model produced non-finite logits (overflow in this precision?)")
-        return logits.cpu().numpy()
+    def _finite(self, logits: Any) -> DeviceLogits:
+        """The logits left where they are, for the loop's small read (`logits`, which raises
+        BackendError when any is not finite)."""
+        return DeviceLogits(logits, None, None, "the model produced non-finite logits (overflow in this precision?)")
