@@ -30,11 +30,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import numpy as np
 
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Command, Pipeline
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.scenes import draw_scene
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kosmos2_candidates_"))
     model = work / ("full_size" if args.full_size else "tiny")

@@ -45,8 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import roofline  # noqa: E402
-from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
 from kosmos2_ros.core.defaults import QUANTIZED_PRECISIONS  # noqa: E402
+from kosmos2_ros.fixtures.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image  # noqa: E402
 
 
 def _patches(ids: List[int], vocab) -> List[int]:
@@ -76,11 +76,11 @@ def main(argv=None) -> int:
     import torch
 
     from kosmos2_ros.core.backends.modules import load_kosmos2
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.loading import load_processor
-    from kosmos2_ros.core.pipeline import Command, Pipeline
+    from kosmos2_ros.core.model.loading import load_processor
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kosmos2_bench_"))
     frames = args.frames or (2 if args.full_size else 6)
@@ -112,9 +112,9 @@ def main(argv=None) -> int:
         return [(f, [EXPRESSIONS[(f * 3 + j) % len(EXPRESSIONS)] for j in range(k)]) for f in range(frames)]
 
     # -- baseline ------------------------------------------------------------------------------
-    from kosmos2_ros.core.loading import checkpoint_no_repeat_ngram_size
-    from kosmos2_ros.core.reference import reference_generate
-    from kosmos2_ros.core.vocab import GroundingVocab
+    from kosmos2_ros.core.model.loading import checkpoint_no_repeat_ngram_size
+    from kosmos2_ros.core.model.reference import reference_generate
+    from kosmos2_ros.core.model.vocab import GroundingVocab
     vocab = GroundingVocab.from_tokenizer(processor.tokenizer)
 
     def baseline_one(img: np.ndarray, expr: str) -> List[int]:
@@ -250,10 +250,10 @@ def make_backend(name: str, precision: str, model_dir: Path, work: Path, device:
 
 def resident_child(args) -> int:
     """Load one path alone (`--resident label`), answer one command, print the peak RSS in bytes."""
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.loading import load_processor
-    from kosmos2_ros.core.pipeline import Command, Pipeline
+    from kosmos2_ros.core.model.loading import load_processor
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
 
     model_dir = Path(args.model)
     processor = load_processor(str(model_dir))
@@ -262,7 +262,7 @@ def resident_child(args) -> int:
         import torch
 
         from kosmos2_ros.core.backends.modules import load_kosmos2
-        from kosmos2_ros.core.reference import reference_generate
+        from kosmos2_ros.core.model.reference import reference_generate
         model = load_kosmos2(str(model_dir), dtype=torch.float32)
         reference_generate(model, processor, f"<grounding><phrase> {EXPRESSIONS[0]}</phrase>", image, 5)
     else:
@@ -302,20 +302,23 @@ def _median_ms(fn, repeat: int) -> float:
 
 def _phase_ms(backend, pixels, prompt, repeat: int):
     """(vision, prefill of the whole prompt, one decode step at batch 1) medians in ms."""
+    from kosmos2_ros.core.backends.logits import Readout, read_scores
+
     embeds = backend.encode_image(pixels)
     vision = _median_ms(lambda: backend.encode_image(pixels), repeat)
     prefill = _median_ms(lambda: backend.prefill(embeds, prompt.input_ids, prompt.image_mask), repeat)
     state = {"cache": backend.prefill(embeds, prompt.input_ids, prompt.image_mask)[1]}
 
-    def step():
-        state["cache"] = backend.decode(state["cache"], 5)[1]
+    def step():   # a token as the decode loop pays it: the step, and the read of its logits
+        logits, state["cache"] = backend.decode(state["cache"], 5)
+        read_scores(logits, Readout())
     return vision, prefill, _median_ms(step, 4 * repeat)
 
 
 def phase_rows(args, processor, backends, image) -> dict:
     """label -> (vision ms, prefill ms, decode ms/token, graphs on disk) of each path of ours."""
     from kosmos2_ros.core.backends.onnx import export, quantize
-    from kosmos2_ros.core.loading import TextCodec
+    from kosmos2_ros.core.model.loading import TextCodec
 
     prompt = TextCodec(processor).encode(f"<grounding><phrase> {EXPRESSIONS[0]}</phrase>")
     pixels = np.asarray(processor.image_processor(image, return_tensors="np")["pixel_values"], dtype=np.float32)
@@ -353,7 +356,7 @@ def print_phases(args, model_dir, work, phases, fp32_rate) -> None:
 def print_floor(sizes, processor, torch, rows, max_new: int, onnx_precisions: Dict[str, str]) -> None:
     """Each precision's floor on this machine (`roofline`) next to the measured path
     (`onnx_precisions`: the onnxruntime paths' labels and precisions)."""
-    from kosmos2_ros.core.loading import TextCodec
+    from kosmos2_ros.core.model.loading import TextCodec
 
     machines = roofline.measure(torch, tuple(dict.fromkeys(["fp32", *onnx_precisions.values()])))
     codec = TextCodec(processor)

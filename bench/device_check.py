@@ -128,24 +128,24 @@ def bandwidth_gbs() -> float:
 
 
 def frames(n: int, seed: int = 0) -> list:
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.fixtures.scenes import draw_scene
 
     rng = np.random.default_rng(seed)
     return [Frame(rgb=draw_scene(640, 480, rng=rng)[0], stamp_ns=i + 1, frame_id="cam") for i in range(n)]
 
 
 def pipeline(model_dir: Path, backend: Any, **cfg: Any) -> Any:
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.loading import load_processor
-    from kosmos2_ros.core.pipeline import Pipeline
+    from kosmos2_ros.core.model.loading import load_processor
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.pipeline import Pipeline
 
     return Pipeline(Kosmos2Config(model=str(model_dir), backend="torch", device=DEVICE, enable_3d=False, **cfg),
                     backend, load_processor(str(model_dir)))
 
 
 def boxes(pipe: Any, scenes: list) -> list:
-    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.serving.pipeline import Command
 
     out = []
     for frame in scenes:
@@ -163,10 +163,10 @@ def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
     from kosmos2_ros.core.backends.onnx import export
     from kosmos2_ros.core.backends.registry import create_backend
     from kosmos2_ros.core.backends.torch.backend import TorchBackend
-    from kosmos2_ros.core.decoding import Row as DecodeRow
-    from kosmos2_ros.core.decoding import generate
-    from kosmos2_ros.core.loading import TextCodec, load_processor
-    from kosmos2_ros.core.reference import reference_generate
+    from kosmos2_ros.core.model.decoding import Row as DecodeRow
+    from kosmos2_ros.core.model.decoding import generate
+    from kosmos2_ros.core.model.loading import TextCodec, load_processor
+    from kosmos2_ros.core.model.reference import reference_generate
 
     processor = load_processor(str(tiny))
     codec = TextCodec(processor)
@@ -209,8 +209,8 @@ def tiny_rows(table: Table, tiny: Path, precisions: List[str]) -> None:
 
 def arena_switches(table: Table, name: str, backend: Any, emb: Any, codec: Any, prec: str) -> None:
     """Graphs of several arenas replayed in turn (1 row, 2 rows, 1 row again): tokens as without graphs."""
-    from kosmos2_ros.core.decoding import Row as DecodeRow
-    from kosmos2_ros.core.decoding import generate
+    from kosmos2_ros.core.model.decoding import Row as DecodeRow
+    from kosmos2_ros.core.model.decoding import generate
 
     runs, stats = {}, backend.graph_stats
     for graph in (True, False):
@@ -231,8 +231,21 @@ def arena_switches(table: Table, name: str, backend: Any, emb: Any, codec: Any, 
 
 # -- full-size architecture: speed and memory -------------------------------------------------------------
 def logits_rows(table: Table) -> None:
-    from logits_read import measure
+    """The loop's read of a step's logits: timed against full rows, and its numbers against the host's."""
+    import torch
+    from logits_read import full_size_readout, measure
 
+    from kosmos2_ros.core.backends.logits import DeviceLogits, read_scores
+
+    z = torch.randn((4, 65037), device=DEVICE) * 4
+    z[1, 17] = z[1, 40000] = z[1].max() + 1.0                  # a tie: the first index wins
+    got = DeviceLogits(z).read_on_device(full_size_readout())
+    want = read_scores(z.cpu().numpy(), full_size_readout())
+    same = all(g.argmax == w.argmax and g.top == w.top and (g.span == w.span).all() and g.picked == w.picked
+               and abs(g.norm - w.norm) <= 1e-6 * w.norm for g, w in zip(got, want))
+    table.add("logits read on the device == on the host", "-", "fp32",
+              f"{'yes' if same else 'NO'}: argmax (a tie), logit, span, control tokens equal, normaliser within 1e-6",
+              "numpy over the same logits", same)
     for rows, fb, fms, rb, rms in measure(DEVICE, [1, 8], 50):
         table.add(f"logits read per step, {rows} row(s)", "-", "fp32",
                   f"{rms:.3f} ms, {rb:,} B (time full / read {fms / rms:.2f}x, bytes {fb / rb:.0f}x)",
@@ -246,11 +259,13 @@ def full_precision() -> str:
 
 def full_rows(table: Table, work: Path) -> None:
     import torch
+    from logits_read import full_size_readout
 
+    from kosmos2_ros.core.backends.logits import read_scores
     from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
-    from kosmos2_ros.core.checkpoints import full_size_in_memory
-    from kosmos2_ros.core.loading import TextCodec, load_processor
-    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.model.loading import TextCodec, load_processor
+    from kosmos2_ros.core.serving.pipeline import Command
+    from kosmos2_ros.fixtures.checkpoints import full_size_in_memory
 
     prec = full_precision()
     dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[prec])
@@ -281,8 +296,10 @@ def full_rows(table: Table, work: Path) -> None:
             _, cache = static.decode(cache, 5)
         sync()
         n, t = 48, time.perf_counter()
-        for _ in range(n):
-            _, cache = static.decode(cache, 5)
+        for _ in range(n):   # a token as the decode loop pays it: the step, and the read of its logits
+            logits, cache = static.decode(cache, 5)
+            read_scores(logits, full_size_readout())
+        sync()
         timing[graph] = (time.perf_counter() - t) / n * 1e3
     note = f" ({static.graph_error})" if static.graph_error else ""
     table.add("decode ms/token, CUDA graph", "full-size", prec,
@@ -348,7 +365,7 @@ def full_rows(table: Table, work: Path) -> None:
 
 def mixed_traffic(table: Table, pipe: Any, backend: Any, prec: str, floor: float) -> None:
     """The node's mix, round after round on new frames: p50 per command kind and captures after warm-up."""
-    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.serving.pipeline import Command
 
     kinds = {"refer": lambda f: pipe.run(Command(id="r", task="refer", text="the red mug"), f),
              "4 refers": lambda f: pipe.run_batch([Command(id=str(i), task="refer", text=e)
@@ -393,9 +410,9 @@ def tensorrt_rows(table: Table, tiny: Path, art: Path, precisions: List[str]) ->
     from kosmos2_ros.core.backends.onnx import export
     from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
     from kosmos2_ros.core.backends.torch.backend import TorchBackend
-    from kosmos2_ros.core.decoding import Row as DecodeRow
-    from kosmos2_ros.core.decoding import generate
-    from kosmos2_ros.core.loading import TextCodec, load_processor
+    from kosmos2_ros.core.model.decoding import Row as DecodeRow
+    from kosmos2_ros.core.model.decoding import generate
+    from kosmos2_ros.core.model.loading import TextCodec, load_processor
 
     processor = load_processor(str(tiny))
     codec = TextCodec(processor)
@@ -449,7 +466,7 @@ def main(argv: Any = None) -> int:
     if DEVICE != "cpu" and not torch.cuda.is_available():
         print(f"device_check: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
         return 2
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kosmos2_device_"))
     work.mkdir(parents=True, exist_ok=True)

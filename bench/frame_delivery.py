@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ["ROS_DOMAIN_ID"] = str(free_domain())
     model = args.model
     if not model:
-        from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+        from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
     log = Path(tempfile.mkstemp(prefix="kosmos2_frames_", suffix=".log")[1])

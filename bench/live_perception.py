@@ -71,7 +71,7 @@ class Camera:
     """Puts a new frame into `store` every 1/hz s (a camera driver feeding the node)."""
 
     def __init__(self, store: Any, hz: float, on_frame: Optional[Callable[[], None]] = None) -> None:
-        from kosmos2_ros.core.frames import Frame
+        from kosmos2_ros.core.serving.frames import Frame
 
         self._frame_cls, self._store, self._period, self._on_frame = Frame, store, 1.0 / hz, on_frame
         self._stop = threading.Event()
@@ -102,8 +102,8 @@ def arrivals(count: int, mean_gap_s: float, seed: int = 1) -> List[float]:
 
 def latency_naive(model: Any, processor: Any, hz: float, times: List[float], warmup_s: float) -> List[float]:
     """The naive node: transformers' own model and `generate`, one command after another."""
-    from kosmos2_ros.core.frames import FrameStore
-    from kosmos2_ros.core.reference import reference_generate
+    from kosmos2_ros.core.model.reference import reference_generate
+    from kosmos2_ros.core.serving.frames import FrameStore
 
     store = FrameStore(4)
     cam = Camera(store, hz)
@@ -134,9 +134,9 @@ def latency_naive(model: Any, processor: Any, hz: float, times: List[float], war
 
 
 def latency_ours(pipeline: Any, hz: float, times: List[float], warmup_s: float, encode_ahead_hz: float) -> List[float]:
-    from kosmos2_ros.core.frames import FrameStore
-    from kosmos2_ros.core.pipeline import Command
-    from kosmos2_ros.core.standing import EncodeAhead
+    from kosmos2_ros.core.serving.frames import FrameStore
+    from kosmos2_ros.core.serving.pipeline import Command
+    from kosmos2_ros.core.serving.standing import EncodeAhead
     from kosmos2_ros.ros.worker import Job, Worker
 
     store = FrameStore(4)
@@ -174,8 +174,8 @@ def latency_ours(pipeline: Any, hz: float, times: List[float], warmup_s: float, 
 
 def standing_fps(pipeline: Any, queries: int, frames: int) -> float:
     """Ours: frames/s grounding `queries` standing queries per frame, every frame new."""
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command
 
     texts = EXPRESSIONS[:queries]
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def standing_fps(pipeline: Any, queries: int, frames: int) -> float:
 
 def standing_fps_naive(model: Any, processor: Any, queries: int, frames: int) -> float:
     """The baseline: `generate` once per query per frame."""
-    from kosmos2_ros.core.reference import reference_generate
+    from kosmos2_ros.core.model.reference import reference_generate
 
     t0 = time.perf_counter()
     for f in range(frames):
@@ -363,11 +363,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from kosmos2_ros.core.backends.modules import load_kosmos2
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
-    from kosmos2_ros.core.config import Kosmos2Config
     from kosmos2_ros.core.defaults import QUANTIZED_PRECISIONS
-    from kosmos2_ros.core.loading import load_processor, quiet_libraries
-    from kosmos2_ros.core.pipeline import Pipeline
+    from kosmos2_ros.core.model.loading import load_processor, quiet_libraries
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.pipeline import Pipeline
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="kosmos2_live_"))

@@ -86,7 +86,7 @@ def main(argv: List[str]) -> int:
         child(*args.child)
         return 0
     sys.path.insert(0, str(ROOT))
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kosmos2_load_"))
     model_dir = work / ("tiny_random" if args.small else "full_size")

@@ -28,6 +28,14 @@ HEADER = ("| rows | full rows: bytes to host | full rows: ms/step | loop's read:
           "| bytes, full / read | time, full / read |\n|---|---|---|---|---|---|---|")
 
 
+def full_size_readout() -> Any:
+    """What the decode loop reads of a full-size step (`decoding.readout_for`): the 1024 location tokens and
+    four control tokens (their ids as in the full-size vocabulary's layout; the cost does not depend on them)."""
+    from kosmos2_ros.core.backends.logits import Readout
+
+    return Readout(PATCH_LO, PATCH_LO + 1024, (64004, 64005, 64006, 2))
+
+
 def _ms(run: Callable[[], Any], n: int, sync: Callable[[], None]) -> float:
     for _ in range(3):
         run()
@@ -43,10 +51,10 @@ def measure(device: str, rows_list: List[int], n: int) -> List[Tuple[int, int, f
     """(rows, full bytes, full ms, read bytes, read ms) per row count."""
     import torch
 
-    from kosmos2_ros.core.backends.logits import DeviceLogits, Readout
-    from kosmos2_ros.core.decoding import token_prob
+    from kosmos2_ros.core.backends.logits import DeviceLogits
+    from kosmos2_ros.core.model.decoding import token_prob
 
-    readout = Readout(PATCH_LO, PATCH_LO + 1024, (64004, 64005, 64006, 2))
+    readout = full_size_readout()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = []
     for rows in rows_list:

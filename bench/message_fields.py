@@ -29,7 +29,7 @@ def bytes_into_image(rgb: np.ndarray, header: object) -> object:
     this; Kilted's wraps constructor arguments in an array first)."""
     from sensor_msgs.msg import Image
 
-    from kosmos2_ros.core.images import from_rgb8
+    from kosmos2_ros.core.serving.images import from_rgb8
 
     data, step = from_rgb8(rgb, "bgr8")
     msg = Image(header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="bgr8", step=step)
@@ -58,7 +58,7 @@ def main(argv: List[str]) -> int:
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
 
-    from kosmos2_ros.core.pipeline import GroundedBox, Result, Status
+    from kosmos2_ros.core.serving.pipeline import GroundedBox, Result, Status
     from kosmos2_ros.ros.convert import rgb_to_image
     from kosmos2_ros.ros.visualize import debug_image
 

@@ -1,13 +1,16 @@
 """Object geometry from a grounded box and RGB-D, measured on synthetic scenes with ground truth.
 
-Boxes, cylinders and spheres standing on a table (`core/rgbd_scenes.py`: exact ray casting, a
+Boxes, cylinders and spheres standing on a table (`fixtures/rgbd_scenes.py`: exact ray casting, a
 structured-light depth noise model), seen from a robot-like viewpoint 0.4-2 m away; each object's
 box as Kosmos-2 gives it (the true box snapped to the 32x32 grid, each edge moved by up to a cell).
-Prints one table per resolution: for the new method (`core/object_geometry.py`) and today's one
+Prints one table per resolution: for the new method (`core/spatial/object_geometry.py`) and today's one
 point (`geometry.box_point_3d`: the median depth of the box's inner half through its centre), the
-median and p90 of each error, split by distance, and milliseconds per object.
+median and p90 of each error, split by distance, and milliseconds per object; then the box-size
+sweep: one object's geometry from boxes of its own size up to the whole image, ms per object (p95 of
+`--repeat`) with the window examined whole (before: every pixel) and sampled (now: at most
+`max_window_px`), and each box's mask IoU against the whole-window answer.
 
-    scripts/ros-env python bench/object_geometry.py [--objects 240] [--sizes 640x480,1280x720]
+    scripts/ros-env python bench/object_geometry.py [--objects 240] [--sizes 640x480,1280x720,1920x1080]
 """
 from __future__ import annotations
 
@@ -22,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kosmos2_ros.core.geometry import box_point_3d  # noqa: E402
-from kosmos2_ros.core.grounding import box_iou as iou  # noqa: E402
-from kosmos2_ros.core.object_geometry import object_geometry  # noqa: E402
-from kosmos2_ros.core.rgbd_scenes import model_box, noisy_depth, plain_geometry, random_scene  # noqa: E402
+from kosmos2_ros.core.model.grounding import box_iou as iou  # noqa: E402
+from kosmos2_ros.core.spatial.geometry import box_point_3d  # noqa: E402
+from kosmos2_ros.core.spatial.object_geometry import GeometryConfig, object_geometry  # noqa: E402
+from kosmos2_ros.fixtures.rgbd_scenes import model_box, noisy_depth, plain_geometry, random_scene  # noqa: E402
 
 BANDS = ((0.0, 1.0), (1.0, 1.5), (1.5, 3.0))
 
@@ -38,7 +41,53 @@ def yaw_error(rotation, cam_to_world, truth_yaw) -> float:
     return math.degrees(min(diff, math.pi / 2 - diff))
 
 
-def measure(size: str, objects: int, seed: int) -> List[Dict[str, float]]:
+#: The sweep's boxes: the object's own, then boxes around it of these fractions of the image's area.
+SWEEP = (("own box", 0.0), ("10 %", 0.10), ("25 %", 0.25), ("50 %", 0.50), ("whole image", 1.0))
+#: "Before": a window never sampled (every pixel examined, as before `max_window_px`).
+WHOLE_WINDOW = GeometryConfig(max_window_px=10 ** 9)
+
+
+def sweep_box(truth_box, fraction: float, width: int, height: int):
+    """A box of `fraction` of the image's area (the image's aspect) centred on the object, inside the image."""
+    if fraction <= 0:
+        return truth_box
+    if fraction >= 1:
+        return (0.0, 0.0, float(width), float(height))
+    w, h = width * math.sqrt(fraction), height * math.sqrt(fraction)
+    cx = min(max((truth_box[0] + truth_box[2]) / 2, w / 2), width - w / 2)
+    cy = min(max((truth_box[1] + truth_box[3]) / 2, h / 2), height - h / 2)
+    return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
+def box_sweep(size: str, repeat: int, seed: int) -> str:
+    """The box-size sweep's table at one resolution (a 0.9 m tabletop scene, its first object)."""
+    width, height = (int(v) for v in size.split("x"))
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng, width, height, count=4, distance=0.9)
+    depth = noisy_depth(scene.depth_m, rng)
+    cell = (width / 32.0, height / 32.0)
+    truth = scene.truths[0]
+    lines = [f"\n{size}: box-size sweep, ms per object (p95 of {repeat}), before (every pixel) / now "
+             f"(at most {GeometryConfig().max_window_px} examined); mask IoU now vs before",
+             "| box | before ms | now ms | before / now | mask IoU now vs before | valid before / now |",
+             "|---|---|---|---|---|---|"]
+    for label, fraction in SWEEP:
+        box = sweep_box(truth.box, fraction, width, height)
+        out = {}
+        for name, cfg in (("before", WHOLE_WINDOW), ("now", GeometryConfig())):
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                geo = object_geometry(box, scene.rgb, depth, scene.intrinsics, cell, cfg)
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[name] = (float(np.percentile(times, 95)), geo)
+        (tb, gb), (tn, gn) = out["before"], out["now"]
+        same = (gb.mask & gn.mask).sum() / max(1, (gb.mask | gn.mask).sum()) if gb.valid and gn.valid else math.nan
+        lines.append(f"| {label} | {tb:.1f} | {tn:.1f} | {tb / tn:.1f}x | {same:.3f} | {gb.valid} / {gn.valid} |")
+    return "\n".join(lines)
+
+
+def measure(size: str, objects: int, seed: int, config: GeometryConfig = GeometryConfig()) -> List[Dict[str, float]]:
     width, height = (int(v) for v in size.split("x"))
     rng = np.random.default_rng(seed)
     geometry = plain_geometry(width, height)
@@ -52,7 +101,7 @@ def measure(size: str, objects: int, seed: int) -> List[Dict[str, float]]:
                 continue
             box = model_box(truth.box, geometry, rng)
             t0 = time.perf_counter()
-            geo = object_geometry(box, scene.rgb, depth, scene.intrinsics, cell)
+            geo = object_geometry(box, scene.rgb, depth, scene.intrinsics, cell, config)
             ms = (time.perf_counter() - t0) * 1e3
             old, _ = box_point_3d(box, depth, scene.intrinsics)   # (point, why there is none)
             row = {"distance": truth.distance, "ms": ms, "valid": float(geo.valid), "model_iou": iou(box, truth.box),
@@ -75,7 +124,7 @@ def mask_cost(size: str, seed: int) -> str:
     """What GroundingResult.mask costs per result at this size: bytes, and ms to build the message
     with and without it (a 4-object scene; needs the built messages: scripts/ros-env)."""
     try:
-        from kosmos2_ros.core.pipeline import GroundedBox, Result
+        from kosmos2_ros.core.serving.pipeline import GroundedBox, Result
         from kosmos2_ros.ros.convert import result_to_msg
     except ImportError:
         return "mask cost: run through scripts/ros-env to measure it"
@@ -109,9 +158,12 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", type=int, default=240)
     ap.add_argument("--sizes", default="640x480,1280x720")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=10, help="runs per box in the sweep (p95 of them)")
+    ap.add_argument("--whole-window", action="store_true",
+                    help="the accuracy tables with every pixel of the window examined (before max_window_px)")
     args = ap.parse_args(argv)
     for size in args.sizes.split(","):
-        rows = measure(size, args.objects, args.seed)
+        rows = measure(size, args.objects, args.seed, WHOLE_WINDOW if args.whole_window else GeometryConfig())
         valid = sum(r["valid"] for r in rows)
         print(f"\n{size}: {len(rows)} objects, geometry valid for {valid:.0f}; median / p90")
         header = "| metric | all | < 1 m | 1-1.5 m | >= 1.5 m |"
@@ -124,6 +176,8 @@ def main(argv=None) -> int:
         counts = [sum(1 for r in rows if b[0] <= r["distance"] < b[1]) for b in BANDS]
         print(f"| objects | {len(rows)} | " + " | ".join(map(str, counts)) + " |")
         print(mask_cost(size, args.seed))
+    for size in args.sizes.split(","):
+        print(box_sweep(size, args.repeat, args.seed))
     return 0
 
 

@@ -46,7 +46,7 @@ HEADER = ("| checkpoint | precision | runs on | max abs d image_embeds | max abs
 def record(backend, pixels, codec, steps, tokens=None):
     """(image embeddings, per prompt: free greedy tokens and teacher-forced logits along `tokens`)."""
     from kosmos2_ros.core.backends.onnx import export
-    from kosmos2_ros.core.decoding import Row, generate
+    from kosmos2_ros.core.model.decoding import Row, generate
 
     embeds = backend.encode_image(pixels)
     out = []
@@ -60,10 +60,10 @@ def record(backend, pixels, codec, steps, tokens=None):
 
 def boxes(backend, model_dir, processor):
     """Boxes of constrained referring expressions on generated scenes (the trained checkpoint)."""
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Command, Pipeline
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+    from kosmos2_ros.fixtures.scenes import draw_scene
 
     pipe = Pipeline(Kosmos2Config(model=str(model_dir), enable_3d=False), backend, processor)
     found = []
@@ -78,8 +78,8 @@ def boxes(backend, model_dir, processor):
 
 def check(name, model_dir, art, steps, with_boxes, precisions):
     from kosmos2_ros.core.backends.onnx import export
-    from kosmos2_ros.core.loading import TextCodec, load_processor
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.core.model.loading import TextCodec, load_processor
+    from kosmos2_ros.fixtures.scenes import draw_scene
 
     processor = load_processor(str(model_dir))
     codec = TextCodec(processor)
@@ -130,8 +130,8 @@ def long_run(model_dir, art, precision, steps):
     backend: (per-step max |dlogits| median and max, logit scale, argmax agreement, margins at the
     disagreements)."""
     from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
-    from kosmos2_ros.core.loading import TextCodec, load_processor
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.core.model.loading import TextCodec, load_processor
+    from kosmos2_ros.fixtures.scenes import draw_scene
 
     processor = load_processor(str(model_dir))
     p = TextCodec(processor).encode(PROMPTS[1])
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp16,bf16,int8,int4", help="precisions to check against fp32")
     ap.add_argument("--long-steps", type=int, default=300, help="full size: steps of the quantized long run")
     args = ap.parse_args(argv)
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "fp32")
     work = Path(args.out or tempfile.mkdtemp(prefix="kosmos2_precision_"))

@@ -107,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.attach:
         model = args.model
         if not model:
-            from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+            from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
             model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
         extra = []

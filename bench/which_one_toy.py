@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import json
 
-    from kosmos2_ros.core import checkpoints
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.pipeline import Pipeline
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.pipeline import Pipeline
     from kosmos2_ros.eval.cli import main as kosmos2_eval
+    from kosmos2_ros.fixtures import checkpoints
 
     start, stop = (int(x) for x in args.seeds.split(":"))
     if start < checkpoints.WHICH_ONE_TRAIN_IMAGES:

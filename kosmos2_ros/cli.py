@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
 from .core.defaults import DEFAULT_MODEL, default_model
-from .core.loading import MODEL_ENV, quiet_libraries
+from .core.model.loading import MODEL_ENV, quiet_libraries
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_MODEL, EXIT_COMMAND = 0, 1, 2, 3, 4
 
@@ -37,8 +37,8 @@ class ModelLoadError(RuntimeError):
 def load_pipeline(config):
     """`Pipeline.load`, with every failure a user can fix turned into a one-line ModelLoadError."""
     from .core.backends.base import BackendError
-    from .core.loading import ModelNotFound, UnsafeCheckpoint
-    from .core.pipeline import Pipeline
+    from .core.model.loading import ModelNotFound, UnsafeCheckpoint
+    from .core.serving.pipeline import Pipeline
 
     try:
         return Pipeline.load(config)
@@ -60,6 +60,24 @@ def load_rgb(path: str):
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+def load_depth(path: str):
+    """A depth file aligned with the image -> float32 metres (NaN = no reading): a 16-bit PNG in millimetres
+    (as a RealSense or Azure Kinect driver saves 16UC1), or a .npy of metres (32FC1)."""
+    import numpy as np
+
+    from .core.spatial.geometry import depth_to_meters
+
+    if path.endswith(".npy"):
+        return depth_to_meters(np.load(path).astype(np.float32), "32FC1")
+    from PIL import Image
+
+    with Image.open(path) as img:
+        depth = np.asarray(img)
+    if depth.dtype not in (np.uint16, np.int32) or depth.ndim != 2:
+        raise ValueError(f"expected a single-channel 16-bit PNG in millimetres, got {depth.dtype} {depth.shape}")
+    return depth_to_meters(depth.astype(np.uint16), "16UC1")
+
+
 def save_rgb(path: str, rgb) -> None:
     from PIL import Image
 
@@ -69,8 +87,8 @@ def save_rgb(path: str, rgb) -> None:
 
 def _ground_parser() -> _Parser:
     from .core.backends.registry import AUTO, CHOICES
-    from .core.config import DECODING, PRECISION_CHOICES, Kosmos2Config
-    from .core.tasks import Task
+    from .core.model.tasks import Task
+    from .core.serving.config import DECODING, PRECISION_CHOICES, Kosmos2Config
 
     p = _Parser(prog="kosmos2-ground", description="Run one Kosmos-2 task on one image (no ROS needed).")
     p.add_argument("--model", default=default_model(),
@@ -92,6 +110,17 @@ def _ground_parser() -> _Parser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_ngram_argument(p)
     p.add_argument("--score-threshold", type=float, default=0.0)
+    p.add_argument("--presence-threshold", type=float, default=Kosmos2Config.presence_threshold,
+                   help="refer: p(<object>) below it answers 'not found' with the reason (as the node's parameter)")
+    p.add_argument("--max-candidates", type=int, default=Kosmos2Config.max_candidates,
+                   help="other boxes the model considered, best first (0 = none)")
+    p.add_argument("--describe-candidates", action="store_true",
+                   help="describe an ambiguous result's boxes in words (a second pass)")
+    p.add_argument("--depth", metavar="DEPTH",
+                   help="depth aligned with --image: a 16-bit PNG in millimetres or a .npy in metres (3D points and "
+                        "object geometry; needs --intrinsics)")
+    p.add_argument("--intrinsics", nargs=4, type=float, metavar=("FX", "FY", "CX", "CY"),
+                   help="the colour camera's K (camera_info's fx, fy, cx, cy) for the image's size")
     p.add_argument("--no-download", action="store_true", help="never fetch the model from the hub")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--annotate", metavar="OUT.png", help="write the image with boxes and phrases drawn")
@@ -108,23 +137,31 @@ def ground_main(argv: Optional[Sequence[str]] = None) -> int:
     prog = "kosmos2-ground"
     args = _ground_parser().parse_args(argv)
     _quiet_libraries()
-    from .core.config import ConfigError, Kosmos2Config
-    from .core.frames import Frame
-    from .core.pipeline import Command, Status
+    from .core.serving.config import ConfigError, Kosmos2Config
+    from .core.serving.frames import Frame
+    from .core.serving.pipeline import Command, Status
 
     if args.task == "region" and args.region is None:
         return _fail(prog, EXIT_USAGE, "--task region needs --region X0 Y0 X1 Y1")
+    if (args.depth is None) != (args.intrinsics is None):
+        return _fail(prog, EXIT_USAGE, "--depth and --intrinsics go together (3D needs both)")
     try:
         rgb = load_rgb(args.image)
     except (OSError, ValueError) as exc:
         return _fail(prog, EXIT_USAGE, f"cannot read image {args.image!r}: {exc}")
+    try:
+        depth_m = load_depth(args.depth) if args.depth else None
+    except (OSError, ValueError) as exc:
+        return _fail(prog, EXIT_USAGE, f"cannot read depth {args.depth!r}: {exc}")
     try:
         config = Kosmos2Config.from_dict(dict(
             model=args.model, backend=args.backend, device=args.device, precision=args.precision,
             artifacts_dir=args.artifacts_dir, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             max_new_tokens_limit=max(512, args.max_new_tokens), score_threshold=args.score_threshold,
-            allow_download=not args.no_download, enable_3d=False))
+            presence_threshold=args.presence_threshold, max_candidates=args.max_candidates,
+            describe_candidates=args.describe_candidates,
+            allow_download=not args.no_download, enable_3d=depth_m is not None))
     except ConfigError as exc:
         return _fail(prog, EXIT_USAGE, str(exc))
     t0 = time.perf_counter()
@@ -137,10 +174,17 @@ def ground_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prog}: {pipeline.backend_reason}", file=sys.stderr)
     command = Command(id="cli", task=args.task, text=args.text,
                       region_px=tuple(args.region) if args.region else None)
-    result = pipeline.run(command, Frame(rgb=rgb, frame_id=Path(args.image).name))
+    intrinsics = None
+    if args.intrinsics:
+        from .core.spatial.geometry import CameraIntrinsics
+
+        fx, fy, cx, cy = args.intrinsics
+        intrinsics = CameraIntrinsics(fx, fy, cx, cy, rgb.shape[1], rgb.shape[0])
+    result = pipeline.run(command, Frame(rgb=rgb, frame_id=Path(args.image).name, depth_m=depth_m,
+                                         intrinsics=intrinsics))
     result.timings_ms["load"] = load_ms
     if args.annotate and result.status is Status.OK:
-        from .core.annotate import draw_result
+        from .core.serving.annotate import draw_result
 
         save_rgb(args.annotate, draw_result(rgb, result))
     if args.json:
@@ -178,7 +222,7 @@ def demo_scene(width: int = 640, height: int = 480):
     """A synthetic table-top scene with objects at known places (no files needed)."""
     import numpy as np
 
-    from .core.scenes import draw_scene
+    from .fixtures.scenes import draw_scene
 
     rgb, objects = draw_scene(width, height, np.random.default_rng(7))
     return rgb, objects
@@ -195,13 +239,13 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args(argv)
     _quiet_libraries()
-    from .core.annotate import draw_result
     from .core.backends.base import BackendError
-    from .core.checkpoints import build_tiny_checkpoint
-    from .core.config import ConfigError, Kosmos2Config
-    from .core.frames import Frame
-    from .core.loading import ModelNotFound, resolve_model
-    from .core.pipeline import Command, Pipeline
+    from .core.model.loading import ModelNotFound, resolve_model
+    from .core.serving.annotate import draw_result
+    from .core.serving.config import ConfigError, Kosmos2Config
+    from .core.serving.frames import Frame
+    from .core.serving.pipeline import Command, Pipeline
+    from .fixtures.checkpoints import build_tiny_checkpoint
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ def build_engines_main(argv: Optional[List[str]] = None) -> int:
     from .core.backends.onnx import export
     from .core.backends.onnx.quantize import QuantizeError
     from .core.defaults import ARTIFACTS_DIR, PRECISIONS, QUANTIZED_PRECISIONS, default_model
-    from .core.loading import ModelNotFound, resolve_model
+    from .core.model.loading import ModelNotFound, resolve_model
 
     ap = argparse.ArgumentParser(prog="kosmos2-build-engines", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=default_model(),
@@ -77,8 +77,8 @@ def fp16_check(model_dir: str, model: Any = None) -> bool:
     import torch
 
     from .core.backends.onnx import export
-    from .core.loading import TextCodec, load_processor
-    from .core.scenes import draw_scene
+    from .core.model.loading import TextCodec, load_processor
+    from .fixtures.scenes import draw_scene
 
     model = model if model is not None else export.load_for_export(model_dir)
     processor = load_processor(model_dir)

@@ -36,7 +36,7 @@ def _value(v) -> str:
 
 
 def parameters_table() -> str:
-    from kosmos2_ros.core.config import RANGES, Kosmos2Config
+    from kosmos2_ros.core.serving.config import RANGES, Kosmos2Config
     from kosmos2_ros.ros.parameters import DEFERRED_PARAMETERS, PARAMETER_DOCS
 
     rows = ["| Name | Type | Default | Range | Meaning |", "|---|---|---|---|---|"]

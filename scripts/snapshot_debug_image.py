@@ -21,7 +21,7 @@ def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/debug_image.png")
     model = sys.argv[2] if len(sys.argv) > 2 else ""
     if not model:
-        from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+        from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
     node = subprocess.Popen([sys.executable, "-m", "kosmos2_ros.ros.node", "--ros-args", "-p", f"model:={model}",
@@ -31,7 +31,7 @@ def main() -> int:
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.fixtures.scenes import draw_scene
     from kosmos2_ros.msg import GroundingResult
     from kosmos2_ros.ros.convert import header_of, uint8_array
 

@@ -2,7 +2,7 @@
 
     scripts/ros-env python scripts/snapshot_rgbd_result.py docs/rgbd_result.png
 
-A ray-cast scene (`core/rgbd_scenes.py`: exact colour, 16UC1 depth with a depth camera's noise,
+A ray-cast scene (`fixtures/rgbd_scenes.py`: exact colour, 16UC1 depth with a depth camera's noise,
 intrinsics) goes through the pipeline with the tiny test checkpoint; each command is a `region`
 command whose region is an object's box as Kosmos-2 would place it (the true box snapped to the
 32x32 grid, edges moved by up to a cell), so the picture shows the node's geometry on honest
@@ -25,13 +25,13 @@ def main() -> int:
     import cv2
     from PIL import Image
 
-    from kosmos2_ros.core.annotate import draw_result
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.geometry import depth_to_meters
-    from kosmos2_ros.core.pipeline import Command, Pipeline, Result
-    from kosmos2_ros.core.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
+    from kosmos2_ros.core.serving.annotate import draw_result
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Result
+    from kosmos2_ros.core.spatial.geometry import depth_to_meters
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
     from kosmos2_ros.ros.convert import result_to_msg
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/rgbd_result.png")

@@ -72,7 +72,7 @@ HF_CORPUS = (
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Kosmos-2 + processor saved by the package's helper, trained for seconds."""
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_kosmos2"), train=True)
 
@@ -81,7 +81,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def which_one_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint trained on the "which one" toy: absent objects answer with text, two-object
     scenes with either box (presence, candidates and the ambiguity flag have something to find)."""
-    from kosmos2_ros.core.checkpoints import build_which_one_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_which_one_checkpoint
 
     return build_which_one_checkpoint(str(tiny_model_dir), str(tmp_path_factory.mktemp("which_one")))
 
@@ -89,7 +89,7 @@ def which_one_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def tiny_untrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Kosmos-2 with random (sharpened) weights, saved by the package's helper."""
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_kosmos2_random"), train=False)
 
@@ -148,3 +148,28 @@ def build_hf_checkpoint(out: Path, seed: int = 1) -> Path:
 def hf_saved_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Kosmos-2 + processor built and saved by transformers itself (not the package's helper)."""
     return build_hf_checkpoint(tmp_path_factory.mktemp("hf_kosmos2"))
+
+
+@pytest.fixture(scope="session")
+def result_with_geometry():
+    """A refer result about a rendered box (640x480, 0.8 m): one object with geometry from noisy depth,
+    one without (no depth in its box). `.scene` is the rendered scene; tests change copies only."""
+    import numpy as np
+
+    from kosmos2_ros.core.serving.results import GroundedBox, Result
+    from kosmos2_ros.core.spatial.object_geometry import ObjectGeometry, object_geometry
+    from kosmos2_ros.fixtures.rgbd_scenes import SceneObject, noisy_depth, render
+
+    scene = render([SceneObject("box", (0.0, 0.0), (0.1, 0.08, 0.1), yaw=0.3, colour=(200, 40, 40))], 640, 480,
+                   distance=0.8)
+    truth = scene.truths[0]
+    geo = object_geometry(truth.box, scene.rgb, noisy_depth(scene.depth_m, np.random.default_rng(0)),
+                          scene.intrinsics, (20, 15))
+    assert geo.valid, geo.error
+    res = Result(id="a", task="refer", stamp_ns=1_700_000_123_456_789_000, frame_id="cam_optical", width=640,
+                 height=480, geometry_frame_id="cam_optical")
+    res.objects = [GroundedBox("the box", 0, (0, 7), truth.box, (0.1, 0.1, 0.5, 0.5), 0.9, (0.0, 0.0, 0.8), geo),
+                   GroundedBox("the other", 1, (8, 17), (0, 0, 10, 10), (0, 0, 0.1, 0.1), 0.5, None,
+                               ObjectGeometry.invalid("no valid depth inside the box (0 of 100 pixels)"))]
+    res.scene = scene   # type: ignore[attr-defined]
+    return res

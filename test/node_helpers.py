@@ -389,7 +389,7 @@ class SlowBackend:
 
 def run_node_with_backend(wrap: Callable[[Any, Any], Any]) -> None:
     """The real node and checkpoint, with the loaded backend replaced by `wrap(backend, pipeline)`."""
-    from kosmos2_ros.core import pipeline as pipeline_module
+    from kosmos2_ros.core.serving import pipeline as pipeline_module
     from kosmos2_ros.ros import node
 
     original = pipeline_module.Pipeline.load.__func__

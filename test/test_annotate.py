@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kosmos2_ros.core.annotate import PALETTE, draw_result
-from kosmos2_ros.core.object_geometry import ObjectGeometry
-from kosmos2_ros.core.pipeline import GroundedBox, Result
+from kosmos2_ros.core.serving.annotate import PALETTE, draw_result
+from kosmos2_ros.core.serving.pipeline import GroundedBox, Result
+from kosmos2_ros.core.spatial.object_geometry import ObjectGeometry
 
 
 def test_masks_and_refined_boxes_are_drawn() -> None:

@@ -1,5 +1,5 @@
-"""Is it there, and which one: presence, candidate boxes and the ambiguity flag (`core/decoding.py`,
-`core/pipeline.py`), on crafted logits and on real backends with the tiny checkpoint."""
+"""Is it there, and which one: presence, candidate boxes and the ambiguity flag (`core/model/decoding.py`,
+`core/serving/pipeline.py`), on crafted logits and on real backends with the tiny checkpoint."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,13 +8,13 @@ import pytest
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
 from kosmos2_ros.core.backends.torch.backend import TorchBackend
 from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
-from kosmos2_ros.core.checkpoints import WHICH_ONE_TEST_IMAGES
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.decoding import Row, best_second, candidate_cells, generate, token_prob
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import TextCodec, load_processor
-from kosmos2_ros.core.pipeline import Command, Pipeline, described_as
-from kosmos2_ros.core.scenes import draw_scene
+from kosmos2_ros.core.model.decoding import Row, best_second, candidate_cells, generate, token_prob
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, described_as
+from kosmos2_ros.fixtures.checkpoints import WHICH_ONE_TEST_IMAGES
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +221,8 @@ def test_region_text_becomes_a_short_description():
 def test_presence_tells_present_from_absent_on_a_trained_toy(which_one_dir):
     """On images it was not trained on, presence separates the toy's present objects from absent ones;
     with presence_threshold 0.5 an absent one answers OK with no object and the reason."""
-    from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image, which_one_cells
     from kosmos2_ros.eval.metrics import auc
+    from kosmos2_ros.fixtures.checkpoints import EXPRESSIONS, toy_image, which_one_cells
 
     pipe = Pipeline.load(Kosmos2Config(model=str(which_one_dir), backend="torch", device="cpu", allow_download=False,
                                        presence_threshold=0.5, max_candidates=0))
@@ -244,7 +244,7 @@ def test_candidates_hold_the_second_object_and_the_flag_marks_two_object_scenes(
     """On unseen images: in a two-object scene the object not chosen is among the candidates and the
     result is flagged ambiguous, in a one-object scene it is not flagged, each more often than not
     (`bench/which_one_toy.py` prints these rates; docs/which-one.md has them)."""
-    from kosmos2_ros.core.checkpoints import which_one_rates
+    from kosmos2_ros.fixtures.checkpoints import which_one_rates
 
     pipe = Pipeline.load(Kosmos2Config(model=str(which_one_dir), backend="torch", device="cpu", allow_download=False,
                                        max_candidates=3, ambiguity_ratio=0.5, enable_3d=False))

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kosmos2_ros.core import checkpoints
-from kosmos2_ros.core.grounding import parse_generation
-from kosmos2_ros.core.scenes import draw_scene
+from kosmos2_ros.core.model.grounding import parse_generation
+from kosmos2_ros.fixtures import checkpoints
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_untrained_dir"])
@@ -91,8 +91,8 @@ def test_tokenizer_ids_are_the_same_every_build() -> None:
 @pytest.mark.ros   # imports the node (rclpy)
 def test_the_node_never_imports_checkpoint_training():
     """Checkpoint training is test, demo and benchmark support: the node's modules do not load it."""
-    code = ("import sys, kosmos2_ros.ros.node, kosmos2_ros.core.pipeline; "
-            "print('kosmos2_ros.core.checkpoints' in sys.modules)")
+    code = ("import sys, kosmos2_ros.ros.node, kosmos2_ros.core.serving.pipeline; "
+            "print('kosmos2_ros.fixtures.checkpoints' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kosmos2_ros.core.reference import reference_generate
-from kosmos2_ros.core.scenes import draw_scene
+from kosmos2_ros.core.model.reference import reference_generate
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 MAX_NEW = 12
 CASES = [
@@ -43,9 +43,9 @@ def reference(model_dir: Path, image_path: Path, task: str, text: str, region) -
     from transformers import AutoProcessor
 
     from kosmos2_ros.core.backends.modules import load_kosmos2
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.geometry import InputGeometry
-    from kosmos2_ros.core.tasks import Task, TaskRequest, build_prompts
+    from kosmos2_ros.core.model.tasks import Task, TaskRequest, build_prompts
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.spatial.geometry import InputGeometry
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = load_kosmos2(model_dir)
@@ -95,6 +95,25 @@ def test_cli_annotate_writes_image(tiny_model_dir: Path, image_path: Path, tmp_p
     img = np.asarray(Image.open(out))
     assert img.shape == (247, 331, 3)
     assert not np.array_equal(img, np.asarray(Image.open(image_path)))   # boxes were drawn
+
+
+def test_cli_reports_what_the_node_reports_with_depth_and_candidates(tiny_model_dir: Path, image_path: Path,
+                                                                    tmp_path: Path) -> None:
+    """The node's options on the command line: a depth PNG (millimetres) and K give every object a 3D point
+    (a wall 1.2 m away), candidates come back as the message's `candidates`, and the JSON names every
+    message field (it is the result's one description)."""
+    depth = tmp_path / "depth.png"
+    Image.fromarray(np.full((247, 331), 1200, dtype=np.uint16)).save(depth)
+    proc = run_cli("--model", str(tiny_model_dir), "--image", str(image_path), "--text", "a red square", "--json",
+                   "--no-download", "--depth", str(depth), "--intrinsics", "300", "300", "165", "123",
+                   "--max-candidates", "2", "--presence-threshold", "0", "--describe-candidates")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["objects"] and all(o["point_valid"] and o["point"]["z"] == pytest.approx(1.2) for o in got["objects"])
+    assert len(got["candidates"]) <= 2 and all(c["point_valid"] for c in got["candidates"])
+    assert {"presence", "not_found_reason", "ambiguous", "ambiguity", "geometry_frame_id", "header"} <= set(got)
+    alone = run_cli("--model", str(tiny_model_dir), "--image", str(image_path), "--no-download", "--depth", str(depth))
+    assert alone.returncode == 2 and "--depth and --intrinsics go together" in alone.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

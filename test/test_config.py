@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config, check_queries
+from kosmos2_ros.core.serving.config import ConfigError, Kosmos2Config, check_queries
 
 
 def test_defaults_are_valid() -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kosmos2_ros.core import images
-from kosmos2_ros.core.images import ImageError
+from kosmos2_ros.core.serving import images
+from kosmos2_ros.core.serving.images import ImageError
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
@@ -279,7 +279,7 @@ def test_stamps_roundtrip() -> None:
 
 
 def test_command_roundtrip() -> None:
-    from kosmos2_ros.core.pipeline import Command
+    from kosmos2_ros.core.serving.pipeline import Command
     from kosmos2_ros.ros.convert import command_from_msg, command_to_msg
 
     cmd = Command(id="c", task="region", text="", region_px=(1.0, 2.0, 30.5, 40.0), image_stamp_ns=5_000_000_123,
@@ -295,7 +295,7 @@ def test_command_roundtrip() -> None:
 
 
 def test_result_to_msg() -> None:
-    from kosmos2_ros.core.pipeline import GroundedBox, Result, Status
+    from kosmos2_ros.core.serving.pipeline import GroundedBox, Result, Status
     from kosmos2_ros.ros.convert import result_to_msg
 
     res = Result(id="r", task="refer", status=Status.OK, stamp_ns=3_000_000_007, frame_id="cam", width=64, height=48,
@@ -350,7 +350,7 @@ def test_camera_info_matrix_follows_the_image_topic() -> None:
 
 def test_python_statuses_are_the_message_constants():
     """`pipeline.Status` (the core has no ROS) names and numbers exactly GroundingResult.STATUS_*."""
-    from kosmos2_ros.core.pipeline import Status
+    from kosmos2_ros.core.serving.pipeline import Status
     from kosmos2_ros.msg import GroundingResult
 
     constants = {n[len("STATUS_"):]: getattr(GroundingResult, n) for n in dir(GroundingResult) if n.startswith("STATUS_")}

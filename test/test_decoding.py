@@ -8,13 +8,13 @@ import torch
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
 from kosmos2_ros.core.backends.torch.backend import TorchBackend
 from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
-from kosmos2_ros.core.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.decoding import DecodingMode, Row, generate
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import TextCodec, load_processor
-from kosmos2_ros.core.pipeline import Command, Pipeline
-from kosmos2_ros.core.reference import reference_generate
+from kosmos2_ros.core.model.decoding import DecodingMode, Row, generate
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
+from kosmos2_ros.core.model.reference import reference_generate
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+from kosmos2_ros.fixtures.checkpoints import EXPRESSIONS, build_toy_grounding_checkpoint, toy_image
 
 EXTRA = ("the chair", "a man walking a dog", "the yellow chair on the left")
 
@@ -177,7 +177,7 @@ def test_torch_prefill_batch_equals_prefill(toy):
 
 
 def test_token_prob_matches_a_float64_softmax():
-    from kosmos2_ros.core.decoding import token_prob
+    from kosmos2_ros.core.model.decoding import token_prob
 
     rng = np.random.RandomState(0)
     for scale in (0.1, 5.0, 60.0):

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config
-from kosmos2_ros.core.decoding import NoRepeatNGram, Row, choose, generate, logits_processors
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import checkpoint_no_repeat_ngram_size
-from kosmos2_ros.core.pipeline import Command, Pipeline, Status
-from kosmos2_ros.core.reference import reference_generate
-from kosmos2_ros.core.scenes import draw_scene
-from kosmos2_ros.core.tasks import Task, TaskRequest, build_prompts
+from kosmos2_ros.core.model.decoding import NoRepeatNGram, Row, choose, generate, logits_processors
+from kosmos2_ros.core.model.loading import checkpoint_no_repeat_ngram_size
+from kosmos2_ros.core.model.reference import reference_generate
+from kosmos2_ros.core.model.tasks import Task, TaskRequest, build_prompts
+from kosmos2_ros.core.serving.config import ConfigError, Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Status
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 MAX_NEW = 24
 TASKS = [
@@ -46,7 +46,7 @@ def repeated_trigrams(ids: List[int]) -> int:
 @pytest.fixture(scope="module")
 def ngram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random (sharpened) weights, so greedy decoding loops; generation config sets 3 like the real one."""
-    from kosmos2_ros.core.checkpoints import build_tiny_checkpoint
+    from kosmos2_ros.fixtures.checkpoints import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ngram3"), train=False, no_repeat_ngram_size=3)
 
@@ -122,7 +122,7 @@ def test_value_comes_from_the_checkpoint_and_can_be_overridden(ngram_dir: Path, 
 
 
 def test_malformed_generation_config_is_one_clear_error(ngram_dir: Path, tmp_path: Path) -> None:
-    from kosmos2_ros.core.loading import ModelNotFound
+    from kosmos2_ros.core.model.loading import ModelNotFound
 
     bad = tmp_path / "bad"
     shutil.copytree(ngram_dir, bad)

@@ -43,7 +43,7 @@ def test_generated_tables_match_the_code():
     spec.loader.exec_module(gen_docs)
     assert gen_docs.main(["--check"]) == 0, "run: scripts/ros-env python scripts/gen_docs.py"
     table = gen_docs.parameters_table()
-    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.serving.config import Kosmos2Config
 
     assert all(f"| {name} |" in table for name in Kosmos2Config.__dataclass_fields__)
 
@@ -51,7 +51,7 @@ def test_generated_tables_match_the_code():
 def test_message_fields_in_the_docs_are_the_messages_fields():
     bullets = message_bullets()
     assert set(bullets) == {"GroundingCommand", "GroundingResult", "GroundedObject", "Tracks", "TrackedQuery"}
-    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.serving.config import Kosmos2Config
 
     parameters = set(Kosmos2Config.__dataclass_fields__)
     for name, text in bullets.items():

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kosmos2_ros.core.scenes import draw_scene
 from kosmos2_ros.eval import boxes, datasets, metrics
 from kosmos2_ros.eval.cli import main, parse_spec
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 N_IMAGES = 3
 
@@ -372,7 +372,7 @@ def test_free_decoding_counts_boxes_as_the_papers_rule_on_transformers_output(fm
     from transformers import AutoProcessor
 
     from kosmos2_ros.core.backends.modules import load_kosmos2
-    from kosmos2_ros.core.reference import reference_generate
+    from kosmos2_ros.core.model.reference import reference_generate
 
     images, scene_list = scenes
     if fmt == "refcoco":
@@ -460,7 +460,7 @@ def test_on_the_which_one_toy_presence_and_the_flag_mean_what_they_should(which_
     object or two that fit, the truth one of the two): presence tells an expression's own image from the
     next (where its object is absent), the truth is among the chosen box and the candidates, and the
     ambiguous results are where the chosen box is wrong about half the time."""
-    from kosmos2_ros.core.checkpoints import WHICH_ONE_TEST_IMAGES, write_which_one_set
+    from kosmos2_ros.fixtures.checkpoints import WHICH_ONE_TEST_IMAGES, write_which_one_set
 
     ann = write_which_one_set(tmp_path / "toy", WHICH_ONE_TEST_IMAGES)
     out = tmp_path / "eval"

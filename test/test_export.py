@@ -10,7 +10,7 @@ import torch
 from kosmos2_ros.core.backends.base import position_ids
 from kosmos2_ros.core.backends.modules import image_features
 from kosmos2_ros.core.backends.onnx import export
-from kosmos2_ros.core.loading import TextCodec, load_processor
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +203,11 @@ def test_reduced_graphs_agree_with_fp32(reduced, tiny_model_dir, precision):
     of fp32's own logits); boxes of constrained referring expressions equal fp32's, or differ only where
     fp32's tokens were at a near-tie (the same rule: bf16's 7-bit mantissa and another torch's kernels can
     flip a first corner that fp32 chose by a hair)."""
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.decoding import Row, generate
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Command, Pipeline
-    from kosmos2_ros.core.scenes import draw_scene
+    from kosmos2_ros.core.model.decoding import Row, generate
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+    from kosmos2_ros.fixtures.scenes import draw_scene
 
     art, _, _, model = reduced
     processor = load_processor(str(tiny_model_dir))

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.serving.frames import Frame, FrameStore, FrameUnavailable
 
 
 def frame(stamp: int, received: float = 100.0) -> Frame:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from kosmos2_ros.core.geometry import CameraIntrinsics, InputGeometry, box_point_3d, depth_to_meters
+from kosmos2_ros.core.spatial.geometry import CameraIntrinsics, InputGeometry, box_point_3d, depth_to_meters
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

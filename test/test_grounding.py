@@ -18,7 +18,7 @@ from transformers.models.kosmos2.processing_kosmos2 import (
     patch_index_to_coordinate,
 )
 
-from kosmos2_ros.core.grounding import (
+from kosmos2_ros.core.model.grounding import (
     ParsedText,
     attach_scores,
     box_to_patch_index,
@@ -26,7 +26,7 @@ from kosmos2_ros.core.grounding import (
     patch_index_to_box,
     prompt_phrase_entity,
 )
-from kosmos2_ros.core.vocab import PATCH_TOKEN_RE
+from kosmos2_ros.core.model.vocab import PATCH_TOKEN_RE
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _PROCESSOR_STUB = SimpleNamespace(eoi_token="</image>")

@@ -61,3 +61,73 @@ def test_shared_backend_modules_import_no_backend_folder_and_nothing_above():
              if not (mod in BACKEND_SHARED or mod.startswith("kosmos2_ros.core.backends.registry")
                      or mod == "kosmos2_ros.core.backends.registry")]
     assert not wrong, "\n".join(wrong)
+
+
+def _module_file(mod: str) -> Path:
+    base = ROOT / mod.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return Path()
+
+
+def import_graph() -> dict:
+    """Every package module -> the package modules it imports anywhere in it (function-level imports too;
+    `from pkg import name` counts as pkg.name where that is a module, else as pkg)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        targets = set()
+        for _, mod in imports(path):
+            while mod and not _module_file(mod).name:
+                mod = mod.rsplit(".", 1)[0] if "." in mod else ""
+            if mod:
+                targets.add(mod)
+        graph[module_name(path)] = targets - {module_name(path)}
+    return graph
+
+
+def test_no_import_circles():
+    """No module imports, however indirectly, one that imports it back (a shared piece goes to the module
+    both depend on). Packages' `__init__` modules are not edges: importing a submodule runs them anyway."""
+    graph = {m: {t for t in ts if not _module_file(t).name == "__init__.py"} for m, ts in import_graph().items()}
+    index, low, stack, on, circles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:   # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, circles
+
+
+def test_the_node_never_imports_a_fixture():
+    """Nothing the node can import (function-level imports included) is a fixture module: tiny checkpoints
+    and made-up scenes are for tests, the demo, benchmarks and eval."""
+    graph, seen, todo = import_graph(), set(), ["kosmos2_ros.ros.node"]
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(graph.get(mod, ()))
+    assert "kosmos2_ros.core.serving.pipeline" in seen
+    assert not sorted(m for m in seen if m.startswith("kosmos2_ros.fixtures")), sorted(seen)

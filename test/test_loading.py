@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import (
+from kosmos2_ros.core.model.loading import (
     MODEL_ENV,
     ModelNotFound,
     TextCodec,
@@ -20,7 +18,9 @@ from kosmos2_ros.core.loading import (
     resolve_model,
     torch_loads_pickle,
 )
-from kosmos2_ros.core.pipeline import Command, Pipeline, Status
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Status
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 
 from kosmos2_ros.core.backends.base import BackendError
 from kosmos2_ros.core.backends.logits import DeviceLogits, Readout, TokenScores, read_scores, stack_rows
-from kosmos2_ros.core.decoding import NoRepeatNGram, candidate_cells, choose, token_prob
+from kosmos2_ros.core.model.decoding import NoRepeatNGram, candidate_cells, choose, token_prob
 
 READOUT = Readout(lo=100, hi=164, tokens=(3, 7, 250))
 
@@ -83,7 +83,9 @@ def test_choices_read_the_full_row_only_when_the_argmax_is_banned() -> None:
     ids = [1, banned_cell, 1]                                            # (1, cell) seen: cell banned after 1
     want = choose(z, ids, procs, allowed)
     assert want != banned_cell and choose(scores, ids, procs, allowed) == want   # the span, no read
-    assert candidate_cells(scores, banned_cell, _Vocab(), count=2) == candidate_cells(z, banned_cell, _Vocab(), 2)
+    on_device, on_host = candidate_cells(scores, banned_cell, _Vocab(), count=2), candidate_cells(z, banned_cell, _Vocab(), 2)
+    assert [t for t, _ in on_device] == [t for t, _ in on_host]           # the same cells, from the span alone
+    assert [p for _, p in on_device] == pytest.approx([p for _, p in on_host], rel=1e-6)
     banned_best = [1, best, 1]                                           # the argmax itself banned
     read = DeviceLogits(torch.from_numpy(z)).read_on_device(READOUT)[0]
     assert choose(read, banned_best, procs) == choose(z, banned_best, procs) != best
@@ -105,12 +107,12 @@ def test_the_loop_over_torchs_static_path_reads_no_whole_row(monkeypatch, tiny_m
     the unit test above)."""
     from kosmos2_ros.core.backends.modules import load_kosmos2
     from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
-    from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.loading import load_processor
-    from kosmos2_ros.core.pipeline import Command, Pipeline
-    from kosmos2_ros.core.reference import reference_generate
+    from kosmos2_ros.core.model.loading import load_processor
+    from kosmos2_ros.core.model.reference import reference_generate
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+    from kosmos2_ros.fixtures.checkpoints import EXPRESSIONS, toy_image
 
     reads = {"whole": 0, "rows": 0}
     real_row = DeviceLogits._row_numpy

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from node_helpers import free_domain, running_node
 
-from kosmos2_ros.core.scenes import draw_scene
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 OK = 0
 pytestmark = pytest.mark.timeout(180)

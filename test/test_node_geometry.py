@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from node_helpers import NodeProcess, Tester, free_domain, rgb_image_msg, running_node
 
-from kosmos2_ros.core.grounding import box_iou
-from kosmos2_ros.core.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
+from kosmos2_ros.core.model.grounding import box_iou
+from kosmos2_ros.fixtures.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
 
 OK = 0
 W, H = 640, 480
@@ -99,7 +99,7 @@ def node(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _check_against_truth(obj: Any, truth: Any, labels: np.ndarray, label: int) -> None:
-    from kosmos2_ros.core.object_geometry import rotation_matrix
+    from kosmos2_ros.core.spatial.object_geometry import rotation_matrix
 
     assert obj.geometry_valid, obj.geometry_error
     centre = np.array([obj.pose.position.x, obj.pose.position.y, obj.pose.position.z])

@@ -175,7 +175,7 @@ def test_each_camera_reads_its_drivers_depth_and_camera_info(live: LiveTester) -
     import numpy as np
     from sensor_msgs.msg import CameraInfo, Image
 
-    from kosmos2_ros.core.geometry import CameraIntrinsics
+    from kosmos2_ros.core.spatial.geometry import CameraIntrinsics
     from kosmos2_ros.ros.convert import header_of, uint8_array
 
     k = [50.0, 0.0, W / 2, 0.0, 50.0, H / 2, 0.0, 0.0, 1.0]
@@ -207,7 +207,7 @@ def test_each_camera_reads_its_drivers_depth_and_camera_info(live: LiveTester) -
         obj = res.objects[0]
         assert obj.point_valid and obj.point_error == "", obj.point_error
         u, v = (obj.box.x_min + obj.box.x_max) / 2, (obj.box.y_min + obj.box.y_max) / 2
-        xn, yn = expected[cam].normalized(u, v)
+        xn, yn = expected[cam].normalized(u - 0.5, v - 0.5)   # K puts pixel i's centre at i; box edges are continuous
         np.testing.assert_allclose([obj.point.x, obj.point.y, obj.point.z], [xn * 0.8, yn * 0.8, 0.8], atol=2e-3)
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from node_helpers import ROOT, NodeProcess, Tester, free_domain, rgb_image_msg, running_node, scene
 
-from kosmos2_ros.core.grounding import parse_generation
-from kosmos2_ros.core.pipeline import Status
+from kosmos2_ros.core.model.grounding import parse_generation
+from kosmos2_ros.core.serving.pipeline import Status
 
 DOMAIN, SLOW_DOMAIN, BROKEN_DOMAIN = free_domain(), free_domain(), free_domain()
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = Status   # in definition order
@@ -57,7 +57,7 @@ def fresh_frame(tester: Tester, frame_id: str = "camera_optical", seed: int = 0)
 def test_params_file_lists_every_parameter_with_a_comment() -> None:
     import yaml
 
-    from kosmos2_ros.core.config import Kosmos2Config
+    from kosmos2_ros.core.serving.config import Kosmos2Config
 
     text = (ROOT / "config" / "grounding.yaml").read_text()
     params = yaml.safe_load(text)["/**"]["ros__parameters"]
@@ -130,9 +130,9 @@ def test_region_description_and_vqa(node: tuple) -> None:
 
 def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: Path) -> None:
     """CLI parity: the node's text and boxes equal Pipeline.run on the same pixels and checkpoint."""
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Command, Pipeline
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
 
     _, t = node
     stamp, rgb = fresh_frame(t, "parity", seed=3)
@@ -189,7 +189,7 @@ def test_result_equals_cli_output(node: tuple, tiny_model_dir: Path, tmp_path: P
 def test_3d_points_from_synthetic_depth(node: tuple) -> None:
     from sensor_msgs.msg import CameraInfo, Image
 
-    from kosmos2_ros.core.geometry import CameraIntrinsics, box_point_3d
+    from kosmos2_ros.core.spatial.geometry import CameraIntrinsics, box_point_3d
     from kosmos2_ros.ros.convert import header_of, uint8_array
 
     _, t = node

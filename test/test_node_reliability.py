@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from node_helpers import FAULT_DIR_ENV, ROOT, NodeProcess, Tester, free_domain, scene
 
-from kosmos2_ros.core.pipeline import Status
+from kosmos2_ros.core.serving.pipeline import Status
 
 DOMAIN, LOADING_DOMAIN, SHUTDOWN_DOMAIN = free_domain(), free_domain(), free_domain()
 OK, BUSY, NO_FRAME, STALE, INVALID, CANCELLED, MODEL_ERROR, NOT_ACTIVE = Status   # in definition order

@@ -1,6 +1,6 @@
-"""Object geometry (`core/object_geometry.py`) on synthetic RGB-D scenes with ground truth.
+"""Object geometry (`core/spatial/object_geometry.py`) on synthetic RGB-D scenes with ground truth.
 
-Each case renders a scene exactly (`core/rgbd_scenes.py`), adds the depth camera's noise, gives
+Each case renders a scene exactly (`fixtures/rgbd_scenes.py`), adds the depth camera's noise, gives
 the object a box as Kosmos-2 would (snapped to the 32x32 grid, edges moved by up to a cell) and
 checks the mask, refined box, 3D box, grasp and cloud against the truth, within the bounds the
 benchmark (`bench/object_geometry.py`) measures on hundreds of objects, with room for one scene.
@@ -12,9 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from kosmos2_ros.core.geometry import CameraIntrinsics, depth_to_meters
-from kosmos2_ros.core.object_geometry import ObjectGeometry, object_geometry, quaternion
-from kosmos2_ros.core.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
+from kosmos2_ros.core.spatial.geometry import CameraIntrinsics, depth_to_meters
+from kosmos2_ros.core.spatial.object_geometry import ObjectGeometry, object_geometry, quaternion
+from kosmos2_ros.fixtures.rgbd_scenes import SceneObject, model_box, noisy_depth, plain_geometry, render
 
 CELL = (640 / 32, 480 / 32)
 
@@ -122,7 +122,7 @@ def test_a_free_box_whose_long_axis_lies_along_the_ray_still_closes_across_it():
     """A bar pointing at the camera (its first principal axis along the viewing ray): the gripper closes
     across the ray on the bar's narrow side, the opening that side's width (the closing vector used to
     vanish there, a NaN grasp, and the width came from other extents than the direction)."""
-    from kosmos2_ros.core.object_geometry import _free_box
+    from kosmos2_ros.core.spatial.object_geometry import _free_box
 
     rng = np.random.default_rng(0)
     n = 4000

@@ -7,12 +7,12 @@ import pytest
 from kosmos2_ros.core.backends import create_backend
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
 from kosmos2_ros.core.backends.torch.backend import TorchBackend
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.decoding import Row, generate
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import TextCodec, load_processor
-from kosmos2_ros.core.pipeline import Command, Pipeline
-from kosmos2_ros.core.reference import reference_generate
+from kosmos2_ros.core.model.decoding import Row, generate
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
+from kosmos2_ros.core.model.reference import reference_generate
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline
 
 PROMPTS = ("<grounding><phrase> the red mug</phrase>", "<grounding>An image of",
            "<grounding>Describe this image in detail:", "<grounding> Question: What is on the left? Answer:")

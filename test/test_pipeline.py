@@ -13,11 +13,11 @@ from typing import Any, Iterator, List, Optional, Tuple
 import numpy as np
 import pytest
 
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Command, Pipeline, Status
-from kosmos2_ros.core.reference import reference_generate
-from kosmos2_ros.core.scenes import draw_scene
+from kosmos2_ros.core.model.reference import reference_generate
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Status
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 MAX_NEW = 24
 CHECKPOINTS = ("hf_saved_model_dir", "tiny_model_dir")

@@ -20,10 +20,10 @@ import pytest
 from kosmos2_ros.core.backends.base import BackendUnavailable
 from kosmos2_ros.core.backends.onnx import export, quantize
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config
-from kosmos2_ros.core.decoding import Row, generate
-from kosmos2_ros.core.loading import TextCodec, load_processor
-from kosmos2_ros.core.scenes import draw_scene
+from kosmos2_ros.core.model.decoding import Row, generate
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
+from kosmos2_ros.core.serving.config import ConfigError, Kosmos2Config
+from kosmos2_ros.fixtures.scenes import draw_scene
 
 QUANTIZED = ("int8", "int4")
 #: Prompts the logit error is measured on, and the ones it must predict agreement on.
@@ -142,8 +142,8 @@ def test_tokens_equal_fp32_wherever_fp32_is_decisive(graphs, tiny_model_dir, pre
 
 @pytest.mark.parametrize("precision", QUANTIZED)
 def test_pipeline_grounds_with_quantized_graphs(graphs, tiny_model_dir, precision):
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Command, Pipeline
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Command, Pipeline
 
     _, backends = graphs
     processor = load_processor(str(tiny_model_dir))

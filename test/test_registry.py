@@ -7,9 +7,9 @@ import pytest
 from kosmos2_ros.cli import _ground_parser
 from kosmos2_ros.core.backends import registry
 from kosmos2_ros.core.backends.onnx.backend import OnnxBackend
-from kosmos2_ros.core.config import BACKENDS, ConfigError, Kosmos2Config
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Command, Pipeline
+from kosmos2_ros.core.serving.config import BACKENDS, ConfigError, Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline
 
 
 def test_config_and_cli_accept_exactly_the_registry_names():

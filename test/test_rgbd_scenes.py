@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from kosmos2_ros.core.geometry import depth_to_meters
-from kosmos2_ros.core.rgbd_scenes import NOISE_K, SceneObject, model_box, noisy_depth, plain_geometry, random_scene, render
+from kosmos2_ros.core.spatial.geometry import depth_to_meters
+from kosmos2_ros.fixtures.rgbd_scenes import NOISE_K, SceneObject, model_box, noisy_depth, plain_geometry, random_scene, render
 
 
 def test_depth_is_the_optical_z_of_the_nearest_surface():

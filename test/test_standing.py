@@ -1,9 +1,9 @@
-"""Standing-query scheduling (core/standing.py): rate, newest frame only, no starvation, duty-cycle budget."""
+"""Standing-query scheduling (core/serving/standing.py): rate, newest frame only, no starvation, duty-cycle budget."""
 from __future__ import annotations
 
 import pytest
 
-from kosmos2_ros.core.standing import EncodeAhead, QueryState, RateBudget, next_camera, worth_encoding_ahead
+from kosmos2_ros.core.serving.standing import EncodeAhead, QueryState, RateBudget, next_camera, worth_encoding_ahead
 
 
 def state(*queries: str) -> QueryState:
@@ -72,9 +72,9 @@ def test_encode_ahead_paces_real_encodings(tiny_model_dir) -> None:
 
     import numpy as np
 
-    from kosmos2_ros.core.config import Kosmos2Config
-    from kosmos2_ros.core.frames import Frame
-    from kosmos2_ros.core.pipeline import Pipeline
+    from kosmos2_ros.core.serving.config import Kosmos2Config
+    from kosmos2_ros.core.serving.frames import Frame
+    from kosmos2_ros.core.serving.pipeline import Pipeline
 
     pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", device="cpu", allow_download=False))
     rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)

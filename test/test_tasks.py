@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kosmos2_ros.core.tasks import (
+from kosmos2_ros.core.model.tasks import (
     DEFAULT_MAX_PROMPT_CHARS,
     PromptError,
     Task,
@@ -16,7 +16,7 @@ from kosmos2_ros.core.tasks import (
     sanitize_text,
     split_marked_phrases,
 )
-from kosmos2_ros.core.vocab import TAG_TOKENS, patch_token
+from kosmos2_ros.core.model.vocab import TAG_TOKENS, patch_token
 
 
 def prompts(task: Task, text: str = "", region=None, **kw):

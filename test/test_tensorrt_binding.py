@@ -32,8 +32,8 @@ from kosmos2_ros.core.backends.onnx import export
 from kosmos2_ros.core.backends.tensorrt import binding, engines
 from kosmos2_ros.core.backends.tensorrt.backend import TensorRTBackend
 from kosmos2_ros.core.backends.torch.backend import TorchBackend
-from kosmos2_ros.core.decoding import Row, generate
-from kosmos2_ros.core.loading import TextCodec, load_processor
+from kosmos2_ros.core.model.decoding import Row, generate
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
 
 CPU_ALIGNMENT = 64
 NP_TYPES = {"FLOAT": np.float32, "INT64": np.int64}

@@ -12,9 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from kosmos2_ros.core.object_geometry import ObjectGeometry, object_geometry, quaternion, rotation_matrix
-from kosmos2_ros.core.pipeline import GroundedBox, Result
-from kosmos2_ros.core.rgbd_scenes import SceneObject, noisy_depth, render
+from kosmos2_ros.core.serving.pipeline import Result
+from kosmos2_ros.core.spatial.object_geometry import quaternion, rotation_matrix
 from kosmos2_ros.ros import convert, visualize
 from kosmos2_ros.ros.tf_adapter import TF2_MISSING, GeometryFrames, TransformUnavailable, make_geometry_frames
 
@@ -22,21 +21,9 @@ STAMP = 1_700_000_123_456_789_000
 
 
 @pytest.fixture(scope="module")
-def result() -> Result:
-    """A result with one object that has geometry (a rendered box) and one that has none."""
-    scene = render([SceneObject("box", (0.0, 0.0), (0.1, 0.08, 0.1), yaw=0.3, colour=(200, 40, 40))], 640, 480,
-                   distance=0.8)
-    truth = scene.truths[0]
-    geo = object_geometry(truth.box, scene.rgb, noisy_depth(scene.depth_m, np.random.default_rng(0)),
-                          scene.intrinsics, (20, 15))
-    assert geo.valid, geo.error
-    res = Result(id="a", task="refer", stamp_ns=STAMP, frame_id="cam_optical", width=640, height=480,
-                 geometry_frame_id="cam_optical")
-    res.objects = [GroundedBox("the box", 0, (0, 7), truth.box, (0.1, 0.1, 0.5, 0.5), 0.9, (0.0, 0.0, 0.8), geo),
-                   GroundedBox("the other", 1, (8, 17), (0, 0, 10, 10), (0, 0, 0.1, 0.1), 0.5, None,
-                               ObjectGeometry.invalid("no valid depth inside the box (0 of 100 pixels)"))]
-    res.scene = scene   # type: ignore[attr-defined]
-    return res
+def result(result_with_geometry: Result) -> Result:
+    """A result with one object that has geometry (a rendered box) and one that has none (conftest)."""
+    return result_with_geometry
 
 
 class Given:

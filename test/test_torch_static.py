@@ -14,13 +14,13 @@ import torch
 from kosmos2_ros.core.backends import registry
 from kosmos2_ros.core.backends.torch.backend import TorchBackend, create
 from kosmos2_ros.core.backends.torch.static import TorchStaticBackend
-from kosmos2_ros.core.checkpoints import EXPRESSIONS, toy_image
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.decoding import Row, generate
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.loading import TextCodec, load_processor
-from kosmos2_ros.core.pipeline import Command, Pipeline
-from kosmos2_ros.core.reference import reference_generate
+from kosmos2_ros.core.model.decoding import Row, generate
+from kosmos2_ros.core.model.loading import TextCodec, load_processor
+from kosmos2_ros.core.model.reference import reference_generate
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline
+from kosmos2_ros.fixtures.checkpoints import EXPRESSIONS, toy_image
 
 PROMPTS = ("<grounding><phrase> the red mug</phrase>", "<grounding>An image of",
            "<grounding> Question: what is on the left? Answer:", "<grounding>Describe this image in detail:")

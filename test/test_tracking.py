@@ -1,11 +1,11 @@
-"""Track ids of standing queries (core/tracking.py): same id for a small move, new id for a jump."""
+"""Track ids of standing queries (core/spatial/tracking.py): same id for a small move, new id for a jump."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
 
-from kosmos2_ros.core.tracking import QueryTracker, iou, same_object
+from kosmos2_ros.core.spatial.tracking import QueryTracker, iou, same_object
 
 
 def test_iou() -> None:

@@ -9,9 +9,9 @@ from typing import Any, Dict, List
 import numpy as np
 import pytest
 
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Command, Pipeline, Status
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Status
 from kosmos2_ros.ros.worker import Job, Worker
 
 

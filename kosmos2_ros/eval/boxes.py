@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-from ..core.grounding import box_area as area  # noqa: F401 (part of this module's interface)
-from ..core.grounding import box_iou as iou
+from ..core.model.grounding import box_area as area  # noqa: F401 (part of this module's interface)
+from ..core.model.grounding import box_iou as iou
 
 Box = Tuple[float, float, float, float]
 

@@ -33,8 +33,8 @@ PROG = "kosmos2-eval"
 
 def _parser() -> _Parser:
     from ..core.backends.registry import CHOICES
-    from ..core.config import DECODING, PRECISION_CHOICES
-    from ..core.decoding import DecodingMode
+    from ..core.model.decoding import DecodingMode
+    from ..core.serving.config import DECODING, PRECISION_CHOICES
 
     p = _Parser(prog=PROG, description="Kosmos-2 grounding benchmarks: RefCOCO/RefCOCO+/RefCOCOg (accuracy at "
                                        "IoU 0.5) and Flickr30k Entities (Recall@1/5/10).")
@@ -92,7 +92,7 @@ def _label(spec: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from ..core.config import ConfigError, Kosmos2Config
+    from ..core.serving.config import ConfigError, Kosmos2Config
     from .datasets import DatasetError, load_dataset
     from .runner import RunError
 

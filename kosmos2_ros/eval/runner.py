@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
-from ..core import grounding
-from ..core.frames import Frame
-from ..core.pipeline import Command, Pipeline, Result, Status
+from ..core.model import grounding
+from ..core.serving.frames import Frame
+from ..core.serving.pipeline import Command, Pipeline, Result, Status
 from .datasets import REC, Dataset, Sample
 from .metrics import candidate_ious, hit_at
 

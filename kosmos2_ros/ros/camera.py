@@ -15,10 +15,10 @@ from rclpy.expand_topic_name import expand_topic_name
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.frames import Frame, FrameStore, FrameUnavailable
-from kosmos2_ros.core.pipeline import Command, Result, Status
-from kosmos2_ros.core.standing import QueryState
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame, FrameStore, FrameUnavailable
+from kosmos2_ros.core.serving.pipeline import Command, Result, Status
+from kosmos2_ros.core.serving.standing import QueryState
 
 from . import convert, visualize
 from .camera_qos import MatchedSubscription

@@ -8,19 +8,17 @@ as it is and check any other sequence element by element (about 100 ms for a 640
 from __future__ import annotations
 
 import array
-import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 from builtin_interfaces.msg import Time
-from geometry_msgs.msg import Point, Pose, Vector3
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
-from kosmos2_ros.core import images
-from kosmos2_ros.core.geometry import CameraIntrinsics
-from kosmos2_ros.core.object_geometry import ObjectGeometry, quaternion
-from kosmos2_ros.core.pipeline import Command, GroundedBox, Result
+from kosmos2_ros.core.serving import images
+from kosmos2_ros.core.serving.pipeline import Command, GroundedBox, Result
+from kosmos2_ros.core.serving.results import describe, describe_object
+from kosmos2_ros.core.spatial.geometry import CameraIntrinsics
 from kosmos2_ros.msg import GroundedObject, GroundingCommand, GroundingResult, PixelBox
 
 ImageError = images.ImageError
@@ -142,42 +140,25 @@ def command_to_msg(cmd: Command) -> GroundingCommand:
     return msg
 
 
-def _f32(value: float) -> float:
-    return float(value) if math.isfinite(value) else 0.0
+def fill(msg: Any, values: Dict[str, Any]) -> Any:
+    """A message filled from a description (`core.serving.results.describe`): each key sets the field of
+    that name; a dict fills a nested message, a list of dicts a sequence of the field's element type."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            fill(getattr(msg, name), value)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            setattr(msg, name, [fill(SEQUENCE_TYPES[name](), v) for v in value])
+        else:
+            setattr(msg, name, value)
+    return msg
 
 
-def pose_of(position: np.ndarray, rotation: np.ndarray) -> Pose:
-    pose = Pose()
-    pose.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
-    q = pose.orientation
-    q.x, q.y, q.z, q.w = quaternion(rotation)
-    return pose
+#: The element type of each message sequence a description fills (GroundingResult's objects and candidates).
+SEQUENCE_TYPES = {"objects": GroundedObject, "candidates": GroundedObject}
 
 
 def object_to_msg(obj: GroundedBox) -> GroundedObject:
-    x0, y0, x1, y1 = obj.box_px
-    o = GroundedObject(phrase=obj.phrase, entity_index=int(obj.entity_index),
-                       span_start=int(max(0, obj.span[0])), span_end=int(max(0, obj.span[1])),
-                       box=PixelBox(x_min=float(x0), y_min=float(y0), x_max=float(x1), y_max=float(y1)),
-                       box_normalized=[float(v) for v in obj.box_norm],
-                       score=_f32(obj.score), description=obj.description)
-    if obj.point is not None:
-        o.point = Point(x=float(obj.point[0]), y=float(obj.point[1]), z=float(obj.point[2]))
-        o.point_valid = True
-    else:
-        o.point_error = obj.point_error or "no 3D point computed"
-    geo: Optional[ObjectGeometry] = obj.geometry
-    if geo is not None and geo.valid:
-        b = geo.box_refined
-        o.box_refined = PixelBox(x_min=float(b[0]), y_min=float(b[1]), x_max=float(b[2]), y_max=float(b[3]))
-        o.pose = pose_of(geo.center, geo.rotation)
-        o.size = Vector3(x=float(geo.size[0]), y=float(geo.size[1]), z=float(geo.size[2]))
-        o.grasp = pose_of(geo.grasp_position, geo.grasp_rotation)
-        o.grasp_width = float(geo.grasp_width)
-        o.geometry_valid = True
-    else:
-        o.geometry_error = geo.error if geo is not None else "no geometry computed"
-    return o
+    return fill(GroundedObject(), describe_object(obj))
 
 
 def mask_image(res: Result, header: Header) -> Image:
@@ -195,24 +176,11 @@ def mask_image(res: Result, header: Header) -> Image:
 
 
 def result_to_msg(res: Result, queue_ms: float = 0.0, masks: bool = True) -> GroundingResult:
-    """A core Result -> GroundingResult; the header is the source image's, never the node clock."""
-    header = header_of(res.stamp_ns, res.frame_id)
-    msg = GroundingResult(id=res.id, task=res.task, camera=res.camera, status=int(res.status), error=res.error,
-                          header=header, image_width=int(res.width), image_height=int(res.height),
-                          text=res.text, raw_text=res.raw_text, token_ids=[int(t) for t in res.token_ids],
-                          no_repeat_ngram_size=int(res.no_repeat_ngram_size),
-                          geometry_frame_id=res.geometry_frame_id or res.frame_id)
-    msg.objects = [object_to_msg(obj) for obj in res.objects]
-    msg.presence, msg.not_found_reason = float(res.presence), res.not_found_reason
-    msg.candidates = [object_to_msg(obj) for obj in res.candidates]
-    msg.ambiguous, msg.ambiguity = bool(res.ambiguous), _f32(res.ambiguity)
+    """A core Result -> GroundingResult, from its one description (`describe`, which the CLI's JSON prints
+    too); the header is the source image's, never the node clock."""
+    msg = fill(GroundingResult(), describe(res, queue_ms))
     if masks:
-        msg.mask = mask_image(res, header)
-    t = res.timings_ms
-    msg.queue_ms = float(queue_ms)
-    msg.encode_ms = float(t.get("encode", 0.0))
-    msg.generate_ms = float(t.get("generate", 0.0))
-    msg.total_ms = float(t.get("total", 0.0)) + float(queue_ms)
+        msg.mask = mask_image(res, msg.header)
     return msg
 
 

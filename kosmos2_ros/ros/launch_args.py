@@ -77,7 +77,7 @@ def parameter_overrides(arguments: Mapping[str, str]) -> Dict[str, object]:
         else:
             out[name] = value
     try:   # each given value checked as the node will check it, before anything starts
-        from kosmos2_ros.core.config import ConfigError, Kosmos2Config
+        from kosmos2_ros.core.serving.config import ConfigError, Kosmos2Config
 
         Kosmos2Config.from_dict(out)
     except ConfigError as exc:

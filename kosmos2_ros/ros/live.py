@@ -12,9 +12,9 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, List, Optional
 
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
-from kosmos2_ros.core.standing import EncodeAhead, next_camera
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Result, Status
+from kosmos2_ros.core.serving.standing import EncodeAhead, next_camera
 from kosmos2_ros.msg import TrackedQuery, Tracks
 
 from . import convert

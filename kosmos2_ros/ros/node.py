@@ -32,12 +32,12 @@ from rclpy.lifecycle import State, TransitionCallbackReturn
 from std_msgs.msg import String
 
 from kosmos2_ros.action import GroundTask
-from kosmos2_ros.core.config import ConfigError, Kosmos2Config, check_queries
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.grounding import parse_generation
-from kosmos2_ros.core.loading import quiet_libraries
-from kosmos2_ros.core.object_geometry import invalidate_objects
-from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
+from kosmos2_ros.core.model.grounding import parse_generation
+from kosmos2_ros.core.model.loading import quiet_libraries
+from kosmos2_ros.core.serving.config import ConfigError, Kosmos2Config, check_queries
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Result, Status
+from kosmos2_ros.core.spatial.object_geometry import invalidate_objects
 from kosmos2_ros.msg import GroundingCommand, GroundingResult, Tracks
 from kosmos2_ros.srv import Ground, SetQueries
 

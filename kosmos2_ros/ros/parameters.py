@@ -20,8 +20,8 @@ from rcl_interfaces.msg import (
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 
 from kosmos2_ros.core.backends import registry as backend_registry
-from kosmos2_ros.core.config import RANGES, ConfigError, Kosmos2Config
 from kosmos2_ros.core.defaults import PRECISIONS, QUANTIZED_PRECISIONS
+from kosmos2_ros.core.serving.config import RANGES, ConfigError, Kosmos2Config
 
 PARAMETER_DOCS: Dict[str, str] = {
     "model": "Hugging Face hub id or local directory saved with save_pretrained; empty = $KOSMOS2_MODEL, "
@@ -65,6 +65,8 @@ PARAMETER_DOCS: Dict[str, str] = {
     "min_depth_m": "depth readings below this are ignored (metres)",
     "max_depth_m": "depth readings above this are ignored (metres)",
     "object_geometry": "per object with depth: mask, refined box, 3D box (pose, size), grasp pose and ~/object_cloud",
+    "candidate_geometry": "object geometry for every candidate too (each costs about an object's); off: a candidate "
+                          "has its box and 3D point, and gets its geometry when sent back as a region command",
     "result_masks": "fill GroundingResult.mask, a mono8 label image of the source image's size (with depth)",
     "target_frame": "frame of the objects' poses, grasps and clouds, through tf2 at the image's stamp; "
                     "empty = the camera's optical frame",

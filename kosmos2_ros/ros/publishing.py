@@ -17,9 +17,9 @@ from sensor_msgs.msg import Image, PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
-from kosmos2_ros.core.config import Kosmos2Config
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Result, Status
+from kosmos2_ros.core.serving.config import Kosmos2Config
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Result, Status
 from kosmos2_ros.msg import GroundingResult, Tracks
 
 from . import convert, visualize

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
 
 import numpy as np
 
-from kosmos2_ros.core.object_geometry import invalidate_objects, move_objects, rotation_matrix
-from kosmos2_ros.core.pipeline import Result, Status
+from kosmos2_ros.core.serving.pipeline import Result, Status
+from kosmos2_ros.core.spatial.object_geometry import invalidate_objects, move_objects, rotation_matrix
 
 #: What configure says when target_frame is set and tf2_ros is missing.
 # The Python module tf2_ros is in the package tf2_ros_py (tf2_ros is C++ only), on Humble as on later distros.

@@ -16,9 +16,9 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from kosmos2_ros.core.annotate import PALETTE, draw_result
-from kosmos2_ros.core.object_geometry import rotation_matrix
-from kosmos2_ros.core.pipeline import Result, Status
+from kosmos2_ros.core.serving.annotate import PALETTE, draw_result
+from kosmos2_ros.core.serving.pipeline import Result, Status
+from kosmos2_ros.core.spatial.object_geometry import rotation_matrix
 from kosmos2_ros.msg import GroundingResult
 
 from .convert import rgb_to_image

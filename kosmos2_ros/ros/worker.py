@@ -22,8 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
-from kosmos2_ros.core.frames import Frame
-from kosmos2_ros.core.pipeline import Command, Pipeline, Result, Status
+from kosmos2_ros.core.serving.frames import Frame
+from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Result, Status
 
 
 @dataclass

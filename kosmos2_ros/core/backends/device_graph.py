@@ -120,9 +120,10 @@ class StepBuffers:
             self._copied.record()           # on the current stream: the backend's
 
     def read_logits(self, active: List[int], on_device: Callable[[], Any], nonfinite_error: str) -> DeviceLogits:
-        """The active rows' logits, left on the device for the loop's small read (`logits`): a copy, made on
-        the backend's stream, since the next step (or its graph's replay) writes this buffer again."""
-        return DeviceLogits(self.logits.clone(), active, on_device, nonfinite_error)
+        """The active rows' logits, left on the device for the loop's small read (`logits`): a copy of the rows up
+        to the last active one, made on the backend's stream, since the next step (or its graph's replay)
+        writes this buffer again."""
+        return DeviceLogits(self.logits[:max(active) + 1].clone(), active, on_device, nonfinite_error)
 
     def scatter(self) -> None:
         """Write the step's new keys/values into the arena at each row's column (idle rows: scratch)."""
@@ -409,4 +410,5 @@ class DeviceGraphBackend(GraphBackend):
             new = appended(caches, rows.lens, rows.smax, [outputs[n] for n in self._new_names], self._ops)
             self._sync()   # the new caches complete before anyone on another stream reads them
             logits = DeviceLogits(outputs["logits"], None, self._on_device, self.nonfinite_error)
+            logits.check_finite()   # a prefix's logits may never be read: its cache must not come from an overflow
         return logits, new

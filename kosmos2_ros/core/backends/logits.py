@@ -79,12 +79,13 @@ class TokenScores:
         return np.array([self.logit(t) for t in tokens], dtype=np.float32)
 
     def prob(self, token: int) -> float:
-        """Softmax probability of `token` over the whole vocabulary."""
-        return float(np.exp(np.float32(self.logit(token)) - np.float32(self.top)) / self.norm)
+        """Softmax probability of `token` over the whole vocabulary (a float32 exponential over the float64
+        normaliser, divided in float64 whatever numpy's promotion rules)."""
+        return float(np.exp(np.float32(self.logit(token)) - np.float32(self.top))) / self.norm
 
     def span_probs(self) -> np.ndarray:
         """Softmax probabilities of the span's tokens (float64)."""
-        return np.exp(self.span - np.float32(self.top)) / self.norm
+        return np.exp(self.span - np.float32(self.top)).astype(np.float64) / self.norm
 
 
 def read_scores(logits: Any, readout: Readout) -> List[TokenScores]:
@@ -176,6 +177,17 @@ class DeviceLogits:
                 picked={t: float(v) for t, v in zip(tokens, row[5:5 + len(tokens)])}, readout=readout,
                 read_full=lambda r=r: self._row_numpy(r)))
         return out
+
+    def check_finite(self) -> None:
+        """Raise `NonFiniteLogits` when a caller's row holds NaN or infinity (one small read): for logits
+        nobody reads, such as a shared prefix's, whose cache must not be kept from an overflowed forward."""
+        import torch
+
+        with self._device(), torch.no_grad():
+            z = self._tensor[None] if self._one_row else self._tensor
+            finite = torch.isfinite(z).all(dim=-1).cpu().numpy()
+        if not all(bool(finite[r]) for r in self._rows):
+            raise NonFiniteLogits(self.nonfinite_error)
 
     # -- the whole logits, for host code --------------------------------------------------------------
     def numpy(self) -> np.ndarray:

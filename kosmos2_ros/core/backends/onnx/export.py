@@ -69,6 +69,7 @@ from ..modules import (  # noqa: F401 (re-exported)
     torch_dtype,
     vision_module,
 )
+from .graph_files import has_external_data
 
 #: Bumped whenever the graphs' structure or names change, so cached artifacts rebuild.
 #: 4: fp16 / bf16 graph variants (strongly typed: precision lives in the graph).
@@ -220,11 +221,6 @@ def torchscript_exporter(export: Any) -> Dict[str, Any]:
     """`dynamo=False` where torch.onnx.export has the flag (torch 2.4+, where later releases default to dynamo);
     torch 2.3 (JetPack 6.0) has only the TorchScript exporter and no such argument."""
     return {"dynamo": False} if "dynamo" in inspect.signature(export).parameters else {}
-
-
-def has_external_data(path: Path) -> bool:
-    """Whether a graph's weights lie beside it (> 2 GB); each graph has its own folder, so any other file is its."""
-    return any(f != path for f in Path(path).parent.iterdir())
 
 
 def _consolidate(path: Path) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ...defaults import QUANTIZED_PRECISIONS
+from .graph_files import has_external_data
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,6 @@ def quantize_graph(src: Path, dst: Path, recipe: GraphRecipe) -> dict:
     names, width = weight_matmuls(src)
     keep = [n for n in names if n.startswith(recipe.keep)] if recipe.keep else []
     quantized = [n for n in names if n not in keep]
-    from .export import has_external_data
 
     external = has_external_data(src)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from ...defaults import DTYPE_NAMES, TORCH_MODES
 from ..base import Backend, BackendUnavailable, pack_rows
 from ..kv_cache import ARENA_BUDGET_MB
 from ..logits import DeviceLogits
-from ..modules import image_features, load_kosmos2
+from ..modules import image_features
+from .loading import load_model, resolve_device
 
 DTYPES = DTYPE_NAMES
 
@@ -24,18 +25,6 @@ DTYPES = DTYPE_NAMES
 class TorchCache:
     kv: Any          # transformers Cache
     length: int
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailable(f"device {device!r} requested but torch sees no CUDA device "
-                                 f"(torch {torch.__version__}); use device: cpu")
-    return device
 
 
 #: What `torch_mode` takes: `auto` = static on a GPU, reference on the CPU.
@@ -55,14 +44,6 @@ def create(model_dir: str, device: str = "auto", precision: str = "fp32", allow_
 
         return TorchStaticBackend(model_dir, device, precision, allow_pickle, model, cuda_graph, arena_budget_mb)
     return TorchBackend(model_dir, device, precision, allow_pickle, model)
-
-
-def load_model(model_dir: str, precision: str, allow_pickle: bool) -> Any:
-    """transformers' Kosmos-2 from a local directory: safetensors only unless pickles are allowed, no remote code."""
-    import torch
-
-    return load_kosmos2(model_dir, dtype=getattr(torch, DTYPES[precision]),
-                        use_safetensors=None if allow_pickle else True, trust_remote_code=False)
 
 
 class TorchBackend(Backend):
@@ -145,7 +126,9 @@ class TorchBackend(Backend):
                 input_ids=ids, attention_mask=torch.ones((1, past + ids.shape[1]), dtype=torch.long,
                                                          device=self.device),
                 use_cache=True, **kwargs, **self._last_only)
-        return self._last_logits(out), TorchCache(getattr(out, self._cache_kw, None) or kv, past + ids.shape[1])
+        logits = self._last_logits(out)
+        logits.check_finite()   # a shared prefix's logits are never read: its cache must not come from an overflow
+        return logits, TorchCache(getattr(out, self._cache_kw, None) or kv, past + ids.shape[1])
 
     def decode(self, cache: TorchCache, token_id: int) -> Tuple[Any, TorchCache]:
         torch = self._torch
@@ -167,7 +150,9 @@ class TorchBackend(Backend):
         """Text chunks appended to several caches in one forward (a frame's standing queries)."""
         if len(caches) < 2 or any(c is None or c.length == 0 for c in caches):
             return super().prefill_batch(caches, chunks)
-        return self._packed_forward(caches, [list(c) for c in chunks])
+        logits, out = self._packed_forward(caches, [list(c) for c in chunks])
+        logits.check_finite()
+        return logits, out
 
     can_truncate = True
 

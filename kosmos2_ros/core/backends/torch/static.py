@@ -21,7 +21,7 @@ from ..base import BackendError, BackendUnavailable
 from ..device_graph import DeviceGraphBackend, StepBuffers
 from ..kv_cache import ARENA_BUDGET_MB
 from ..modules import MIN_POSITION_ROWS, decoder_module, vision_module
-from .backend import load_model, resolve_device
+from .loading import load_model, resolve_device
 
 
 def static_modules(model_dir: str, precision: str, allow_pickle: bool = False, model: Any = None) -> Tuple[Any, Any, Any]:

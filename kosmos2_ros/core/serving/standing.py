@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
-from .tracking import QueryTracker
+from ..spatial.tracking import QueryTracker
 
 _TRACK_IDS: Iterator[int] = itertools.count(1)   # track ids unique across the node's cameras
 

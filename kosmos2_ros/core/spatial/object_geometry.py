@@ -18,6 +18,13 @@ found inside a search window one grid cell larger than the box on every side:
    points' robust (98th percentile) reach from there, so a hidden back side is mirrored from
    the visible front and a few stray points cannot grow it. Without a plane: principal axes of
    the points, robust extents.
+**Cost bounded by points, not pixels.** A window of more than `max_window_px` pixels (a loose box
+on a large image) is examined every `step`-th pixel in each direction (the sample at each block's
+centre), so steps 1-3 see at most that many pixels whatever the box's size; the mask is then made
+full-resolution again only along its edge (a band `step` pixels wide either side, each pixel
+judged by the same depth, plane and colour rules), and the 3D box comes from the sampled points.
+A window within the limit is examined whole, as before.
+
 4. **Grasp**: at the top surface's centre; approach along the plane's normal (down onto the
    object), else along the viewing ray; closing across the narrower side, opening = that width.
    Pose convention: **z approaches** (points from the gripper into the object), **y closes**
@@ -49,6 +56,7 @@ class GeometryConfig:
     plane_iterations: int = 120
     min_points: int = 20
     max_points: int = 20000            # points an object's box and cloud are computed from (a random subset beyond)
+    max_window_px: int = 40000         # pixels the search window is examined at (a larger one is sampled; see above)
     min_depth_m: float = 0.05
     max_depth_m: float = 20.0
     seed: int = 0
@@ -169,11 +177,13 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
     mx, my = config.margin_cells * cell_px[0], config.margin_cells * cell_px[1]
     wx0, wy0 = int(max(0, math.floor(x0 - mx))), int(max(0, math.floor(y0 - my)))
     wx1, wy1 = int(min(width, math.ceil(x1 + mx))), int(min(height, math.ceil(y1 + my)))
-    z = depth[wy0:wy1, wx0:wx1].astype(np.float64)
-    z = np.where(np.isfinite(z) & (z >= config.min_depth_m) & (z <= config.max_depth_m), z, np.nan)
+    step = max(1, math.ceil(math.sqrt((wy1 - wy0) * (wx1 - wx0) / config.max_window_px)))
+    off = (step - 1) // 2                   # each sample at its step x step block's centre
+    rows_at, cols_at = slice(wy0 + off, wy1, step), slice(wx0 + off, wx1, step)
+    z = _usable(depth[rows_at, cols_at], config)
     valid = np.isfinite(z)
-    hh, ww = z.shape
-    ys, xs = np.mgrid[wy0:wy1, wx0:wx1]
+    rgb_w = rgb[rows_at, cols_at]
+    ys, xs = np.mgrid[rows_at, cols_at]
     inner = _inside(xs, ys, _shrunk((x0, y0, x1, y1), 0.5))
     in_box = _inside(xs, ys, (x0, y0, x1, y1))
     if not (valid & in_box).any():
@@ -190,7 +200,7 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
     # The plane from what surrounds the box (the window's margin), or from all but its centre if that is too little.
     around = valid & ~in_box if (valid & ~in_box).sum() >= 200 else valid & ~inner
     plane = _support_plane(pts[around], sigma[around], rng, config.plane_iterations, pts[valid & in_box])
-    edges = _depth_edges(z, sigma)
+    edges = _depth_edges(z, sigma, step)
     seg = None
     if plane is not None:
         h = pts @ plane[:3] + plane[3]
@@ -207,20 +217,21 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
             return ObjectGeometry.invalid("nothing stands above the support plane in the box")
     if seg is None and _flat(pts[valid & inner], pts[around], sigma[valid & inner]):
         return ObjectGeometry.invalid("nothing stands above the support plane in the box")
+    layer: Optional[Tuple[float, float]] = None
     if seg is None:
         plane = None
         z_ref = float(np.nanmedian(z[inner & valid]))
         reach = max(0.04, 1.5 * (x1 - x0) * z_ref / k.fx)
-        layer = valid & (np.abs(z - z_ref) < reach) & ~edges
-        seg = _component(layer, inner, in_box)
+        layer = (z_ref, reach)
+        seg = _component(valid & (np.abs(z - z_ref) < reach) & ~edges, inner, in_box)
     if seg is None:
         return ObjectGeometry.invalid("no object surface found in the box")
-    seg = _with_colour(seg, valid, z, rgb[wy0:wy1, wx0:wx1], inner)
+    seg, colour = _with_colour(seg, valid, z, rgb_w, inner)
     obj = seg & valid
     if int(obj.sum()) < config.min_points:
         return ObjectGeometry.invalid(f"too few object points with depth ({int(obj.sum())})")
     points = pts[obj].astype(np.float64)
-    colours = rgb[wy0:wy1, wx0:wx1][obj]
+    colours = rgb_w[obj]
     if len(points) > config.max_points:   # a whole-image box: the statistics need no more (and the cloud is capped)
         pick = rng.choice(len(points), config.max_points, replace=False)
         points, colours = points[pick], colours[pick]
@@ -229,6 +240,9 @@ def object_geometry(box_px: Sequence[float], rgb: np.ndarray, depth_m: np.ndarra
     else:
         box3d = _free_box(points)
     center, rotation, size, top, approach, closing, opening = box3d
+    if step > 1:
+        rule = _PixelRule(k, plane, layer, colour, config)
+        seg = _edge_at_full_resolution(seg, step, (wx0, wy0, wx1, wy1), depth, rgb, rule)
     rows, cols = np.nonzero(seg)
     refined = (float(wx0 + cols.min()), float(wy0 + rows.min()), float(wx0 + cols.max() + 1),
                float(wy0 + rows.max() + 1))
@@ -314,8 +328,16 @@ def _flat(inside: np.ndarray, around: np.ndarray, sigma: np.ndarray) -> bool:
     return bool(np.mean(np.abs((around - centroid) @ normal) < float(np.median(tol))) >= 0.6)
 
 
-def _depth_edges(z: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Pixels at a depth discontinuity (where surfaces at different depths meet)."""
+def _usable(z: np.ndarray, config: GeometryConfig) -> np.ndarray:
+    """Depth in metres (float64) with readings outside [min_depth_m, max_depth_m] as NaN."""
+    z = z.astype(np.float64)
+    return np.where(np.isfinite(z) & (z >= config.min_depth_m) & (z <= config.max_depth_m), z, np.nan)
+
+
+def _depth_edges(z: np.ndarray, sigma: np.ndarray, step: int = 1) -> np.ndarray:
+    """Pixels at a depth discontinuity (where surfaces at different depths meet). `step`: pixels between
+    samples; a slanted surface's depth changes more between samples further apart, so the jump that
+    counts grows with it."""
     filled = np.nan_to_num(z, nan=0.0)
     jump = np.zeros_like(filled)
     jump[1:, :] = np.maximum(jump[1:, :], np.abs(np.diff(filled, axis=0)))
@@ -323,7 +345,7 @@ def _depth_edges(z: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     both = np.isfinite(z)
     both[1:, :] &= np.isfinite(z[:-1, :])
     both[:, 1:] &= np.isfinite(z[:, :-1])
-    return both & (jump > np.maximum(0.015, 8 * sigma))
+    return both & (jump > np.maximum(0.015, 8 * sigma) * max(1.0, step / 2.0))
 
 
 def _component(candidates: np.ndarray, inner: np.ndarray, in_box: np.ndarray) -> Optional[np.ndarray]:
@@ -345,22 +367,30 @@ def _component(candidates: np.ndarray, inner: np.ndarray, in_box: np.ndarray) ->
     return labels == best if score[best] > 0 else None
 
 
-def _with_colour(seg: np.ndarray, valid: np.ndarray, z: np.ndarray, rgb: np.ndarray, inner: np.ndarray) -> np.ndarray:
+def _chromaticity(rgb: np.ndarray) -> np.ndarray:
+    """r, g chromaticity (the last axis): shading scales it away."""
+    rgbf = rgb.astype(np.float32) + 1.0
+    return rgbf[..., :2] / rgbf.sum(axis=-1, keepdims=True)
+
+
+def _with_colour(seg: np.ndarray, valid: np.ndarray, z: np.ndarray, rgb: np.ndarray,
+                 inner: np.ndarray) -> Tuple[np.ndarray, Optional[Tuple[np.ndarray, float]]]:
     """Colour and depth together: keep the part of the mask of the object's colour (a touching object
     of another colour at the same depth falls away), then join holes (no depth) inside or next to it
-    of that colour. Colour is compared as rg chromaticity, so shading does not split an object."""
+    of that colour. Colour is compared as rg chromaticity, so shading does not split an object.
+    Returns the mask and the colour it took (chromaticity, distance threshold; None without one)."""
     import cv2
 
     core = seg & valid & inner
     if core.sum() < 10:
         core = seg & valid
     if not core.any():
-        return seg
-    rgbf = rgb.astype(np.float32) + 1.0
-    chrom = rgbf[:, :, :2] / rgbf.sum(axis=2, keepdims=True)    # r, g chromaticity: shading scales it away
+        return seg, None
+    chrom = _chromaticity(rgb)
     ref = np.median(chrom[core], axis=0)
     dist = np.linalg.norm(chrom - ref, axis=2)
-    alike = dist < max(0.04, 3.0 * float(np.median(dist[core])))
+    threshold = max(0.04, 3.0 * float(np.median(dist[core])))
+    alike = dist < threshold
     kept = _component(seg & alike, inner, seg)
     if kept is not None and kept.sum() >= 0.3 * seg.sum():
         seg = kept
@@ -372,7 +402,77 @@ def _with_colour(seg: np.ndarray, valid: np.ndarray, z: np.ndarray, rgb: np.ndar
         near = cv2.dilate(out.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
         out = out | (near & alike & depth_near)
     closed = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)).astype(bool)
-    return out | (closed & (~valid | alike))
+    return out | (closed & (~valid | alike)), (ref, threshold)
+
+
+@dataclass
+class _PixelRule:
+    """What made a sample part of the object (above the plane, or in the centre's depth layer; of its
+    colour), to judge single full-resolution pixels by."""
+    k: CameraIntrinsics
+    plane: Optional[np.ndarray]
+    layer: Optional[Tuple[float, float]]      # (depth of the box's centre, reach) without a plane
+    colour: Optional[Tuple[np.ndarray, float]]
+    config: GeometryConfig
+
+    def judge(self, us: np.ndarray, vs: np.ndarray, z: np.ndarray, rgb: np.ndarray,
+              coarse: np.ndarray) -> np.ndarray:
+        """Pixels (us, vs) with depth `z` (NaN: none) and colours `rgb`: the object's? `coarse`: the sampled
+        mask's answer there. Depth says object and the colour agrees (or the samples said so), or no depth
+        and both the samples and the colour say so."""
+        valid = np.isfinite(z)
+        if self.plane is not None:
+            xn, yn = self.k.normalized(us, vs)
+            h = np.stack([xn * z, yn * z, z], axis=-1) @ self.plane[:3] + self.plane[3]
+            sigma = DEPTH_NOISE_K * np.nan_to_num(z, nan=1.0) ** 2
+            by_depth = valid & (h > np.maximum(self.config.min_height_m, 3 * sigma))
+        else:
+            z_ref, reach = self.layer if self.layer is not None else (np.nan, 0.0)
+            by_depth = valid & (np.abs(np.nan_to_num(z, nan=np.inf) - z_ref) < reach)
+        if self.colour is None:
+            alike = np.ones(len(z), dtype=bool)
+        else:
+            ref, threshold = self.colour
+            alike = np.linalg.norm(_chromaticity(rgb) - ref, axis=-1) < threshold
+        return (by_depth & (alike | coarse)) | (~valid & alike & coarse)
+
+
+def _edge_at_full_resolution(seg: np.ndarray, step: int, window: Tuple[int, int, int, int],
+                             depth: np.ndarray, rgb: np.ndarray, rule: _PixelRule) -> np.ndarray:
+    """The sampled mask at the window's full resolution: each sample's block takes its answer, and the
+    pixels within `step` of the mask's edge are judged one by one (`rule`), so the cost grows with
+    the object's size and its edge's length, not the window's area (only the mask's own bounding
+    region, grown by two blocks, is made at full resolution)."""
+    import cv2
+
+    wx0, wy0, wx1, wy1 = window
+    hh, ww = wy1 - wy0, wx1 - wx0
+    out = np.zeros((hh, ww), dtype=bool)
+    rows, cols = np.nonzero(seg)
+    if not len(rows):
+        return out
+    # the samples' rows/cols r0..r1, c0..c1 (two more each side) and the window pixels their blocks cover
+    r0, r1 = max(0, rows.min() - 2), min(seg.shape[0], rows.max() + 3)
+    c0, c1 = max(0, cols.min() - 2), min(seg.shape[1], cols.max() + 3)
+    sub = seg[r0:r1, c0:c1].astype(np.uint8)
+    up = np.repeat(np.repeat(sub, step, axis=0), step, axis=1)
+    y0, x0 = r0 * step, c0 * step                  # block i covers window pixels i*step .. (the sample at + off)
+    y1, x1 = min(hh, y0 + up.shape[0]), min(ww, x0 + up.shape[1])
+    if r1 == seg.shape[0]:
+        y1 = hh                                    # the last blocks reach the window's edge
+    if c1 == seg.shape[1]:
+        x1 = ww
+    up = np.pad(up, ((0, max(0, y1 - y0 - up.shape[0])), (0, max(0, x1 - x0 - up.shape[1]))), mode="edge")
+    up = up[:y1 - y0, :x1 - x0]
+    kernel = np.ones((2 * step + 1, 2 * step + 1), np.uint8)
+    inside = cv2.erode(up, kernel).astype(bool)
+    band = cv2.dilate(up, kernel).astype(bool) & ~inside
+    vs, us = np.nonzero(band)
+    gy, gx = vs + y0 + wy0, us + x0 + wx0
+    z = _usable(depth[gy, gx], rule.config)
+    inside[vs, us] = rule.judge(gx.astype(np.float64), gy.astype(np.float64), z, rgb[gy, gx], up[vs, us].astype(bool))
+    out[y0:y1, x0:x1] = inside
+    return out
 
 
 def _robust(points: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .defaults import MODEL_ENV
+from ..defaults import MODEL_ENV
 from .vocab import GroundingVocab
 
 _HOW_TO_POINT = (f"Point the package at a local copy: a directory saved with save_pretrained (config.json, "

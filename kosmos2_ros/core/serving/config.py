@@ -13,12 +13,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
-from .backends.kv_cache import ARENA_BUDGET_MB
-from .backends.registry import AUTO, PRECISION_CHOICES, precision_problem
-from .backends.registry import CHOICES as BACKENDS
-from .decoding import DecodingMode
-from .defaults import ARTIFACTS_DIR, TORCH_MODES, default_model
-from .tasks import PromptError, sanitize_text
+from ..backends.kv_cache import ARENA_BUDGET_MB
+from ..backends.registry import AUTO, PRECISION_CHOICES, precision_problem
+from ..backends.registry import CHOICES as BACKENDS
+from ..defaults import ARTIFACTS_DIR, TORCH_MODES, default_model
+from ..model.decoding import DecodingMode
+from ..model.tasks import PromptError, sanitize_text
 
 DECODING = tuple(m.value for m in DecodingMode)
 QOS = ("auto", "sensor_data", "reliable")
@@ -92,6 +92,7 @@ class Kosmos2Config:
     min_depth_m: float = 0.05
     max_depth_m: float = 20.0
     object_geometry: bool = True                     # mask, refined box, 3D box, grasp, cloud per object (with depth)
+    candidate_geometry: bool = False                 # the same for every candidate (each still gets its box and point)
     result_masks: bool = True                        # the label image GroundingResult.mask (with depth)
     target_frame: str = ""                           # frame of poses, grasps and clouds ("" = the camera's optical frame)
     tf_timeout_s: float = 0.05                       # longest wait for the transform into target_frame

@@ -25,8 +25,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .backends.base import Backend
-from .backends.logits import Readout, TokenScores, read_scores
+from ..backends.base import Backend
+from ..backends.logits import Readout, TokenScores, read_scores
 from .vocab import GroundingVocab
 
 #: A row's next-token logits as the functions below take them: the loop's `TokenScores`, or a [vocab] array.
@@ -356,6 +356,8 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
                 st.pending = candidate_cells(st.scores, tok, vocab, st.row.max_candidates)
                 st.pending_cache = backend.fork(st.cache) if st.pending else False
             st.take(tok, st.scores.prob(tok))
+            if st.done:
+                st.scores = None    # nothing reads it again: let its step's logits go
             tokens.append(tok)
             if on_token is not None:
                 on_token(st.index, st.gen)

@@ -12,7 +12,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from .geometry import depth_to_meters
+from ..spatial.geometry import depth_to_meters
 
 
 class ImageError(ValueError):

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .grounding import Box
+from ..model.grounding import Box
 
 
 @dataclass(frozen=True)

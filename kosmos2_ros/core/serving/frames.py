@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .geometry import CameraIntrinsics, InputGeometry
+from ..spatial.geometry import CameraIntrinsics, InputGeometry
 
 
 @dataclass
