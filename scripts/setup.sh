@@ -107,7 +107,7 @@ step "console scripts (kosmos2-ground, kosmos2-demo, kosmos2-build-engines, grou
 "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
 
 step "check"
-"$ROOT/scripts/ros-env" --distro "$DISTRO" python -c 'import rclpy, kosmos2_ros.msg, kosmos2_ros.srv, kosmos2_ros.action; from kosmos2_ros.core import tasks; print("kosmos2_ros ready:", kosmos2_ros.msg.GroundingResult.__name__)'
+"$ROOT/scripts/ros-env" --distro "$DISTRO" python -c 'import rclpy, kosmos2_ros.msg, kosmos2_ros.srv, kosmos2_ros.action; from kosmos2_ros.core.model import tasks; print("kosmos2_ros ready:", kosmos2_ros.msg.GroundingResult.__name__)'
 if [ "$DISTRO" = kilted ]; then
   echo "Set-up done. Run commands with scripts/ros-env CMD, or: source $VENV/kosmos2_env.sh"
 else

@@ -49,6 +49,18 @@ def test_the_fused_pose_holds_still_on_a_static_scene(frames) -> None:
     assert max(steps[3:]) <= max(raw_steps)
 
 
+def test_a_moved_object_is_followed_at_once(frames) -> None:
+    """Moved 10 cm (the arm picked it up): the published centre is the new one on the next frame."""
+    import dataclasses
+
+    _, _, geos = frames
+    fusion = PoseFusion()
+    for g in geos[:6]:
+        fusion.add(g, "cam")
+    moved = dataclasses.replace(geos[6], center=geos[6].center + np.array([0.1, 0.0, 0.0]))
+    np.testing.assert_allclose(fusion.add(moved, "cam").center, moved.center)
+
+
 def test_another_frame_or_an_invalid_geometry_starts_over_or_passes_through(frames) -> None:
     _, _, geos = frames
     fusion = PoseFusion()

@@ -41,16 +41,22 @@ class Geometry:
     """The test side: publishes RGB-D frames, listens to ~/object_cloud and ~/tracks."""
 
     def __init__(self, t: Tester) -> None:
-        from sensor_msgs.msg import PointCloud2
+        from geometry_msgs.msg import PoseStamped, Vector3Stamped
+        from sensor_msgs.msg import Image, PointCloud2
 
         from kosmos2_ros.msg import Tracks
+        from kosmos2_ros.ros.target import LATCHED
 
         self.t = t
         self.clouds: List[Any] = []
         self.tracks: List[Any] = []
+        self.target = {name: [] for name in ("grasp", "pose", "size", "mask", "cloud")}
         self._lock = threading.Lock()
         t.node.create_subscription(PointCloud2, "/kosmos2/object_cloud", self._keep(self.clouds), 10)
         t.node.create_subscription(Tracks, "/kosmos2/tracks", self._keep(self.tracks), 10)
+        for name, kind in (("grasp", PoseStamped), ("pose", PoseStamped), ("size", Vector3Stamped), ("mask", Image),
+                           ("cloud", PointCloud2)):
+            t.node.create_subscription(kind, f"/kosmos2/target/{name}", self._keep(self.target[name]), LATCHED)
 
     def _keep(self, into: list):
         def callback(msg: Any) -> None:
@@ -143,6 +149,38 @@ def test_region_objects_carry_geometry_that_matches_the_scene(node: tuple) -> No
         near = np.linalg.norm(xyz - truth.centre, axis=1) <= np.linalg.norm(truth.size) / 2 + 0.02
         assert near.mean() > 0.9 and set(points["object"]) == {0}
         geo.clouds.clear()
+
+
+def test_the_target_topics_carry_what_a_planner_takes(node: tuple) -> None:
+    """A consumer using only ~/target/*: after a region command, the grasp and box poses (PoseStamped), size,
+    mask (mono8, 255 exactly on the object's pixels) and cloud (xyz + rgb of the object alone), all at the
+    image's stamp, agree with the result and with the scene's truth."""
+    from kosmos2_ros.ros.convert import cloud_points
+
+    _, t, geo = node
+    scene = render(OBJECTS, W, H, distance=0.8, elevation_deg=45.0)
+    stamp = geo.publish(scene, seed=5)
+    truth = scene.truths[1]
+    region = model_box(truth.box, plain_geometry(W, H), np.random.default_rng(4))
+    res = t.run(t.command("geo-target", "region", region=region, stamp_ns=stamp))
+    assert res.status == OK and res.objects[0].geometry_valid, res.error
+    got = {name: geo.wait(msgs, stamp) for name, msgs in geo.target.items()}
+    obj = res.objects[0]
+    assert got["grasp"].pose == obj.grasp and got["pose"].pose == obj.pose
+    assert got["grasp"].header.frame_id == got["pose"].header.frame_id == res.geometry_frame_id
+    assert (got["size"].vector.x, got["size"].vector.y, got["size"].vector.z) == (obj.size.x, obj.size.y, obj.size.z)
+    mask = got["mask"]
+    assert (mask.width, mask.height, mask.encoding, mask.header.frame_id) == (W, H, "mono8", "camera_color_optical_frame")
+    pixels = np.frombuffer(bytes(mask.data), dtype=np.uint8).reshape(H, W)
+    labels = np.frombuffer(bytes(res.mask.data), dtype=np.uint8).reshape(H, W)
+    assert set(np.unique(pixels)) <= {0, 255} and np.array_equal(pixels == 255, labels == 1)
+    mine = pixels == 255
+    assert (mine & truth.mask).sum() / (mine | truth.mask).sum() >= 0.8
+    points = cloud_points(got["cloud"])
+    assert [f.name for f in got["cloud"].fields] == ["x", "y", "z", "rgb"] and len(points) > 100
+    xyz = np.stack([points["x"], points["y"], points["z"]], axis=1)
+    assert (np.linalg.norm(xyz - truth.centre, axis=1) <= np.linalg.norm(truth.size) / 2 + 0.02).mean() > 0.9
+    assert len(t.results.get("geo-target", [])) == 1
 
 
 def _under(scene: Any, box: tuple) -> tuple:

@@ -19,6 +19,7 @@ from kosmos2_ros.core.serving import images
 from kosmos2_ros.core.serving.pipeline import Command, GroundedBox, Result
 from kosmos2_ros.core.serving.results import describe, describe_object
 from kosmos2_ros.core.spatial.geometry import CameraIntrinsics
+from kosmos2_ros.core.spatial.object_geometry import ObjectGeometry
 from kosmos2_ros.msg import GroundedObject, GroundingCommand, GroundingResult, PixelBox
 
 ImageError = images.ImageError
@@ -213,9 +214,28 @@ def cloud_of(res: Result) -> Optional[PointCloud2]:
                        data=uint8_array(cloud))
 
 
+#: ~/target/cloud's point layout: x, y, z, rgb (as GraspGen's and rviz's readers take it).
+TARGET_CLOUD_FIELDS = CLOUD_FIELDS[:4]
+TARGET_CLOUD_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4")])
+
+
+def object_cloud(geo: Optional[ObjectGeometry], header: Header) -> Optional[PointCloud2]:
+    """One object's points (xyz + packed rgb) as a PointCloud2 with `header`, or None without points."""
+    if geo is None or not geo.valid or not len(geo.points):
+        return None
+    cloud = np.zeros(len(geo.points), dtype=TARGET_CLOUD_DTYPE)
+    cloud["x"], cloud["y"], cloud["z"] = geo.points[:, 0], geo.points[:, 1], geo.points[:, 2]
+    c = geo.colors.astype(np.uint32)
+    cloud["rgb"] = (c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]
+    fields = [PointField(name=n, offset=o, datatype=t, count=1) for n, o, t in TARGET_CLOUD_FIELDS]
+    return PointCloud2(header=header, height=1, width=len(cloud), fields=fields, is_bigendian=False,
+                       point_step=16, row_step=16 * len(cloud), is_dense=True, data=uint8_array(cloud))
+
+
 def cloud_points(msg: PointCloud2) -> np.ndarray:
-    """The structured points of a cloud `cloud_of` made (tests and tools)."""
-    return np.frombuffer(bytes(msg.data), dtype=CLOUD_DTYPE)
+    """The structured points of a cloud `cloud_of` or `object_cloud` made (tests and tools)."""
+    dtype = CLOUD_DTYPE if msg.point_step == CLOUD_DTYPE.itemsize else TARGET_CLOUD_DTYPE
+    return np.frombuffer(bytes(msg.data), dtype=dtype)
 
 
 def _hypothesis(obj: GroundedObject) -> Any:  # pragma: no cover - vision_msgs absent here

@@ -72,17 +72,27 @@ class LiveWork:
         if errors:
             raise RuntimeError(f"standing queries on camera {cam.label}: {errors[0]}")
         self._node.place_geometry(results)
-        msg = self.tracks_message(cam, frame, queries, results)
+        config = self._node.config
+        msg = self.tracks_message(cam, frame, queries, results, config.track_hold_s)
         self._node.publish_tracks(msg, frame, self.combined(cam, frame, msg, results))
+        if config.target_query in queries:     # its fused object is the arm's target, named by its track
+            k = queries.index(config.target_query)
+            self._node.targets.offer(results[k], f"{cam.label}/{config.target_query}#{msg.queries[k].track_id}")
         state.published += 1
         self.tracks_published += 1
 
     @staticmethod
-    def tracks_message(cam: Camera, frame: Frame, queries: tuple, results: List[Result]) -> Tracks:
-        """One Tracks message: an entry per query (found or not), with its track id."""
+    def tracks_message(cam: Camera, frame: Frame, queries: tuple, results: List[Result], hold_s: float = 0.0) -> Tracks:
+        """One Tracks message: an entry per query (found, held while occluded, or not found), with its track id.
+
+        A found query's best object is published with its geometry fused over the track's frames (in the
+        result's geometry frame: `target_frame`, or the camera's); a query not found on this frame whose
+        track is held (`hold_s`) repeats what was last published for it, `occluded`, with when it was seen."""
+        geometry_frame = next((r.geometry_frame_id for r in results if r.geometry_frame_id), frame.frame_id)
         msg = Tracks(header=convert.header_of(frame.stamp_ns, frame.frame_id), camera=cam.name,
-                     image_width=frame.width, image_height=frame.height,
-                     geometry_frame_id=next((r.geometry_frame_id for r in results if r.geometry_frame_id), frame.frame_id))
+                     image_width=frame.width, image_height=frame.height, geometry_frame_id=geometry_frame)
+        tracker = cam.standing.tracker
+        tracker.hold_s = hold_s
         for query, res in zip(queries, results):
             entry = TrackedQuery(query=query, token_ids=[int(t) for t in res.token_ids])
             if res.status is Status.OK:
@@ -91,11 +101,25 @@ class LiveWork:
                 entry.ambiguous, entry.ambiguity = one.ambiguous, one.ambiguity
             if res.status is Status.OK and res.objects:
                 entry.found = True
+                index = max(range(len(res.objects)), key=lambda i: (res.objects[i].score
+                                                                     if res.objects[i].score == res.objects[i].score
+                                                                     else -1.0))
+                best = res.objects[index]
+                entry.track_id = tracker.update(query, best.box_px, frame.stamp_ns)
+                track = tracker.track(query)
+                if best.geometry is not None and best.geometry.valid:
+                    res.objects[index] = replace(best, geometry=track.fusion.add(best.geometry, geometry_frame))
+                    one.objects[index] = convert.object_to_msg(res.objects[index])
                 entry.objects = one.objects
-                best = max(res.objects, key=lambda o: (o.score if o.score == o.score else -1.0))
-                entry.track_id = cam.standing.tracker.update(query, best.box_px)
+                entry.last_seen = msg.header.stamp
+                track.held = list(entry.objects)
             else:
-                cam.standing.tracker.update(query, None)
+                entry.track_id = tracker.update(query, None, frame.stamp_ns)
+                track = tracker.track(query) if entry.track_id else None
+                if track is not None:
+                    entry.occluded = True
+                    entry.objects = list(track.held or [])
+                    entry.last_seen = convert.ns_to_stamp(track.last_seen_ns)
             msg.queries.append(entry)
         if results:
             msg.encode_ms = float(results[0].timings_ms.get("encode", 0.0))

@@ -45,8 +45,10 @@ from . import convert
 from .camera import Camera
 from .command_intake import CommandPublisherCheck, without_event_waitables
 from .live import LiveWork
+from .moveit_adapter import collision_objects_or_none
 from .parameters import ParametersMixin
 from .publishing import ResultPublishers
+from .target import TargetPublishers
 from .tf_adapter import make_geometry_frames
 from .worker import FrameRejected, Job, Worker
 
@@ -98,6 +100,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self.outputs = ResultPublishers(self)
+        self.targets = TargetPublishers(self, self.config)
         # Object geometry stays in the camera's frame until configure sets target_frame up.
         self.geometry_frames = make_geometry_frames(self, "", 0.0)
         # No QoS-event waitables on the command topics (they slowed command intake many-fold under
@@ -140,6 +143,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         try:
             self.geometry_frames.close()
             self.geometry_frames = make_geometry_frames(self, cfg.target_frame, cfg.tf_timeout_s)
+            self.targets.collision = collision_objects_or_none(self, cfg)
         except ImportError as exc:
             self.get_logger().error(f"cannot configure: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -367,6 +371,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             result = Result.failure(job.command, Status.MODEL_ERROR, f"the result could not be converted: {exc}", frame)
             job.message = convert.result_to_msg(result, queue_ms)
         self.outputs.publish(job.message, result, frame, self.config, cam.stats)
+        self.targets.offer(result, result.id)
 
     @staticmethod
     def _answer(job: Job) -> GroundingResult:

@@ -80,6 +80,15 @@ PARAMETER_DOCS: Dict[str, str] = {
     "query_rate_hz": "most standing-query frames per second per camera; 0 = as fast as the model allows",
     "encode_ahead_hz": "most frames per second encoded (vision encoder + prompt head) while idle, summed over all "
                        "cameras (two 10 Hz cameras want 20), so a command pays only its own suffix and decode; 0 = off",
+    "target_query": "the standing query whose (fused) object is also the arm's target on ~/target/*; empty = the "
+                    "target comes from refer and region commands only",
+    "collision_object": "also publish the target as a moveit_msgs/CollisionObject (a box; ADD then MOVE) on "
+                        "collision_object_topic; needs moveit_msgs",
+    "collision_object_topic": "where the target's CollisionObject goes (MoveIt's planning scene listens on "
+                              "/collision_object)",
+    "track_hold_s": "a standing query's track is held this long (image time) while its object is not found (the "
+                    "arm covers it): ~/tracks repeats its last fused pose with occluded true and last_seen; found "
+                    "again near it within the hold, it keeps its id; 0 = the track ends at once",
 }
 # Changing these at runtime is accepted and validated, but takes effect on the next configure
 # (lifecycle cleanup + configure): they need the model reloaded or subscriptions remade.

@@ -46,6 +46,7 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "depth_inner_fraction": (0.0, 1.0),    # and above 0
     "query_rate_hz": (0.0, 1000.0),        # 0 = as fast as the model allows
     "encode_ahead_hz": (0.0, 1000.0),      # 0 = off
+    "track_hold_s": (0.0, 3600.0),         # 0 = a track ends on the first frame its query is not found
     "tf_timeout_s": (0.0, 5.0),
     "arena_budget_mb": (1.0, 1_048_576.0),
 }
@@ -103,6 +104,11 @@ class Kosmos2Config:
     queries: Tuple[str, ...] = ()                    # standing referring expressions, every camera
     query_rate_hz: float = 2.0                       # standing-query frames per second per camera; 0 = max
     encode_ahead_hz: float = 0.0                     # most frames per second encoded while idle; 0 = off
+    track_hold_s: float = 2.0                        # a standing query's track held this long while not found (occluded)
+    # The arm's target (~/target/*)
+    target_query: str = ""                           # the standing query whose object is the target ("" = commands only)
+    collision_object: bool = False                   # also a moveit_msgs/CollisionObject (needs moveit_msgs)
+    collision_object_topic: str = "/collision_object"   # MoveIt's planning-scene topic
 
     def __post_init__(self) -> None:
         if not self.model.strip():   # the one rule of every entry point: given, else $KOSMOS2_MODEL, else the default

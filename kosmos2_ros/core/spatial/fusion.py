@@ -7,7 +7,9 @@ four, changing its size and grasp width with it. `PoseFusion` keeps a track's la
 publishes their robust estimate: the median centre, and for an object standing on a plane the
 median yaw about the plane's normal modulo the footprint's 90-degree symmetry (sizes swapped with
 it), the median size, and the grasp rebuilt from them as `object_geometry` builds it. Objects
-without a plane keep their own rotation; their centre and size are fused.
+without a plane keep their own rotation; their centre and size are fused. An observation far from
+the estimate (`JUMP_M`, or a quarter of the object's size) means the object was moved (or the query
+landed on another one): the estimate starts over from it, so a moved object is followed at once.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .object_geometry import ObjectGeometry
 WINDOW = 9
 #: The footprint's symmetry: a rectangle turned by a quarter turn is the same rectangle, sizes swapped.
 PERIOD = math.pi / 2
+#: An observation's centre this far (metres) from the estimate, or a quarter of its size if more, starts over.
+JUMP_M = 0.03
 
 
 def _yaw(rotation: np.ndarray, normal: np.ndarray, ref_x: np.ndarray) -> float:
@@ -58,8 +62,11 @@ class PoseFusion:
         if not geo.valid or geo.center is None or geo.size is None or geo.rotation is None:
             return geo
         standing = geo.plane is not None
-        if frame_id != self.frame_id or (self._seen and standing != (self._normal is not None)):
-            self._reset(frame_id)        # another frame, or the object lost or found its plane: start over
+        centre_now = np.asarray(geo.center, dtype=np.float64)
+        jump = max(JUMP_M, 0.25 * float(np.max(geo.size)))
+        if frame_id != self.frame_id or (self._seen and standing != (self._normal is not None)) or \
+                (self._seen and np.linalg.norm(centre_now - self._estimate()) > jump):
+            self._reset(frame_id)        # another frame, lost or found its plane, or moved: start over
         size = np.asarray(geo.size, dtype=np.float64).copy()
         yaw = 0.0
         if standing:
@@ -70,14 +77,18 @@ class PoseFusion:
             yaw, swap = _wrap(_yaw(geo.rotation, self._normal, self._ref_x), self._yaw_ref)
             if swap:
                 size[[0, 1]] = size[[1, 0]]
-        self._seen.append((np.asarray(geo.center, dtype=np.float64), size, yaw))
-        centre = np.median(np.stack([c for c, _, _ in self._seen]), axis=0)
+        self._seen.append((centre_now, size, yaw))
+        centre = self._estimate()
         fused_size = np.median(np.stack([s for _, s, _ in self._seen]), axis=0)
         if not standing:
             return replace(geo, center=centre, size=fused_size)
         fused_yaw = float(np.median([y for _, _, y in self._seen]))
         self._yaw_ref = fused_yaw
         return self._standing(geo, centre, fused_size, fused_yaw)
+
+    def _estimate(self) -> np.ndarray:
+        """The median centre of the observations kept."""
+        return np.median(np.stack([c for c, _, _ in self._seen]), axis=0)
 
     def _standing(self, geo: ObjectGeometry, centre: np.ndarray, size: np.ndarray, yaw: float) -> ObjectGeometry:
         """The fused box and its grasp, built as `object_geometry._standing_box` builds them."""
