@@ -44,7 +44,7 @@ class Geometry:
         from geometry_msgs.msg import PoseStamped, Vector3Stamped
         from sensor_msgs.msg import Image, PointCloud2
 
-        from kosmos2_ros.msg import Tracks
+        from kosmos2_ros.msg import ObjectCloud, Tracks
         from kosmos2_ros.ros.target import LATCHED
 
         self.t = t
@@ -54,6 +54,8 @@ class Geometry:
         self._lock = threading.Lock()
         t.node.create_subscription(PointCloud2, "/kosmos2/object_cloud", self._keep(self.clouds), 10)
         t.node.create_subscription(Tracks, "/kosmos2/tracks", self._keep(self.tracks), 10)
+        self.labelled: List[Any] = []
+        t.node.create_subscription(ObjectCloud, "/kosmos2/object_clouds", self._keep(self.labelled), 10)
         for name, kind in (("grasp", PoseStamped), ("pose", PoseStamped), ("size", Vector3Stamped), ("mask", Image),
                            ("cloud", PointCloud2)):
             t.node.create_subscription(kind, f"/kosmos2/target/{name}", self._keep(self.target[name]), LATCHED)
@@ -148,6 +150,12 @@ def test_region_objects_carry_geometry_that_matches_the_scene(node: tuple) -> No
         xyz = np.stack([points["x"], points["y"], points["z"]], axis=1)
         near = np.linalg.norm(xyz - truth.centre, axis=1) <= np.linalg.norm(truth.size) / 2 + 0.02
         assert near.mean() > 0.9 and set(points["object"]) == {0}
+        labelled = geo.wait(geo.labelled, stamp)        # the same cloud, saying which result it is
+        deadline = time.monotonic() + 10
+        while labelled.result_id != f"geo-region-{i}" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            labelled = geo.wait(geo.labelled, stamp)
+        assert labelled.result_id == f"geo-region-{i}" and labelled.cloud.data == cloud.data
         geo.clouds.clear()
 
 

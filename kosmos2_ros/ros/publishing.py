@@ -20,7 +20,7 @@ from visualization_msgs.msg import MarkerArray
 from kosmos2_ros.core.serving.config import Kosmos2Config
 from kosmos2_ros.core.serving.frames import Frame
 from kosmos2_ros.core.serving.pipeline import Result, Status
-from kosmos2_ros.msg import GroundingResult, Tracks
+from kosmos2_ros.msg import GroundingResult, ObjectCloud, Tracks
 
 from . import convert, visualize
 from .camera_qos import image_qos
@@ -43,6 +43,7 @@ class ResultPublishers:
         self.markers = node.create_publisher(MarkerArray, "~/markers", 10)
         self.diagnostics = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.cloud = node.create_publisher(PointCloud2, "~/object_cloud", 10)
+        self.clouds = node.create_publisher(ObjectCloud, "~/object_clouds", 10)   # the same, with its result's id
         self.detections = self.detections_3d = None
         if convert.HAVE_VISION_MSGS:  # pragma: no cover - vision_msgs absent here
             from vision_msgs.msg import Detection2DArray, Detection3DArray
@@ -81,10 +82,12 @@ class ResultPublishers:
             if config.enable_3d and any(o.point_valid or o.geometry_valid for o in msg.objects):
                 ns = f"kosmos2/{result.camera}" if result.camera else "kosmos2"
                 self.markers.publish(visualize.markers(msg, ns=ns))
-            if cloud and self.cloud.get_subscription_count() > 0:
+            if cloud and (self.cloud.get_subscription_count() > 0 or self.clouds.get_subscription_count() > 0):
                 points = convert.cloud_of(result)
                 if points is not None:
                     self.cloud.publish(points)
+                    self.clouds.publish(ObjectCloud(header=points.header, result_id=result.id, camera=result.camera,
+                                                    cloud=points))
         except Exception as exc:  # noqa: BLE001 - visualisation must not lose the result
             self._node.get_logger().warning(f"visualisation failed: {exc}", throttle_duration_sec=5.0)
 

@@ -56,7 +56,7 @@ class GeometryConfig:
     plane_iterations: int = 120
     min_points: int = 20
     max_points: int = 20000            # points an object's box and cloud are computed from (a random subset beyond)
-    max_window_px: int = 40000         # pixels the search window is examined at (a larger one is sampled; see above)
+    max_window_px: int = 30000         # pixels the search window is examined at (a larger one is sampled; see above)
     min_depth_m: float = 0.05
     max_depth_m: float = 20.0
     seed: int = 0
