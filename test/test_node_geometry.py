@@ -229,6 +229,47 @@ def test_refer_and_tracks_carry_geometry(node: tuple) -> None:
     _check_against_truth(entry.objects[0], truth, labels, 1)
 
 
+def test_a_standing_query_named_by_target_query_is_the_target(node: tuple) -> None:
+    """With target_query naming the standing query, its tracked (fused) object goes out on ~/target/* at
+    each grounded frame's stamp, the same pose ~/tracks publishes (an ambiguous answer is no target: the
+    random checkpoint's candidates make most answers ambiguous, so candidates are off here)."""
+    _, t, geo = node
+    scene = render(OBJECTS, W, H, distance=0.8, elevation_deg=45.0)
+    assert all(r.successful for r in t.set_parameters({"target_query": "a red square", "max_candidates": 0}))
+    try:
+        stamp = geo.publish(scene, seed=9)
+        entry = geo.wait(geo.tracks, stamp).queries[0]
+        assert entry.found and not entry.ambiguous and entry.objects[0].geometry_valid, entry.objects[0].geometry_error
+        grasp = geo.wait(geo.target["grasp"], stamp)
+        assert grasp.pose == entry.objects[0].grasp and grasp.header.frame_id == "camera_color_optical_frame"
+    finally:
+        t.set_parameters({"target_query": "", "max_candidates": 3})
+
+
+def test_a_track_holds_while_its_object_is_hidden_and_keeps_its_id(node: tuple) -> None:
+    """Over DDS: the standing query's object found, then not found on 10 frames (as when the arm covers it;
+    made here by raising presence_threshold, so the model's answer is "not there"), then found again.
+    ~/tracks holds the track through the 10 frames (occluded, the same id, the last pose, when it was last
+    seen) and the object keeps its id when it reappears."""
+    _, t, geo = node
+    scene = render(OBJECTS, W, H, distance=0.8, elevation_deg=45.0)
+    assert all(r.successful for r in t.set_parameters({"track_hold_s": 3600.0}))   # frames here are 10 s apart
+    try:
+        seen = geo.publish(scene, seed=7)
+        first = geo.wait(geo.tracks, seen).queries[0]
+        assert first.found and first.track_id > 0 and first.objects
+        assert all(r.successful for r in t.set_parameters({"presence_threshold": 1.0}))
+        for k in range(10):
+            entry = geo.wait(geo.tracks, geo.publish(scene, seed=20 + k)).queries[0]
+            assert not entry.found and entry.occluded and entry.track_id == first.track_id, k
+            assert entry.last_seen == first.last_seen and entry.objects[0].pose == first.objects[0].pose
+        assert all(r.successful for r in t.set_parameters({"presence_threshold": 0.0}))
+        back = geo.wait(geo.tracks, geo.publish(scene, seed=40)).queries[0]
+        assert back.found and not back.occluded and back.track_id == first.track_id
+    finally:
+        t.set_parameters({"presence_threshold": 0.0, "track_hold_s": 2.0})
+
+
 def test_without_depth_results_are_as_before_and_say_why(node: tuple) -> None:
     """No depth for a frame: the object keeps its box and says why it has no point and no geometry;
     /diagnostics counts both reasons by kind and the log has the first of each."""
