@@ -172,6 +172,11 @@ def mask_image(res: Result, header: Header) -> Image:
     labels = np.zeros(masks[0][1].shape, dtype=np.uint8)
     for label, mask in reversed(masks):
         labels[mask] = label
+    return mono8_image(labels, header)
+
+
+def mono8_image(labels: np.ndarray, header: Header) -> Image:
+    """An H x W uint8 array as a mono8 Image (the result's label mask, the target's mask)."""
     return Image(header=header, height=labels.shape[0], width=labels.shape[1], encoding="mono8", is_bigendian=0,
                  step=labels.shape[1], data=uint8_array(labels))
 

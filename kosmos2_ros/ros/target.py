@@ -67,9 +67,7 @@ class TargetPublishers:
         mask = obj.geometry.mask
         if mask is not None:
             labels = np.where(mask, 255, 0).astype(np.uint8)
-            self.mask.publish(Image(header=convert.header_of(res.stamp_ns, res.frame_id), height=labels.shape[0],
-                                    width=labels.shape[1], encoding="mono8", is_bigendian=0, step=labels.shape[1],
-                                    data=convert.uint8_array(labels)))
+            self.mask.publish(convert.mono8_image(labels, convert.header_of(res.stamp_ns, res.frame_id)))
         cloud = convert.object_cloud(obj.geometry, geo_header)
         if cloud is not None:
             self.cloud.publish(cloud)
