@@ -12,7 +12,7 @@ camera_info_topic is given. Several cameras get their driver topics the same way
 
 Topic defaults are relative, so `namespace:=robot1` moves them too.
 The node reads config/grounding.yaml (or params_file); the model, backend, use_compressed,
-enable_3d and autostart arguments override it when given (an empty value keeps the YAML's).
+image_transport, depth_transport, enable_3d and autostart arguments override it when given (an empty value keeps the YAML's).
 Everything is checked before anything starts: a missing rviz2 or a bad argument stops the
 launch with one line, and no node is left running.
 """
@@ -44,6 +44,12 @@ def _arguments(share: str) -> list:
                               description="Depth aligned to the colour image: 16UC1 millimetres or 32FC1 metres"),
         DeclareLaunchArgument("use_compressed", default_value="",
                               description="true: also subscribe to <image_topic>/compressed (empty: the YAML's value)"),
+        DeclareLaunchArgument("image_transport", default_value="",
+                              description="raw | compressed: read only <image_topic>/compressed, as over WiFi "
+                                          "(empty: the YAML's value)"),
+        DeclareLaunchArgument("depth_transport", default_value="",
+                              description="raw | compressedDepth: read only <depth_topic>/compressedDepth "
+                                          "(empty: the YAML's value)"),
         DeclareLaunchArgument("enable_3d", default_value="",
                               description="true: 3D point per box from depth + camera_info (empty: the YAML's value)"),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "grounding.yaml"),

@@ -232,8 +232,9 @@ class Tester:
                 self._cv.wait(left)
             return self.results[cmd_id][count - 1]
 
-    def wait_active(self, timeout: float = 90.0, proc: Optional[NodeProcess] = None) -> None:
-        """Until the node's lifecycle state is active (the model is loaded)."""
+    def wait_active(self, timeout: float = 90.0, proc: Optional[NodeProcess] = None, raw_image: bool = True) -> None:
+        """Until the node's lifecycle state is active (the model is loaded) and hears our command (and, with
+        `raw_image`, our image) publisher."""
         from lifecycle_msgs.srv import GetState
 
         client = self.node.create_client(GetState, f"{self.node_ns}/get_state")
@@ -246,8 +247,8 @@ class Tester:
                 if state.current_state.label == "active":
                     # Wait for our publishers to be matched so nothing is lost at start (a frame sent
                     # before discovery completes is dropped, and the first command would say NO_FRAME).
-                    while time.monotonic() < deadline and (self.command_pub.get_subscription_count() == 0
-                                                           or self.image_pub.get_subscription_count() == 0):
+                    while time.monotonic() < deadline and (self.command_pub.get_subscription_count() == 0 or
+                                                           (raw_image and self.image_pub.get_subscription_count() == 0)):
                         time.sleep(0.05)
                     return
             time.sleep(0.2)

@@ -23,6 +23,9 @@ BAD = [
     ("precision", "int3", "precision"),
     ("decoding", "beam", "decoding"),
     ("image_qos", "best_effort", "image_qos"),
+    ("image_transport", "theora", "image_transport"),
+    ("depth_transport", "compressed", "depth_transport"),   # depth's transport is compressedDepth
+    ("camera_topics", True, "camera_topics needs named cameras"),
     ("max_new_tokens", 0, "max_new_tokens"),
     ("max_new_tokens", 600, "max_new_tokens"),       # over the default limit 512
     ("max_new_tokens_limit", 0, "max_new_tokens_limit"),

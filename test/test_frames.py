@@ -131,3 +131,35 @@ def test_store_smooths_the_interval_between_frames() -> None:
     assert store.interval_s == pytest.approx(0.5)
     store.clear()
     assert store.interval_s is None
+
+
+# -- compressed frames decode when needed ----------------------------------------------------------
+def test_a_compressed_frame_decodes_once_when_asked() -> None:
+    calls = []
+
+    def decode() -> np.ndarray:
+        calls.append(1)
+        return np.zeros((4, 6, 3), np.uint8)
+
+    f = Frame(pending=decode, stamp_ns=5, frame_id="cam")
+    assert f.rgb is None and not calls                 # nothing decoded on arrival
+    with pytest.raises(ValueError, match="not decoded"):
+        _ = f.width
+    assert f.decode() == "" and f.decode() == ""
+    assert len(calls) == 1 and (f.width, f.height) == (6, 4) and f.pending is None
+
+
+def test_a_compressed_frame_that_will_not_decode_keeps_its_reason() -> None:
+    calls = []
+
+    def broken() -> np.ndarray:
+        calls.append(1)
+        raise ValueError("cannot decode compressed image (format 'jpeg', 7 bytes)")
+
+    f = Frame(pending=broken)
+    assert "cannot decode" in f.decode() and "cannot decode" in f.decode()
+    assert len(calls) == 1 and f.rgb is None
+    bad_pixels = Frame(pending=lambda: np.zeros((4, 6), np.uint8))
+    assert "H x W x 3 uint8" in bad_pixels.decode()
+    with pytest.raises(ValueError, match="decoder"):
+        Frame()

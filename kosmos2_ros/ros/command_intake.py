@@ -14,6 +14,9 @@ from typing import Any, Iterable, List, Set, Tuple
 
 from rclpy.qos import ReliabilityPolicy
 
+#: Commands a command subscription holds before the executor reads them (a burst waits, is not dropped).
+COMMAND_HISTORY = 1000
+
 try:  # Iron and later
     from rclpy.event_handler import SubscriptionEventCallbacks
 except ImportError:  # pragma: no cover - Humble

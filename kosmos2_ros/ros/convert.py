@@ -82,6 +82,11 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     return images.decode_compressed(msg.format, msg.data)
 
 
+def compressed_depth_to_m(msg: CompressedImage) -> np.ndarray:
+    """image_transport's compressedDepth (16UC1 or quantised 32FC1 PNG) -> H x W float32 metres."""
+    return images.decode_compressed_depth(msg.format, msg.data)
+
+
 def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "bgr8") -> Image:
     data, step = images.from_rgb8(rgb, encoding)
     return Image(header=header, height=int(rgb.shape[0]), width=int(rgb.shape[1]), encoding=encoding,

@@ -14,7 +14,8 @@ from .topics import camera_info_for
 BOOL_ARGUMENTS = ("use_compressed", "enable_3d", "autostart")
 LIST_ARGUMENTS = ("cameras", "queries")            # a YAML list, "[front, wrist]"; a bare value is one item
 FLOAT_ARGUMENTS = ("query_rate_hz", "encode_ahead_hz")
-OVERRIDE_ARGUMENTS = ("model", "backend") + BOOL_ARGUMENTS + LIST_ARGUMENTS + FLOAT_ARGUMENTS
+STRING_ARGUMENTS = ("model", "backend", "image_transport", "depth_transport")
+OVERRIDE_ARGUMENTS = STRING_ARGUMENTS + BOOL_ARGUMENTS + LIST_ARGUMENTS + FLOAT_ARGUMENTS
 # The Fast DDS settings that carry large camera frames (config/fastdds_large_frames*.xml).
 PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 FAST_DDS_2_DISTROS = ("humble", "iron", "jazzy")   # they read the FASTRTPS_ name
@@ -109,6 +110,11 @@ def camera_remappings(arguments: Mapping[str, str]) -> List[Tuple[str, str]]:
     """
     cameras = parse_list("cameras", arguments.get("cameras", "").strip() or "[]")
     lists = {name: parse_list(name, arguments.get(name, "").strip() or "[]") for name in CAMERA_TOPIC_ARGUMENTS}
+    return camera_topic_remappings(cameras, lists)
+
+
+def camera_topic_remappings(cameras: List[str], lists: Mapping[str, List[str]]) -> List[Tuple[str, str]]:
+    """`camera_remappings` on parsed lists (`lists` keyed by CAMERA_TOPIC_ARGUMENTS; empty: defaults)."""
     for name, topics in lists.items():
         if topics and not cameras:
             raise LaunchArgumentError(f"launch argument {name} lists topics per camera, but no cameras are named "
@@ -119,7 +125,7 @@ def camera_remappings(arguments: Mapping[str, str]) -> List[Tuple[str, str]]:
                                       f"{cameras}: give one per camera, in the same order (\"\" keeps a default)")
     remaps: List[Tuple[str, str]] = []
     for i, camera in enumerate(cameras):
-        image, depth, info = (lists[n][i].strip() if lists[n] else "" for n in CAMERA_TOPIC_ARGUMENTS)
+        image, depth, info = (lists[n][i].strip() if lists.get(n) else "" for n in CAMERA_TOPIC_ARGUMENTS)
         if image:
             remaps.append((f"{camera}/image", image))
         if info or image:

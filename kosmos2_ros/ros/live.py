@@ -42,15 +42,22 @@ class LiveWork:
         cfg = node.config
         now = time.monotonic()
         cameras = list(node.cameras.values())
-        fresh = {cam.name: cam.fresh_frame(cfg) for cam in cameras}
+        # Newest frames, not yet decoded: a compressed frame is decoded only when the work below uses it.
+        fresh = {cam.name: cam.fresh_frame(cfg, decode=False) for cam in cameras}
         name, wait = next_camera([(cam.name, cam.standing, None if fresh[cam.name] is None
                                    else fresh[cam.name].stamp_ns) for cam in cameras], cfg.query_rate_hz, now)
         if name is not None:
             cam = node.cameras[name]
-            self.ground_standing(pipeline, cam, fresh[name], should_stop, now)
+            frame = cam.ready(fresh[name], cfg)   # type: ignore[arg-type]
+            if frame is not None:
+                self.ground_standing(pipeline, cam, frame, should_stop, now)
             return 0.0
-        ahead = self.encode_ahead.run(pipeline, [(fresh[cam.name], cam.frames.interval_s) for cam in cameras
-                                                 if fresh[cam.name] is not None], cfg.encode_ahead_hz, now)
+        if cfg.encode_ahead_hz <= 0:
+            return wait
+        ready = [(cam.ready(fresh[cam.name], cfg), cam.frames.interval_s) for cam in cameras
+                 if fresh[cam.name] is not None]
+        ahead = self.encode_ahead.run(pipeline, [(frame, interval) for frame, interval in ready if frame is not None],
+                                      cfg.encode_ahead_hz, now)
         if ahead == 0.0:
             return 0.0
         if ahead is not None:
@@ -77,7 +84,7 @@ class LiveWork:
         self._node.publish_tracks(msg, frame, self.combined(cam, frame, msg, results))
         if config.target_query in queries:     # its fused object is the arm's target, named by its track
             k = queries.index(config.target_query)
-            self._node.targets.offer(results[k], f"{cam.label}/{config.target_query}#{msg.queries[k].track_id}")
+            self._node.offer_target(results[k], f"{cam.label}/{config.target_query}#{msg.queries[k].track_id}")
         state.published += 1
         self.tracks_published += 1
 

@@ -43,7 +43,8 @@ from kosmos2_ros.srv import Ground, SetQueries
 
 from . import convert
 from .camera import Camera
-from .command_intake import CommandPublisherCheck, without_event_waitables
+from .camera_interface import CameraInterface, camera_interfaces
+from .command_intake import COMMAND_HISTORY, CommandPublisherCheck, without_event_waitables
 from .live import LiveWork
 from .moveit_adapter import collision_objects_or_none
 from .parameters import ParametersMixin
@@ -58,7 +59,6 @@ except ImportError:  # pragma: no cover
     ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
 
 NODE_NAME = "kosmos2"
-COMMAND_HISTORY = 1000
 # The worker's Python decode loop holds the GIL; with the default 5 ms switch interval every GIL
 # hand-off to an executor thread can wait that long, and a command callback needs several, so
 # BUSY answers lagged by seconds under load. 0.5 ms keeps callbacks prompt at a small cost.
@@ -94,6 +94,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self.state_label = "unconfigured"
         self._ids = itertools.count(1)
         self.cameras: Dict[str, Camera] = {}
+        self.camera_interfaces: Dict[str, CameraInterface] = {}   # camera_topics: each camera's own topics
         self._make_cameras()
         self.live = LiveWork(self)
 
@@ -163,6 +164,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._make_cameras()
         for cam in self.cameras.values():
             cam.subscribe(cfg, self._sensor_group)
+        self.camera_interfaces = camera_interfaces(self, cfg, self._commands_group)
         self.state_label = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
@@ -212,6 +214,9 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._stop_commands("node is not active")
         for cam in self.cameras.values():
             cam.unsubscribe()
+        interfaces, self.camera_interfaces = self.camera_interfaces, {}
+        for iface in interfaces.values():
+            iface.destroy()
         self.geometry_frames.close()
         self.geometry_frames = make_geometry_frames(self, "", 0.0)
         with self._lock:
@@ -269,7 +274,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
 
     def _on_ground(self, request: Ground.Request, response: Ground.Response) -> Ground.Response:
         job = self.submit(convert.command_from_msg(request.command))
-        response.result = self._answer(job)
+        response.result = self.answer(job)
         return response
 
     def _on_goal(self, goal_handle: Any) -> GroundTask.Result:
@@ -295,7 +300,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
 
         job = self.submit(cmd, on_token=on_token, should_stop=lambda: goal_handle.is_cancel_requested,
                           on_candidates=on_candidates)
-        msg = self._answer(job)
+        msg = self.answer(job)
         if msg.status == GroundingResult.STATUS_CANCELLED and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         elif msg.status == GroundingResult.STATUS_OK:
@@ -318,6 +323,14 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             self.worker.complete(job, Result.failure(command, Status.BUSY,
                                                      f"queue full ({self.config.queue_size} commands pending; "
                                                      "parameter queue_size)"), None)
+        return job
+
+    def refuse(self, command: Command, status: Status, reason: str) -> Job:
+        """Answer a command at once with `status` and `reason` (it never reaches the queue). Returns its job."""
+        if not command.id:
+            command.id = f"{self.get_name()}-{next(self._ids)}"
+        job = Job(command)
+        self.worker.complete(job, Result.failure(command, status, reason), None)
         return job
 
     def _resolve(self, command: Command) -> Frame:
@@ -354,6 +367,16 @@ class GroundingNode(ParametersMixin, LifecycleNode):
     def publish_tracks(self, msg: Tracks, frame: Frame, combined: Result) -> None:
         """A frame's standing-query answers: ~/tracks, and the usual views (worker thread)."""
         self.outputs.publish_tracks(msg, frame, combined, self.config)
+        iface = self.camera_interfaces.get(msg.camera)
+        if iface is not None:
+            iface.tracks.publish(msg)
+
+    def offer_target(self, result: Result, object_id: str) -> None:
+        """`result`'s object as the arm's target, on ~/target/* and on its camera's own target topics."""
+        self.targets.offer(result, object_id)
+        iface = self.camera_interfaces.get(result.camera)
+        if iface is not None:
+            iface.targets.offer(result, object_id)
 
     def _finish(self, job: Job, result: Result, frame: Optional[Frame], queue_ms: float) -> None:
         """Publish a command's one result (and debug image, markers, detections). The message is made and
@@ -371,10 +394,13 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             result = Result.failure(job.command, Status.MODEL_ERROR, f"the result could not be converted: {exc}", frame)
             job.message = convert.result_to_msg(result, queue_ms)
         self.outputs.publish(job.message, result, frame, self.config, cam.stats)
-        self.targets.offer(result, result.id)
+        iface = self.camera_interfaces.get(result.camera)
+        if iface is not None:
+            iface.result.publish(job.message)
+        self.offer_target(result, result.id)
 
     @staticmethod
-    def _answer(job: Job) -> GroundingResult:
+    def answer(job: Job) -> GroundingResult:
         """The one result message of a job the worker completed (waits for it): the published one, or, where
         none could be made, the result the worker answered with."""
         result = job.future.result()

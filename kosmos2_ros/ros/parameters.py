@@ -59,7 +59,13 @@ PARAMETER_DOCS: Dict[str, str] = {
     "queue_size": "pending commands; past this a command gets STATUS_BUSY at once",
     "image_qos": "QoS of the camera subscriptions (depth 1): auto (reliable when every publisher is, else best "
                  "effort; follows publishers as they change) | sensor_data (best effort) | reliable",
-    "use_compressed": "also subscribe to image/compressed (sensor_msgs/CompressedImage)",
+    "use_compressed": "also subscribe to image/compressed (sensor_msgs/CompressedImage) beside the raw image",
+    "image_transport": "which colour topic: raw (image) | compressed (only image/compressed, JPEG or PNG: what a "
+                       "robot should send over WiFi); decoded on the worker thread when a command needs the frame",
+    "depth_transport": "which depth topic: raw (depth/image) | compressedDepth (only depth/image/compressedDepth, "
+                       "image_transport's PNG format, 16UC1 or quantised 32FC1); decoded when a command needs it",
+    "camera_topics": "per named camera, <camera>/kosmos2/command, ground, result, tracks and target/* beside the "
+                     "node's own, so each robot receives only its cameras' results (docs/remote-serving.md)",
     "enable_3d": "compute a 3D point per box from depth/image + camera_info",
     "depth_inner_fraction": "central fraction of a box whose median depth gives its 3D point",
     "min_depth_m": "depth readings below this are ignored (metres)",
@@ -96,7 +102,8 @@ DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "all
                                  "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph", "torch_mode",
                                  "arena_budget_mb",
                                  "target_frame", "tf_timeout_s",
-                                 "image_qos", "use_compressed", "cameras"})
+                                 "image_qos", "use_compressed", "image_transport",
+                                 "depth_transport", "cameras", "camera_topics"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))
 
 

@@ -38,14 +38,17 @@ LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability
 class TargetPublishers:
     """The target topics of one node."""
 
-    def __init__(self, node: Any, config: Kosmos2Config) -> None:
-        self.grasp = node.create_publisher(PoseStamped, "~/target/grasp", LATCHED)
-        self.pose = node.create_publisher(PoseStamped, "~/target/pose", LATCHED)
-        self.size = node.create_publisher(Vector3Stamped, "~/target/size", LATCHED)
-        self.mask = node.create_publisher(Image, "~/target/mask", LATCHED)
-        self.cloud = node.create_publisher(PointCloud2, "~/target/cloud", LATCHED)
+    def __init__(self, node: Any, config: Kosmos2Config, root: str = "~/target", collision: bool = True) -> None:
+        """`root`: where the topics live (a camera's own under camera_topics); `collision`: also the
+        CollisionObject (the node's own target only)."""
+        self._node = node
+        self.grasp = node.create_publisher(PoseStamped, f"{root}/grasp", LATCHED)
+        self.pose = node.create_publisher(PoseStamped, f"{root}/pose", LATCHED)
+        self.size = node.create_publisher(Vector3Stamped, f"{root}/size", LATCHED)
+        self.mask = node.create_publisher(Image, f"{root}/mask", LATCHED)
+        self.cloud = node.create_publisher(PointCloud2, f"{root}/cloud", LATCHED)
         self.query = config.target_query
-        self.collision: Optional[CollisionObjects] = collision_objects_or_none(node, config)
+        self.collision: Optional[CollisionObjects] = collision_objects_or_none(node, config) if collision else None
         self.published = 0
         self.last_skipped = ""
 
@@ -74,3 +77,7 @@ class TargetPublishers:
         if self.collision is not None:
             self.collision.publish(object_id, geo_header, d["pose"], d["size"])
         self.published += 1
+
+    def destroy(self) -> None:
+        for pub in (self.grasp, self.pose, self.size, self.mask, self.cloud):
+            self._node.destroy_publisher(pub)

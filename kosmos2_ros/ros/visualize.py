@@ -90,6 +90,9 @@ class Stats:
         self.frames_received = 0
         self.frames_rejected = 0
         self.last_image_error = ""
+        self.depth_received = 0
+        self.depth_rejected = 0
+        self.last_depth_error = ""
         self.geometry_reasons: Counter = Counter()
         self.point_reasons: Counter = Counter()
 
@@ -99,6 +102,21 @@ class Stats:
             if not ok:
                 self.frames_rejected += 1
                 self.last_image_error = error
+
+    def rejected_late(self, error: str) -> None:
+        """A frame counted when it arrived whose compressed pixels would not decode when it was needed."""
+        with self._lock:
+            self.frames_rejected += 1
+            self.last_image_error = error
+
+    def depth(self, ok: bool, error: str = "") -> None:
+        """A depth image arrived (ok), or one would not read (counted once, when it arrives or is decoded)."""
+        with self._lock:
+            if ok:
+                self.depth_received += 1
+            else:
+                self.depth_rejected += 1
+                self.last_depth_error = error
 
     def geometry_invalid(self, error: str) -> bool:
         """Count an object without geometry by the kind of reason; True the first time that kind is seen."""
@@ -134,6 +152,8 @@ class Stats:
                 "commands_ok": str(self.by_status.get("OK", 0)),
                 "commands_failed": str(sum(v for k, v in self.by_status.items() if k != "OK")),
                 "last_image_error": self.last_image_error,
+                "depth_received": str(self.depth_received), "depth_rejected": str(self.depth_rejected),
+                "last_depth_error": self.last_depth_error,
                 "geometry_invalid": str(sum(self.geometry_reasons.values())),
                 "geometry_invalid_reasons": "; ".join(f"{k}: {v}" for k, v in self.geometry_reasons.most_common()),
                 "point_invalid": str(sum(self.point_reasons.values())),

@@ -22,6 +22,8 @@ from ..model.tasks import PromptError, sanitize_text
 
 DECODING = tuple(m.value for m in DecodingMode)
 QOS = ("auto", "sensor_data", "reliable")
+IMAGE_TRANSPORTS = ("raw", "compressed")          # image_transport's names for the colour topic
+DEPTH_TRANSPORTS = ("raw", "compressedDepth")     # ... and for the depth topic
 MAX_NGRAM = 64          # largest no_repeat_ngram_size accepted
 MAX_CANDIDATES = 16     # most candidate boxes a command may ask for
 MAX_CAMERAS = 16        # most cameras one node serves
@@ -87,7 +89,9 @@ class Kosmos2Config:
     queue_size: int = 8                              # pending commands; past it -> BUSY at once
     # Topics
     image_qos: str = "auto"                          # auto (match the publishers) | sensor_data | reliable
-    use_compressed: bool = False
+    use_compressed: bool = False                     # also image/compressed beside the raw image
+    image_transport: str = "raw"                     # raw | compressed: which colour topic (compressed: only it)
+    depth_transport: str = "raw"                     # raw | compressedDepth: which depth topic
     enable_3d: bool = True
     depth_inner_fraction: float = 0.5                # central part of a box used for its depth
     min_depth_m: float = 0.05
@@ -109,6 +113,8 @@ class Kosmos2Config:
     target_query: str = ""                           # the standing query whose object is the target ("" = commands only)
     collision_object: bool = False                   # also a moveit_msgs/CollisionObject (needs moveit_msgs)
     collision_object_topic: str = "/collision_object"   # MoveIt's planning-scene topic
+    # Serving robots over the network
+    camera_topics: bool = False                      # per camera: <camera>/kosmos2/{command,ground,result,tracks,target/*}
 
     def __post_init__(self) -> None:
         if not self.model.strip():   # the one rule of every entry point: given, else $KOSMOS2_MODEL, else the default
@@ -182,6 +188,13 @@ class Kosmos2Config:
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.decoding in DECODING, f"decoding must be one of {DECODING}, got {self.decoding!r}")
         need(self.image_qos in QOS, f"image_qos must be one of {QOS}, got {self.image_qos!r}")
+        need(self.image_transport in IMAGE_TRANSPORTS,
+             f"image_transport must be one of {IMAGE_TRANSPORTS}, got {self.image_transport!r}")
+        need(self.depth_transport in DEPTH_TRANSPORTS,
+             f"depth_transport must be one of {DEPTH_TRANSPORTS}, got {self.depth_transport!r}")
+        need(not self.camera_topics or bool(self.cameras),
+             "camera_topics needs named cameras (cameras: [r1/front, r2/front]): the one unnamed camera's topics "
+             "are the node's own")
         need(-1 <= self.no_repeat_ngram_size <= MAX_NGRAM,
              f"no_repeat_ngram_size must be in [-1, {MAX_NGRAM}] (-1 = the checkpoint's, 0 = off), "
              f"got {self.no_repeat_ngram_size}")

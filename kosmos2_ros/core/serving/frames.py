@@ -9,7 +9,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class FrameEncoding:
 
 @dataclass
 class Frame:
-    rgb: np.ndarray                   # H x W x 3 uint8, RGB
+    rgb: Optional[np.ndarray] = None  # H x W x 3 uint8, RGB; None until `pending` has run (a compressed frame)
     stamp_ns: int = 0
     frame_id: str = ""
     depth_m: Optional[np.ndarray] = None          # aligned depth in metres (NaN = invalid)
@@ -35,20 +35,51 @@ class Frame:
     received: float = field(default_factory=time.monotonic)
     encoding: Optional[FrameEncoding] = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # A compressed frame keeps its bytes and decodes them only when a command or a standing query needs it,
+    # on the worker thread: a 1080p JPEG costs about 10 ms, and most frames that arrive are never used.
+    pending: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+    decode_error: str = ""                        # why `pending` failed ("" = not tried, or fine)
+    depth_error: str = ""                         # why the depth paired with this frame could not be read
 
     def __post_init__(self) -> None:
-        if self.rgb.ndim != 3 or self.rgb.shape[2] != 3 or self.rgb.dtype != np.uint8:
-            raise ValueError(f"a frame needs H x W x 3 uint8 pixels, got {self.rgb.shape} {self.rgb.dtype}")
-        if self.rgb.shape[0] == 0 or self.rgb.shape[1] == 0:
-            raise ValueError("a frame needs a non-empty image")
+        if self.rgb is None:
+            if self.pending is None:
+                raise ValueError("a frame needs pixels, or a decoder for its compressed pixels")
+            return
+        _check_pixels(self.rgb)
+
+    def decode(self) -> str:
+        """Decode pending pixels once; "" when the pixels are there, else why they never will be."""
+        with self.lock:
+            if self.rgb is None and not self.decode_error:
+                try:
+                    rgb = self.pending()  # type: ignore[misc]
+                    _check_pixels(rgb)
+                except Exception as exc:  # noqa: BLE001 - any decoder failure is the frame's, with its reason
+                    self.decode_error = str(exc) or type(exc).__name__
+                else:
+                    self.rgb, self.pending = rgb, None
+            return self.decode_error
 
     @property
     def width(self) -> int:
-        return int(self.rgb.shape[1])
+        return int(self._pixels().shape[1])
 
     @property
     def height(self) -> int:
-        return int(self.rgb.shape[0])
+        return int(self._pixels().shape[0])
+
+    def _pixels(self) -> np.ndarray:
+        if self.rgb is None:
+            raise ValueError("the frame's compressed pixels were not decoded (Frame.decode)")
+        return self.rgb
+
+
+def _check_pixels(rgb: np.ndarray) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"a frame needs H x W x 3 uint8 pixels, got {rgb.shape} {rgb.dtype}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError("a frame needs a non-empty image")
 
 
 class FrameUnavailable(Exception):

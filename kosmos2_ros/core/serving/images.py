@@ -7,6 +7,8 @@ must turn a malformed buffer into a clear error rather than a crash; keeping the
 from __future__ import annotations
 
 import io
+import math
+import struct
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
@@ -176,3 +178,87 @@ def from_rgb8(rgb: np.ndarray, encoding: str = "rgb8") -> Tuple[bytes, int]:
         raise ImageError(f"can only publish rgb8 or bgr8, not {encoding!r}")
     arr = np.ascontiguousarray(rgb, dtype=np.uint8)
     return arr.tobytes(), int(arr.shape[1] * 3)
+
+
+# --- compressedDepth (image_transport_plugins' compressed_depth_image_transport, codec.cpp) -------------
+#: The header the publisher puts before the PNG: int32 format (0 = INV_DEPTH), float32 depthQuantA,
+#: float32 depthQuantB, little-endian, 12 bytes; present for 16UC1 too (its two floats unset, ignored).
+DEPTH_HEADER = struct.Struct("<iff")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The publisher's defaults (parameters depth_max, depth_quantization, png_level).
+DEPTH_MAX_M, DEPTH_QUANTIZATION, PNG_LEVEL = 10.0, 100.0, 3
+
+
+def decode_compressed_depth(fmt: str, data: Any) -> np.ndarray:
+    """A compressedDepth message -> H x W float32 metres (NaN invalid), or ImageError.
+
+    `fmt` is "16UC1; compressedDepth" (Humble, Iron) or "...; compressedDepth png" (Jazzy and later):
+    16UC1 is a 16-bit PNG of millimetres; 32FC1 a 16-bit PNG of quantised inverse depth, read back as
+    A / (q - B) with A and B from the header, q = 0 meaning no reading. The "rvl" codec is refused.
+    """
+    encoding, _, rest = (fmt or "").partition(";")
+    encoding, rest = encoding.strip(), rest.strip()
+    if "compressedDepth" not in rest:
+        raise ImageError(f"not a compressedDepth image (format {fmt!r}; expected e.g. '16UC1; compressedDepth png')")
+    codec = rest.split("compressedDepth", 1)[1].strip() or "png"
+    if codec != "png":
+        raise ImageError(f"compressedDepth codec {codec!r} is not supported (format {fmt!r}); set the publisher's "
+                         "<topic>.compressedDepth.format parameter to png")
+    if encoding not in ("16UC1", "mono16", "32FC1"):
+        raise ImageError(f"unsupported compressedDepth encoding {encoding!r}; expected 16UC1 (mm) or 32FC1 (m)")
+    buf = _as_bytes(data)
+    if buf.size <= DEPTH_HEADER.size:
+        raise ImageError(f"compressedDepth image too short ({buf.size} bytes; a 12-byte header and a PNG expected)")
+    _, quant_a, quant_b = DEPTH_HEADER.unpack(buf[:DEPTH_HEADER.size].tobytes())
+    png = _decode_png16(buf[DEPTH_HEADER.size:], fmt)
+    if encoding != "32FC1":
+        return depth_to_meters(png, "16UC1")
+    if not (math.isfinite(quant_a) and math.isfinite(quant_b)) or quant_a <= 0:
+        raise ImageError(f"compressedDepth 32FC1 header has no usable quantisation (A={quant_a}, B={quant_b})")
+    q = png.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = np.float32(quant_a) / (q - np.float32(quant_b))
+    depth[png == 0] = np.nan
+    return depth.astype(np.float32, copy=False)
+
+
+def _decode_png16(buf: np.ndarray, fmt: str) -> np.ndarray:
+    if buf[:len(PNG_SIGNATURE)].tobytes() != PNG_SIGNATURE:
+        raise ImageError(f"compressedDepth payload is not a PNG (format {fmt!r})")
+    import cv2
+
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.ndim != 2 or img.dtype != np.uint16 or img.size == 0:
+        raise ImageError(f"compressedDepth payload is not a one-channel 16-bit PNG (format {fmt!r})")
+    return img
+
+
+def encode_compressed_depth(depth: np.ndarray, encoding: str, depth_max: float = DEPTH_MAX_M,
+                            depth_quantization: float = DEPTH_QUANTIZATION, png_level: int = PNG_LEVEL,
+                            codec_suffix: bool = True) -> Tuple[str, bytes]:
+    """(format, data) as compressed_depth_image_transport publishes `depth` (16UC1 uint16 mm, or 32FC1 float
+    metres): what the robots in tests and benchmarks send. `codec_suffix` False writes Humble's format string."""
+    import cv2
+
+    fmt = f"{encoding}; compressedDepth" + (" png" if codec_suffix else "")
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(png_level)]
+    if encoding == "16UC1":
+        mm = np.asarray(depth, dtype=np.uint16).copy()
+        mm[mm > np.uint16(min(65535, int(depth_max * 1000.0)))] = 0
+        header = DEPTH_HEADER.pack(0, 0.0, 0.0)
+        image = mm
+    elif encoding == "32FC1":
+        quant_a = np.float32(depth_quantization * (depth_quantization + 1.0))
+        quant_b = np.float32(1.0 - quant_a / np.float32(depth_max))
+        d = np.asarray(depth, dtype=np.float32)
+        valid = np.isfinite(d) & (d > 0) & (d < np.float32(depth_max))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(valid, quant_a / np.where(valid, d, 1) + quant_b, 0)
+        image = np.clip(inv, 0, 65535).astype(np.uint16)   # truncated, as the C++ cast does
+        header = DEPTH_HEADER.pack(0, float(quant_a), float(quant_b))
+    else:
+        raise ImageError(f"compressedDepth takes 16UC1 or 32FC1, not {encoding!r}")
+    ok, png = cv2.imencode(".png", image, params)
+    if not ok:
+        raise ImageError("PNG encoding failed")
+    return fmt, header + png.tobytes()

@@ -37,6 +37,8 @@ class Lifter:
         """Why no object of this frame can have a 3D point or geometry ("" when it can)."""
         if not self.config.enable_3d:
             return "3D is off (enable_3d: false)"
+        if frame.depth_m is None and frame.depth_error:
+            return f"depth image rejected: {frame.depth_error}"
         if frame.depth_m is None:
             return "no depth image paired with this frame"
         if frame.intrinsics is None:
