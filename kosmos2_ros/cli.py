@@ -97,7 +97,8 @@ def _ground_parser() -> _Parser:
     p.add_argument("--task", default="refer", choices=[t.value for t in Task])
     p.add_argument("--text", default="", help="expression, caption with [phrases], question, or raw prompt")
     p.add_argument("--region", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
-                   help="region in pixels for --task region")
+                   help="region in pixels: --task region describes it; vqa and check ask about it (its [bracketed] "
+                        "phrase, or the first this/that/it of the question, is the region)")
     p.add_argument("--backend", default=AUTO, choices=CHOICES,
                    help="auto (default): tensorrt where a GPU and engines exist, else onnxruntime, else torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -208,6 +209,8 @@ def _json_default(value):
 def _human(result) -> str:
     lines = [f"status: {result.status.name.lower()}" + (f" ({result.error})" if result.error else ""),
              f"text:   {result.text}"]
+    if result.answer:
+        lines.append(f"answer: {result.answer} (p(yes) {result.answer_probability:.3f})")
     for obj in result.objects:
         x0, y0, x1, y1 = obj.box_px
         lines.append(f"  - {obj.phrase!r}: box px ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}) score {obj.score:.3f}")

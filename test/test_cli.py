@@ -21,6 +21,9 @@ CASES = [
     ("describe", "", None),
     ("region", "", (40.0, 30.0, 200.0, 150.0)),
     ("vqa", "What is on the table?", None),
+    ("vqa", "What is [this] used for?", (40.0, 30.0, 200.0, 150.0)),      # a question about a region
+    ("check", "Is [this] red?", (40.0, 30.0, 200.0, 150.0)),             # yes/no, with p(yes)
+    ("check", "Is there a red square?", None),
     ("raw", "An image of", None),
 ]
 
@@ -83,6 +86,11 @@ def test_cli_matches_transformers(hf_saved_model_dir: Path, image_path: Path, ta
             [(p, tuple(s), [tuple(b) for b in boxes]) for p, s, boxes in ref_entities]
     for entity in got["entities"]:
         assert len(entity["boxes_px"]) == len(entity["boxes_norm"]) == len(entity["scores"])
+    if task == "check":
+        assert got["answer"] in ("yes", "no") and 0.0 <= got["answer_probability"] <= 1.0
+        assert (got["answer"] == "yes") == (got["answer_probability"] >= 0.5)
+    else:
+        assert got["answer"] == "" and got["answer_probability"] == -1.0
 
 
 def test_cli_annotate_writes_image(tiny_model_dir: Path, image_path: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ BAD = [
     ("image_qos", "best_effort", "image_qos"),
     ("image_transport", "theora", "image_transport"),
     ("depth_transport", "compressed", "depth_transport"),   # depth's transport is compressedDepth
-    ("camera_topics", True, "camera_topics needs named cameras"),
+    ("target_frame", "base link", "may not hold spaces"),
     ("max_new_tokens", 0, "max_new_tokens"),
     ("max_new_tokens", 600, "max_new_tokens"),       # over the default limit 512
     ("max_new_tokens_limit", 0, "max_new_tokens_limit"),
@@ -62,6 +62,18 @@ def test_each_bad_value_is_refused(name: str, value, needle: str) -> None:
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_good_devices(device: str) -> None:
     assert Kosmos2Config(device=device).device == device
+
+
+def test_what_configure_needs_together_is_checked_apart() -> None:
+    """cameras and target_frames (and camera_topics) are set one at a time by ros2 param set: each value is
+    valid alone, and configure says when they disagree."""
+    assert Kosmos2Config().configure_problem() == ""
+    lone = Kosmos2Config(camera_topics=True)
+    assert "camera_topics needs named cameras" in lone.configure_problem()
+    grown = Kosmos2Config(cameras=("r1/front",), target_frames=("r1/base_link", "r2/base_link"))
+    assert "target_frames has 2 entries" in grown.configure_problem()
+    fewer = Kosmos2Config(cameras=("r1/front", "r2/front"), target_frames=("r1/base_link",))
+    assert fewer.configure_problem() == ""              # r2/front uses target_frame
 
 
 def test_unknown_parameter() -> None:

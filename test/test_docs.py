@@ -50,7 +50,8 @@ def test_generated_tables_match_the_code():
 
 def test_message_fields_in_the_docs_are_the_messages_fields():
     bullets = message_bullets()
-    assert set(bullets) == {"GroundingCommand", "GroundingResult", "GroundedObject", "Tracks", "TrackedQuery", "ObjectCloud"}
+    assert set(bullets) == {"GroundingCommand", "GroundingResult", "GroundedObject", "Tracks", "TrackedQuery", "TrackedCheck",
+                            "ObjectCloud"}
     from kosmos2_ros.core.serving.config import Kosmos2Config
 
     parameters = set(Kosmos2Config.__dataclass_fields__)

@@ -449,7 +449,19 @@ def test_refcoco_runs_report_candidates_ambiguity_and_presence(tiny_model_dir: P
     split = which["by_ambiguous"]
     assert split["ambiguous"]["samples"] + split["not_ambiguous"]["samples"] == len(preds)
     assert "Presence (each expression on its image vs on another image" in (out / "summary.md").read_text()
-    for png in ("presence_roc.png", "accuracy_vs_ambiguity.png"):
+    # The three signals of "not there", side by side: presence, the box's score, and the yes/no check
+    # ("Is there {expression} in the image?") on the same images.
+    from kosmos2_ros.eval.metrics import auc
+
+    signals = m["not_there"]
+    for key in ("presence", "score", "yes_probability"):
+        pos = [p[key] for p in preds if p[key] is not None and p[key] >= 0]
+        neg = [n[key] for n in negatives if n[key] is not None and n[key] >= 0]
+        assert signals[key]["positives"] == len(pos) == len(preds) and signals[key]["negatives"] == len(neg)
+        assert signals[key]["auc"] == pytest.approx(auc(pos, neg))
+    assert all(0.0 <= p["yes_probability"] <= 1.0 for p in preds + negatives)
+    assert "Which signal says \"not there\"" in (out / "summary.md").read_text()
+    for png in ("presence_roc.png", "accuracy_vs_ambiguity.png", "not_there_roc.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 200
 
@@ -479,3 +491,82 @@ def test_on_the_which_one_toy_presence_and_the_flag_mean_what_they_should(which_
     two_object = 2 * len(WHICH_ONE_TEST_IMAGES)      # 4 odd expressions on each bright (odd) image
     assert 0.9 * two_object <= split["ambiguous"]["samples"] <= 1.1 * two_object
     assert split["not_ambiguous"]["acc@0.5"] >= 0.9 and split["ambiguous"]["acc@0.5"] < 0.8
+
+
+# -- questions about a region (ViP-Bench with boxes) ---------------------------------------------
+def write_vip_bench(root: Path, scene_list: List[Dict[str, Any]]) -> Path:
+    """ViP-Bench's layout: vip-bench-meta-data.json at the root, each source image's boxes in
+    source_image/<name>.json (LabelMe rectangles); one item with two <obj>s, which is skipped."""
+    (root / "source_image").mkdir(parents=True)
+    meta = {}
+    for i, scene in enumerate(scene_list):
+        stem = Path(scene["file_name"]).stem
+        x0, y0, x1, y1 = scene["objects"][0]["box"]
+        (root / "source_image" / f"{stem}.json").write_text(json.dumps({"shapes": [
+            {"label": "obj", "shape_type": "rectangle", "points": [[x1, y1], [x0, y0]]}]}))   # corners any order
+        meta[f"v1_{2 * i}"] = {"image_source": scene["file_name"], "image": f"{stem}_0.png",
+                               "question": "Is the object <obj> red?", "answer": "yes" if i % 2 == 0 else "No",
+                               "capability": ["rec"]}
+        meta[f"v1_{2 * i + 1}"] = {"image_source": scene["file_name"], "image": f"{stem}_1.png",
+                                   "question": "What colour is <obj>?", "answer": "red<OR>crimson",
+                                   "capability": ["rec", "know"]}
+    meta["v1_99"] = {"image_source": scene_list[0]["file_name"], "question": "Is <obj1> left of <obj2>?",
+                     "answer": "yes", "capability": ["rel"]}
+    path = root / "vip-bench-meta-data.json"
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def test_vip_bench_questions_are_read_answered_about_their_box_and_written_for_its_evaluator(
+        tiny_model_dir: Path, scenes, tmp_path: Path, capsys) -> None:
+    from kosmos2_ros.eval.questions import read_questions
+
+    images, scene_list = scenes
+    meta = write_vip_bench(tmp_path / "vip", scene_list)
+    questions, skipped = read_questions(str(meta), str(images))
+    assert len(questions) == 2 * len(scene_list) and skipped == {"not one <obj> (a box per question)": 1}
+    first = questions[0]
+    assert first.question == "Is the object [this] red?" and first.expected_yes_no == "yes"
+    assert first.bbox == tuple(float(v) for v in scene_list[0]["objects"][0]["box"])
+    assert questions[2].expected_yes_no == "no" and questions[1].expected_yes_no == ""
+    out = tmp_path / "vip_out"
+    code, stdout, stderr = run_eval(capsys, "--questions", str(meta), "--out", str(out),
+                                    *common(tiny_model_dir, images))
+    assert code == 0, stderr
+    results = json.loads((out / "vipbench_results.json").read_text())
+    assert set(results) == {q.id for q in questions} and all(isinstance(v, str) for v in results.values())
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    yes_no = [a for a in answers if a["expected"] in ("yes", "no")]
+    assert len(yes_no) == len(scene_list) and all(0 <= a["answer_probability"] <= 1 for a in yes_no)
+    m = json.loads((out / "metrics.json").read_text())
+    right = sum(a["answer"] == a["expected"] for a in yes_no)
+    assert m["yes_no"]["accuracy"] == pytest.approx(right / len(yes_no))
+    assert m["yes_no"]["questions"] == len(yes_no) and "vipbench_results.json" in stdout
+
+
+def test_a_plain_question_file_and_its_bad_items(tmp_path: Path) -> None:
+    from kosmos2_ros.eval.questions import read_questions
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(item) for item in [
+        {"id": "a", "image": "x.jpg", "question": "What is [this]?", "bbox": [1, 2, 30, 40], "answer": "a cup"},
+        {"id": "b", "image": "x.jpg", "question": "Is there a cup?", "bbox": None, "answer": "Yes."},
+        {"id": "c", "image": "x.jpg", "question": "What is this?", "bbox": [5, 5, 5, 9]},
+        {"id": "d", "question": "no image"}]))
+    questions, skipped = read_questions(str(path), str(tmp_path))
+    assert [q.id for q in questions] == ["a", "b"] and questions[0].bbox == (1.0, 2.0, 30.0, 40.0)
+    assert questions[1].bbox is None and questions[1].expected_yes_no == "yes"
+    assert skipped == {"bad bbox": 1, "no question or image": 1}
+    with pytest.raises(datasets.DatasetError, match="does not exist"):
+        read_questions(str(tmp_path / "none.json"), str(tmp_path))
+
+
+def test_yes_no_metrics_on_hand_made_records() -> None:
+    records = [{"expected": "yes", "answer": "yes", "answer_probability": 0.9},
+               {"expected": "yes", "answer": "no", "answer_probability": 0.4},
+               {"expected": "no", "answer": "no", "answer_probability": 0.2},
+               {"expected": "no", "answer": "yes", "answer_probability": 0.6},
+               {"expected": "a cup", "answer": "", "answer_probability": None}]
+    m = metrics.yes_no(records)
+    assert (m["questions"], m["yes"], m["no"], m["accuracy"]) == (4, 2, 2, 0.5)
+    assert m["auc"] == pytest.approx(0.75)     # 3 of the 4 (yes, no) pairs ordered right

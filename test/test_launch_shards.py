@@ -17,7 +17,8 @@ shards:
   - name: kosmos2_gpu0
     parameters: {device: "cuda:0"}
     cameras:
-      - {name: r1/front, image: /r1/camera/color/image_raw, depth: /r1/camera/aligned_depth_to_color/image_raw}
+      - {name: r1/front, image: /r1/camera/color/image_raw, depth: /r1/camera/aligned_depth_to_color/image_raw,
+         target_frame: r1/base_link}
       - r2/front
   - machine: desk2
     parameters: {device: "cuda:1", backend: torch}
@@ -36,7 +37,9 @@ def test_each_shard_is_a_node_with_its_cameras_and_their_driver_topics() -> None
                                  ("r3/wrist/camera_info", "/r3/wrist/info")]
     params = gpu0.node_parameters({"model": "m", "image_transport": "compressed", "device": "cpu"})
     assert params == {"model": "m", "image_transport": "compressed", "device": "cuda:0",     # the shard's own wins
-                      "cameras": ["r1/front", "r2/front"], "camera_topics": True}
+                      "cameras": ["r1/front", "r2/front"], "camera_topics": True,
+                      "target_frames": ["r1/base_link", ""]}                                  # "": target_frame
+    assert "target_frames" not in second.node_parameters({})
 
 
 def test_a_camera_reaches_the_node_serving_it_by_its_own_topic_names() -> None:
@@ -66,6 +69,8 @@ def test_a_machine_starts_its_shards_and_those_naming_none() -> None:
     ("[{cameras: [{image: /x}]}]", "a camera is a name or a mapping with name"),
     ("[{cameras: [c1], parameters: {device: gpu}}]", "shard 'kosmos2_0': device must be"),
     ("[{cameras: [c1], parameters: {cameras: [c2]}}]", "are set from its cameras"),
+    ("[{cameras: [c1], parameters: {target_frames: [a]}}]", "are set from its cameras"),
+    ("[{cameras: [{name: c1, target_frame: base link}]}]", "may not hold spaces"),
     ("[{cameras: [1bad]}]", "not a relative topic name"),
     ("[]", "must be a list of shards"),
     ("shards: [", "not valid YAML"),
@@ -80,4 +85,5 @@ def test_a_bad_shards_file_stops_the_launch_with_one_line(text: str, message: st
 def test_the_shipped_example_serves_two_robots_from_one_gpu() -> None:
     (shard,) = parse_shards(str(ROOT / "config" / "robots.yaml"))
     assert shard.cameras == ["r1/front", "r2/front"] and shard.parameters == {"device": "cuda:0"}
+    assert shard.target_frames == ["r1/base_link", "r2/base_link"]
     assert ("r2/front/depth/image", "/r2/camera/aligned_depth_to_color/image_raw") in shard.remappings

@@ -119,6 +119,62 @@ def test_region_matches_transformers_generate(loaded: Loaded) -> None:
     assert res.entities[0].scores[0] == 1.0
 
 
+@pytest.mark.parametrize("question, prompt", [
+    ("What is [this] used for?", "<grounding> Question: What is<phrase> this</phrase> used for? Answer:"),
+    ("what is it", "<grounding> Question: what is<phrase> it</phrase> Answer:"),
+    ("[The square] is what colour?", "<grounding> Question:<phrase> The square</phrase> is what colour? Answer:"),
+])
+def test_a_question_about_a_region_is_the_processors_prompt_and_generate(loaded: Loaded, question: str,
+                                                                          prompt: str) -> None:
+    """vqa with a region: the prompt's ids are what Kosmos2Processor makes of the paper's form and the box,
+    and the answer is generate's."""
+    box_px = tuple(float(v) for v in loaded.objects[0]["box"])
+    res = loaded.pipeline.run(Command(id="rq", task="vqa", text=question, region_px=box_px, max_new_tokens=MAX_NEW,
+                                      decoding="free"), loaded.frame())
+    assert res.status == Status.OK, res.error
+    from PIL import Image
+
+    ref_inputs = loaded.processor(text=prompt, images=Image.fromarray(loaded.rgb), bboxes=[loaded.region_norm(box_px)])
+    assert res.prompt_ids == list(ref_inputs["input_ids"])
+    ids, ref = loaded.reference(prompt, bboxes=[loaded.region_norm(box_px)])
+    assert res.token_ids == ids
+    assert res.text == ref[0]
+    assert res.answer == "" and res.answer_probability == -1.0        # vqa reads no yes/no
+
+
+def test_a_check_answers_with_p_yes_from_the_same_logits(loaded: Loaded) -> None:
+    """check: generate's tokens, and answer_probability equal to p(yes) / (p(yes) + p(no)) from an independent
+    float64 softmax over the reference model's own next-token logits, over the tokenizer's spellings."""
+    import torch
+    from PIL import Image
+
+    vocab = loaded.pipeline.vocab
+    assert vocab.yes_tokens and vocab.no_tokens and not set(vocab.yes_tokens) & set(vocab.no_tokens)
+    tok = loaded.processor.tokenizer
+    for words, tokens in ((("yes", "Yes", "YES"), vocab.yes_tokens), (("no", "No", "NO"), vocab.no_tokens)):
+        for piece in tok.convert_ids_to_tokens(list(tokens)):     # each starts a spelling of the answer
+            assert any(w.startswith(piece.strip("\u2581 ")) for w in words), (piece, words)
+    box_px = tuple(float(v) for v in loaded.objects[1]["box"])
+    for question, region in (("Is there a red square?", None), ("Is [this] red?", box_px)):
+        res = loaded.pipeline.run(Command(id="c", task="check", text=question, region_px=region, max_new_tokens=8,
+                                          decoding="free"), loaded.frame())
+        assert res.status == Status.OK, res.error
+        bboxes = [loaded.region_norm(region)] if region else None
+        prompt = ("<grounding> Question: Is<phrase> this</phrase> red? Answer:" if region
+                  else "<grounding> Question: Is there a red square? Answer:")
+        ids, _ = loaded.reference(prompt, bboxes=bboxes, max_new_tokens=8)
+        assert res.token_ids == ids
+        inputs = loaded.processor(text=prompt, images=Image.fromarray(loaded.rgb), bboxes=bboxes, return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                               attention_mask=inputs["attention_mask"],
+                               image_embeds_position_mask=inputs["image_embeds_position_mask"])
+        p = torch.softmax(out.logits[0, -1].double(), dim=-1)
+        p_yes, p_no = float(p[list(vocab.yes_tokens)].sum()), float(p[list(vocab.no_tokens)].sum())
+        assert res.answer_probability == pytest.approx(p_yes / (p_yes + p_no), rel=1e-4, abs=1e-6)
+        assert res.answer == ("yes" if res.answer_probability >= 0.5 else "no")
+
+
 def test_phrase_grounding_matches_transformers_per_phrase(loaded: Loaded) -> None:
     text = "An image of [a red square] next to [a blue square]"
     res = loaded.pipeline.run(Command(id="pg", task="phrase_grounding", text=text, max_new_tokens=MAX_NEW,
@@ -330,6 +386,11 @@ def test_constrained_refer_gives_well_formed_boxes(loaded: Loaded) -> None:
     (Command(task="region", region_px=(10.0, 10.0, 10.0, 50.0)), "empty"),
     (Command(task="region", region_px=(float("nan"), 10.0, 20.0, 50.0)), "finite"),
     (Command(task="region"), "needs a region"),
+    (Command(task="vqa", text="Is the drawer open?", region_px=(10.0, 10.0, 60.0, 50.0)), "[bracket] it"),
+    (Command(task="check", text="Is [a] in [b]?", region_px=(10.0, 10.0, 60.0, 50.0)), "only one"),
+    (Command(task="check", text="Is [this] open?", region_px=(400.0, 10.0, 500.0, 50.0)), "outside"),
+    (Command(task="vqa", text="What is [this]?", region_px=(10.0, 10.0, 10.0, 50.0)), "empty"),
+    (Command(task="check", text=""), "non-empty"),
     (Command(task="segment", text="x"), "unknown task"),
     (Command(task="refer", text="a dog", max_new_tokens=100_000), "max_new_tokens"),
     (Command(task="refer", text="a dog", max_new_tokens=-3), "max_new_tokens"),

@@ -1,6 +1,7 @@
 """Prompt formats of every Kosmos-2 task, and user text that must never become control tokens."""
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from kosmos2_ros.core.model.tasks import (
     DEFAULT_MAX_PROMPT_CHARS,
+    TASKS,
     PromptError,
     Task,
     TaskRequest,
@@ -191,3 +193,38 @@ def test_accepted_text_never_holds_a_tag(text: str) -> None:
         low = form.lower()
         for tag in list(TAG_TOKENS) + ["<patch_index_", "<s>", "</s>"]:
             assert tag not in low
+
+
+# -- questions about a region, yes/no checks ---------------------------------------------------
+@pytest.mark.parametrize("question, linked", [
+    ("What is [this] used for?", ("What is ", "this", " used for?")),
+    ("Is [the red mug] in the gripper?", ("Is ", "the red mug", " in the gripper?")),
+    ("What is this?", ("What is ", "this", "?")),
+    ("Is it open? Is this?", ("Is ", "it", " open? Is this?")),          # the first pointing word
+    ("What colour is That", ("What colour is ", "That", "")),
+])
+def test_the_phrase_a_region_is_linked_to(question: str, linked: tuple) -> None:
+    from kosmos2_ros.core.model.tasks import linked_phrase
+
+    assert linked_phrase(question) == linked
+
+
+@pytest.mark.parametrize("question, needle", [
+    ("Is the drawer open?", "[bracket] it"),           # "this" inside a word does not count: "thistle"
+    ("Is the thistle open?", "[bracket] it"),
+    ("Is [a] in [b]?", "only one"),
+    ("Is [ ] open?", "empty [phrase]"),
+])
+def test_a_question_without_one_linked_phrase_is_refused(question: str, needle: str) -> None:
+    with pytest.raises(PromptError, match=re.escape(needle)):
+        build_prompts(TaskRequest(Task.VQA, question, region_norm=(0.1, 0.1, 0.5, 0.5)))
+
+
+def test_vqa_and_check_prompts_with_and_without_a_region() -> None:
+    for task in (Task.VQA, Task.CHECK):
+        (plain,) = build_prompts(TaskRequest(task, "Is [this] open?"))
+        assert plain.text == "<grounding> Question: Is [this] open? Answer:" and plain.bboxes is None
+        (about,) = build_prompts(TaskRequest(task, "Is [this] open?", region_norm=(0.1, 0.2, 0.5, 0.75)))
+        assert about.text == "<grounding> Question: Is<phrase> this</phrase> open? Answer:"
+        assert about.bboxes == [(0.1, 0.2, 0.5, 0.75)] and not about.expects_box
+    assert TASKS[Task.CHECK].yes_no and not TASKS[Task.VQA].yes_no

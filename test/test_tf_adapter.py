@@ -121,12 +121,34 @@ def test_no_target_or_the_same_frame_leaves_it_as_it_is(result: Result) -> None:
     assert given.asked == [] and res.objects[0].geometry.valid
 
 
+def test_each_robots_camera_goes_into_its_own_robots_frame(result: Result) -> None:
+    """One node serving robots r1 and r2 (target_frames): r1's result into r1/base_link, r2's into
+    r2/base_link, a third camera with no frame of its own into target_frame."""
+    scene = result.scene
+    rot, t = scene.cam_to_world[:3, :3], scene.cam_to_world[:3, 3]
+    given = Given({(frame, "cam_optical"): (rot, t) for frame in ("r1/base_link", "r2/base_link", "world")})
+    frames = GeometryFrames("world", 0.05, given, warn=pytest.fail,
+                            per_camera={"r1/front": "r1/base_link", "r2/front": "r2/base_link", "r3/front": ""})
+    placed = []
+    for camera in ("r1/front", "r2/front", "r3/front"):
+        res = _copy(result)
+        res.camera = camera
+        placed.append(res)
+    frames.place(placed)
+    assert [r.geometry_frame_id for r in placed] == ["r1/base_link", "r2/base_link", "world"]
+    assert [a[0] for a in given.asked] == ["r1/base_link", "r2/base_link", "world"]
+    np.testing.assert_allclose(placed[1].objects[0].geometry.center, rot @ result.objects[0].geometry.center + t,
+                               atol=1e-9)
+
+
 def test_target_frame_without_tf2_names_what_to_install(monkeypatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "tf2_ros", None)
     with pytest.raises(ImportError, match="apt install ros-\\$ROS_DISTRO-tf2-ros-py\\)"):
         make_geometry_frames(object(), "base_link", 0.05)
+    with pytest.raises(ImportError, match="tf2_ros is not importable"):      # a robot's frame alone needs it too
+        make_geometry_frames(object(), "", 0.05, {"r1/front": "r1/base_link"})
     assert "target_frame is set but tf2_ros is not importable" in TF2_MISSING
 
 

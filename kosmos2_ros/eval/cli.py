@@ -37,11 +37,17 @@ def _parser() -> _Parser:
     from ..core.serving.config import DECODING, PRECISION_CHOICES
 
     p = _Parser(prog=PROG, description="Kosmos-2 grounding benchmarks: RefCOCO/RefCOCO+/RefCOCOg (accuracy at "
-                                       "IoU 0.5) and Flickr30k Entities (Recall@1/5/10).")
-    p.add_argument("--annotations", required=True,
+                                       "IoU 0.5) and Flickr30k Entities (Recall@1/5/10); questions about a region "
+                                       "(ViP-Bench with boxes, --questions).")
+    p.add_argument("--annotations",
                    help="MDETR-style JSON (finetune_refcoco_val.json, final_flickr_separateGT_test.json, ...) or a "
                         "Flickr30k Entities folder (Sentences/, Annotations/, val.txt, test.txt)")
-    p.add_argument("--images", required=True, help="image folder (COCO train2014/ or Flickr30k images)")
+    p.add_argument("--questions",
+                   help="instead of --annotations: questions about a region, ViP-Bench's vip-bench-meta-data.json "
+                        "(boxes from source_image/*.json) or a JSON list of {id, image, bbox, question, answer}; "
+                        "writes answers.jsonl, vipbench_results.json (the evaluator's input) and yes/no metrics")
+    p.add_argument("--images", required=True,
+                   help="image folder (COCO train2014/, Flickr30k images, ViP-Bench's source_image/)")
     p.add_argument("--split", default="", help="split name (default: from the file name; Flickr folder: test)")
     p.add_argument("--name", default="", help="dataset name (default: the file's dataset_name or its file name)")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json, summary.md, pictures")
@@ -98,12 +104,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.limit < 0 or args.batch < 1:
         return _fail(PROG, EXIT_USAGE, "--limit must be >= 0 and --batch >= 1")
+    if bool(args.annotations) == bool(args.questions):
+        return _fail(PROG, EXIT_USAGE, "give --annotations (grounding benchmarks) or --questions (questions about a "
+                                       "region), one of them")
     try:
         base = Kosmos2Config.from_dict(_base_config(args))
         specs = [parse_spec(s) for s in args.compare] if args.compare else [{}]
         configs = [base.with_changes(spec) for spec in specs]
     except (ConfigError, ValueError) as exc:
         return _fail(PROG, EXIT_USAGE, str(exc))
+    if args.questions:
+        return _questions(configs[0], args)
     try:
         dataset = load_dataset(args.annotations, args.images, split=args.split, name=args.name)
     except DatasetError as exc:
@@ -125,6 +136,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(PROG, EXIT_MODEL, str(exc))
     except (RunError, OSError) as exc:
         return _fail(PROG, EXIT_RUNTIME, str(exc))
+    return EXIT_OK
+
+
+def _questions(config: Any, args: argparse.Namespace) -> int:
+    """--questions: every question answered about its box; the evaluator's file and the yes/no metrics."""
+    from .datasets import DatasetError
+    from .metrics import yes_no
+    from .questions import RESULTS, answer_questions, read_questions
+
+    try:
+        questions, skipped = read_questions(args.questions, args.images)
+    except DatasetError as exc:
+        return _fail(PROG, EXIT_USAGE, str(exc))
+    questions = questions[:args.limit] if args.limit else questions
+    if not questions:
+        return _fail(PROG, EXIT_USAGE, f"{args.questions} gives no questions "
+                                       f"(skipped: {dict(skipped) or 'none'})")
+    out = Path(args.out)
+    try:
+        pipeline = load_pipeline(config)
+        try:
+            records, not_run = answer_questions(pipeline, questions, out, args.max_new_tokens, args.batch)
+        finally:
+            pipeline.close()
+    except ModelLoadError as exc:
+        return _fail(PROG, EXIT_MODEL, str(exc))
+    except OSError as exc:
+        return _fail(PROG, EXIT_RUNTIME, str(exc))
+    skipped.update(not_run)
+    metrics = {"questions": len(questions), "answered": len(records), "skipped": dict(sorted(skipped.items())),
+               "yes_no": yes_no(records), "model": config.model, "backend": config.backend}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    yn = metrics["yes_no"]
+    auc = f", answer_probability AUC {yn['auc']:.3f}" if "auc" in yn else ""
+    print(f"{len(records)} of {len(questions)} questions answered -> {out / RESULTS} (score it with ViP-Bench's "
+          f"evaluator); yes/no: {yn['questions']} questions, accuracy {100 * yn['accuracy']:.1f} %{auc}")
     return EXIT_OK
 
 

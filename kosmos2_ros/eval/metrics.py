@@ -136,3 +136,34 @@ def presence_and_candidates(records: Sequence[dict], negatives: Sequence[dict], 
                         miss_rate=rates(threshold)[2], rates_at=[rates(t) for t in PRESENCE_THRESHOLDS])
     out["presence"] = presence
     return out
+
+
+#: The three signals of "is it there" a referring-expression run records on its own image and on another.
+NOT_THERE_SIGNALS = ("presence", "score", "yes_probability")
+
+
+def not_there(records: Sequence[dict], negatives: Sequence[dict]) -> Dict[str, Any]:
+    """Each signal's ROC and AUC, positives the expressions on their own image, negatives on another: which
+    one separates "not there" on this checkpoint (docs/which-one.md)."""
+    out: Dict[str, Any] = {}
+    for key in NOT_THERE_SIGNALS:
+        pos = [float(r[key]) for r in records if r.get(key) is not None and r[key] >= 0]
+        neg = [float(r[key]) for r in negatives if r.get(key) is not None and r[key] >= 0]
+        entry: Dict[str, Any] = {"positives": len(pos), "negatives": len(neg)}
+        if pos and neg:
+            entry.update(auc=auc(pos, neg), roc=roc(pos, neg))
+        out[key] = entry
+    return out
+
+
+def yes_no(records: Sequence[dict]) -> Dict[str, Any]:
+    """A yes/no question set: accuracy of `answer` and the ROC of answer_probability (positives: the
+    questions whose right answer is yes)."""
+    rs = [r for r in records if r.get("expected") in ("yes", "no") and r.get("answer_probability") is not None]
+    pos = [float(r["answer_probability"]) for r in rs if r["expected"] == "yes"]
+    neg = [float(r["answer_probability"]) for r in rs if r["expected"] == "no"]
+    out: Dict[str, Any] = {"questions": len(rs), "yes": len(pos), "no": len(neg),
+                           "accuracy": sum(r["answer"] == r["expected"] for r in rs) / len(rs) if rs else 0.0}
+    if pos and neg:
+        out.update(auc=auc(pos, neg), roc=roc(pos, neg))
+    return out

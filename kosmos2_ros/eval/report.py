@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .datasets import REC, Dataset
-from .metrics import accuracy_curve, per_category_recall, presence_and_candidates, summarize, top_iou
+from .metrics import accuracy_curve, not_there, per_category_recall, presence_and_candidates, summarize, top_iou
 
 # The paper's zero-shot figures (Kosmos-2, arXiv 2306.14824, Tables 2 and 3; the unilm
 # kosmos-2/evaluation READMEs): what the real weights should reproduce.
@@ -54,6 +54,7 @@ def build_metrics(dataset: Dataset, records: List[dict], skipped: Dict[str, int]
         which = presence_and_candidates(records, negatives, presence_threshold, ambiguity_ratio)
         out["acc@0.5_candidates"] = which.pop("acc@0.5_candidates")
         out["which_one"] = which
+        out["not_there"] = not_there(records, negatives)
     return out
 
 
@@ -100,6 +101,13 @@ def summary_markdown(metrics: Dict[str, Any], title: str = "kosmos2-eval") -> st
                       "`presence_roc.png`)."]
             lines += ["", "| presence_threshold | false positives (%) | misses (%) |", "|---|---|---|"]
             lines += [f"| {t:g} | {100 * fp:.1f} | {100 * miss:.1f} |" for t, fp, miss in pres["rates_at"]]
+    signals = metrics.get("not_there") or {}
+    if any("auc" in v for v in signals.values()):
+        lines += ["", "Which signal says \"not there\" (each expression on its own image vs on another image; "
+                  "`not_there_roc.png`; docs/which-one.md):", "",
+                  "| signal | AUC | positives | negatives |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v['auc']:.3f} | {v['positives']} | {v['negatives']} |"
+                  for name, v in signals.items() if "auc" in v]
     if not paper:
         lines += ["", "(No paper figure for this dataset/split: the paper reports RefCOCO/+ val, testA, testB; "
                   "RefCOCOg val, test; Flickr30k Entities val, test.)"]
@@ -127,6 +135,11 @@ def write_run_report(out: Path, metrics: Dict[str, Any], records: List[dict]) ->
             plot_curves(out / "presence_roc.png", [(f"AUC {which['presence']['auc']:.3f}", which["presence"]["roc"])],
                         title="presence: own image (true positives) vs another image (false positives)",
                         x_label="false-positive rate")
+    signals = [(f"{name} AUC {v['auc']:.3f}", v["roc"]) for name, v in (metrics.get("not_there") or {}).items()
+               if v.get("roc")]
+    if signals:
+        plot_curves(out / "not_there_roc.png", signals, x_label="false-positive rate",
+                    title="presence, box score, yes/no check: own image (true positives) vs another image")
 
 
 # -- pictures ----------------------------------------------------------------------------------------

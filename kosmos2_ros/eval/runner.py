@@ -21,6 +21,9 @@ from ..core.serving.pipeline import Command, Pipeline, Result, Status
 from .datasets import REC, Dataset, Sample
 from .metrics import candidate_ious, hit_at
 
+#: The yes/no check asked beside each referring expression, on its own image and on another: a third
+#: signal of "not there" beside presence and the box's score (metrics.not_there).
+PRESENCE_QUESTION = "Is there {} in the image?"
 PREDICTIONS = "predictions.jsonl"
 NEGATIVES = "negatives.jsonl"      # presence of each expression on another image of the set
 RUN_FILE = "run.json"
@@ -54,6 +57,40 @@ def command_for(sample: Sample) -> Command:
     return Command(id=sample.id, task="phrase_grounding", text=f"{plain(sample.context)} [{plain(sample.query)}]".strip())
 
 
+def check_for(sample: Sample) -> Command:
+    """The yes/no question whether the expression's object is in the image (PRESENCE_QUESTION)."""
+    return Command(id=f"{sample.id}?", task="check", text=PRESENCE_QUESTION.format(sample.query), max_new_tokens=1)
+
+
+def commands_for(samples: Sequence[Sample]) -> List[Command]:
+    """Each sample's command, and for a referring expression its yes/no check after it."""
+    out: List[Command] = []
+    for s in samples:
+        out.append(command_for(s))
+        if s.kind == REC:
+            out.append(check_for(s))
+    return out
+
+
+def paired(samples: Sequence[Sample], results: Sequence[Result]) -> List[Tuple[Sample, Result, Optional[Result]]]:
+    """(sample, its result, its check's result or None), from `commands_for`'s order."""
+    out, it = [], iter(results)
+    for s in samples:
+        res = next(it)
+        out.append((s, res, next(it) if s.kind == REC else None))
+    return out
+
+
+def yes_probability(check: Optional[Result]) -> Optional[float]:
+    return round(float(check.answer_probability), 6) if check is not None and check.status is Status.OK \
+        and check.answer_probability >= 0 else None
+
+
+def top_score(result: Result) -> float:
+    """The chosen box's score (p of its two location tokens); 0 with no box."""
+    return round(float(result.objects[0].score), 6) if result.objects else 0.0
+
+
 def candidates(result: Result, sample: Sample, pipeline: Pipeline, frame: Frame) -> Tuple[List[list], List[float]]:
     """Boxes (pixels) and scores of the generated entities named as the query, in generation order."""
     want = norm_text(sample.query.replace("[", "(").replace("]", ")"))
@@ -77,15 +114,17 @@ def candidates(result: Result, sample: Sample, pipeline: Pipeline, frame: Frame)
     return boxes, scores
 
 
-def record_for(sample: Sample, result: Result, pipeline: Pipeline, frame: Frame) -> dict:
+def record_for(sample: Sample, result: Result, pipeline: Pipeline, frame: Frame,
+               check: Optional[Result] = None) -> dict:
     boxes, scores = candidates(result, sample, pipeline, frame)
     ious = candidate_ious(boxes, sample.gt_boxes)
     which = {}
-    if sample.kind == REC:   # the model's other candidate boxes, presence and the ambiguity flag
+    if sample.kind == REC:   # the model's other candidate boxes, presence, the ambiguity flag, the three signals
         cand = [[round(float(v), 3) for v in c.box_px] for c in result.candidates]
         which = {"presence": round(float(result.presence), 6), "candidate_boxes_px": cand,
                  "candidate_iou": [round(v, 6) for v in candidate_ious(cand, sample.gt_boxes)],
-                 "ambiguous": bool(result.ambiguous), "ambiguity": round(float(result.ambiguity), 6)}
+                 "ambiguous": bool(result.ambiguous), "ambiguity": round(float(result.ambiguity), 6),
+                 "score": top_score(result), "yes_probability": yes_probability(check)}
     return {"id": sample.id, "kind": sample.kind, "image": sample.image, **which,
             ("expression" if sample.kind == REC else "phrase"): sample.query, "context": sample.context,
             "boxes_px": boxes, "scores": [None if math.isnan(s) else round(s, 6) for s in scores],
@@ -193,8 +232,8 @@ def run(pipeline: Pipeline, dataset: Dataset, out: Path, limit: int = 0, batch: 
             frame = Frame(rgb=rgb, frame_id=Path(image).name)
             for start in range(0, len(group), max(1, batch)):
                 chunk = group[start:start + max(1, batch)]
-                results = pipeline.run_batch([command_for(s) for s in chunk], frame)
-                for sample, result in zip(chunk, results):
+                results = pipeline.run_batch(commands_for(chunk), frame)
+                for sample, result, check in paired(chunk, results):
                     finished += 1
                     if result.status is Status.INVALID:
                         outcome.skipped["invalid expression"] += 1
@@ -202,7 +241,7 @@ def run(pipeline: Pipeline, dataset: Dataset, out: Path, limit: int = 0, batch: 
                     if result.status is not Status.OK:
                         outcome.skipped[f"{result.status.name.lower()} (runs again on resume)"] += 1
                         continue
-                    rec = record_for(sample, result, pipeline, frame)
+                    rec = record_for(sample, result, pipeline, frame, check)
                     done[sample.id] = rec
                     sink.write(json.dumps(rec, allow_nan=False) + "\n")
                     sink.flush()
@@ -227,7 +266,8 @@ def negative_pairs(samples: Sequence[Sample]) -> List[Tuple[Sample, str]]:
 
 
 def run_negatives(pipeline: Pipeline, samples: Sequence[Sample], out: Path, batch: int) -> List[dict]:
-    """presence of every expression on another image (negatives.jsonl; resumed like the predictions)."""
+    """presence, box score and the yes/no check of every expression on another image (negatives.jsonl;
+    resumed like the predictions)."""
     from ..cli import load_rgb
 
     path = out / NEGATIVES
@@ -251,10 +291,11 @@ def run_negatives(pipeline: Pipeline, samples: Sequence[Sample], out: Path, batc
                 continue
             for start in range(0, len(group), max(1, batch)):
                 chunk = group[start:start + max(1, batch)]
-                for sample, res in zip(chunk, pipeline.run_batch([command_for(s) for s in chunk], frame)):
+                for sample, res, check in paired(chunk, pipeline.run_batch(commands_for(chunk), frame)):
                     if res.status is Status.OK:
                         rec = {"id": sample.id, "expression": sample.query, "image": image,
-                               "presence": round(float(res.presence), 6)}
+                               "presence": round(float(res.presence), 6), "score": top_score(res),
+                               "yes_probability": yes_probability(check)}
                         done[sample.id] = rec
                         sink.write(json.dumps(rec) + "\n")
     return [done[s.id] for s, _ in negative_pairs(samples) if s.id in done]

@@ -120,6 +120,8 @@ class Camera:
 
     def clear(self) -> None:
         self.frames.clear()
+        with self._depth_lock:
+            self._depths.clear()
         self.image_error = None
         self.standing.forget_frames()
 
@@ -225,13 +227,18 @@ class Camera:
 
     def ready(self, frame: Frame, cfg: Kosmos2Config) -> Optional[Frame]:
         """The frame with its pixels decoded and its depth attached; None when its pixels would not decode."""
-        if self._decode(frame):
+        if not self.decode_pixels(frame):
             return None
         self.attach_depth(frame, cfg)
         return frame
 
+    def decode_pixels(self, frame: Frame) -> bool:
+        """Whether the frame's pixels are there, decoding compressed ones now (encoding ahead needs no depth)."""
+        return not self._decode(frame)
+
     def _decode(self, frame: Frame) -> str:
-        """A compressed frame's pixels decoded now (worker thread); why not, counted the first time."""
+        """A compressed frame's pixels decoded now (worker thread); why not, counted the first time. Only the
+        worker calls it; Frame.decode itself is locked, so the check outside it is only a shortcut."""
         if frame.rgb is not None or frame.decode_error:
             return frame.decode_error
         why = frame.decode()
@@ -252,19 +259,21 @@ class Camera:
         with self._depth_lock:
             if not self._depths:
                 return
-            index = min(range(len(self._depths)), key=lambda i: abs(self._depths[i][0] - frame.stamp_ns))
-            stamp, entry = self._depths[index]
+            stamp, entry = min(self._depths, key=lambda sd: abs(sd[0] - frame.stamp_ns))
         if abs(stamp - frame.stamp_ns) > DEPTH_SYNC_S * 1e9:
             return
         if callable(entry):
+            decoder = entry
             try:
-                entry = entry()
+                entry = decoder()
             except Exception as exc:  # noqa: BLE001 - a bad depth image costs this frame its 3D, nothing more
                 entry = str(exc) or type(exc).__name__
                 self._reject_depth(entry)
-            with self._depth_lock:       # decoded once, whichever frames pair with it
-                if index < len(self._depths) and self._depths[index][0] == stamp:
-                    self._depths[index] = (stamp, entry)
+            with self._depth_lock:       # decoded once, whichever frames pair with it (found by identity:
+                for i, (_, held) in enumerate(self._depths):   # the deque may have shifted meanwhile)
+                    if held is decoder:
+                        self._depths[i] = (stamp, entry)
+                        break
         if isinstance(entry, str):
             frame.depth_error = entry
         else:
@@ -277,4 +286,5 @@ class Camera:
                 ("compressed_frames_decoded", self.decoded),
                 ("image_error_now", self.image_error is not None),
                 ("standing_queries", len(self.standing.queries)),
+                ("standing_checks", len(self.standing.checks)),
                 ("tracks_published", self.standing.published)]

@@ -74,6 +74,7 @@ class CameraInterface:
         return response
 
     def destroy(self) -> None:
+        """Commands in first (no new ones), then the outputs."""
         node = self._node
         node.destroy_subscription(self.command)
         node.destroy_service(self.service)

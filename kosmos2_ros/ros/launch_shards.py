@@ -16,6 +16,7 @@ The shards file (YAML, or the same inline):
           - name: r1/front              # the camera's name (its topics' namespace on the node)
             image: /r1/camera/color/image_raw                   # its driver's topics (optional: a bare
             depth: /r1/camera/aligned_depth_to_color/image_raw  # name reads <name>/image, ...)
+            target_frame: r1/base_link  # its robot's frame for poses and grasps (optional: target_frame)
           - r2/front
 """
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from .launch_args import LaunchArgumentError, camera_topic_remappings
 
-#: A camera entry's keys and the per-camera topic lists they fill.
-CAMERA_KEYS = {"image": "image_topics", "depth": "depth_topics", "camera_info": "camera_info_topics"}
+#: A camera entry's keys and the per-camera lists they fill (the launch file's topic lists, target_frames).
+CAMERA_KEYS = {"image": "image_topics", "depth": "depth_topics", "camera_info": "camera_info_topics",
+               "target_frame": "target_frames"}
 SHARD_KEYS = ("name", "machine", "parameters", "cameras")
 #: Set by the launch file for every shard: these are not a shard's to choose.
-FIXED_PARAMETERS = ("cameras", "camera_topics")
+FIXED_PARAMETERS = ("cameras", "camera_topics", "target_frames")
 
 
 @dataclass
@@ -40,10 +42,12 @@ class Shard:
     remappings: List[Tuple[str, str]]
     machine: str = ""
     parameters: Dict[str, Any] = field(default_factory=dict)
+    target_frames: List[str] = field(default_factory=list)     # per camera; empty: none set
 
     def node_parameters(self, common: Mapping[str, Any]) -> Dict[str, Any]:
         """The node's parameter overrides: the launch's common ones, the shard's own, its cameras."""
-        return {**common, **self.parameters, "cameras": list(self.cameras), "camera_topics": True}
+        frames = {"target_frames": list(self.target_frames)} if self.target_frames else {}
+        return {**common, **self.parameters, "cameras": list(self.cameras), "camera_topics": True, **frames}
 
 
 def read_shards(text: str) -> Dict[str, Any]:
@@ -98,6 +102,7 @@ def _shard(index: int, entry: Any) -> Shard:
         raise LaunchArgumentError(f"shard {index}: unknown keys {unknown}; a shard has {list(SHARD_KEYS)}")
     name = str(entry.get("name") or f"kosmos2_{index}")
     cameras, lists = _cameras(name, entry.get("cameras"))
+    frames = lists.pop("target_frames")
     parameters = entry.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise LaunchArgumentError(f"shard {name!r}: parameters must be a mapping, got {parameters!r}")
@@ -107,15 +112,18 @@ def _shard(index: int, entry: Any) -> Shard:
     from kosmos2_ros.core.serving.config import ConfigError, Kosmos2Config
 
     try:
-        Kosmos2Config.from_dict({**parameters, "cameras": cameras, "camera_topics": True})
+        problem = Kosmos2Config.from_dict({**parameters, "cameras": cameras, "camera_topics": True,
+                                           "target_frames": frames}).configure_problem()
     except ConfigError as exc:
-        raise LaunchArgumentError(f"shard {name!r}: {exc}") from None
+        problem = str(exc)
+    if problem:
+        raise LaunchArgumentError(f"shard {name!r}: {problem}")
     return Shard(name=name, cameras=cameras, remappings=camera_topic_remappings(cameras, lists),
-                 machine=str(entry.get("machine") or ""), parameters=dict(parameters))
+                 machine=str(entry.get("machine") or ""), parameters=dict(parameters), target_frames=frames)
 
 
 def _cameras(shard: str, entries: Any) -> Tuple[List[str], Dict[str, List[str]]]:
-    """Camera names and their per-camera topic lists (as the launch file's image_topics, ...)."""
+    """Camera names and their per-camera lists (as the launch file's image_topics, ..., and target_frames)."""
     if not isinstance(entries, list) or not entries:
         raise LaunchArgumentError(f"shard {shard!r} needs a list of cameras")
     names: List[str] = []

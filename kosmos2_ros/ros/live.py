@@ -1,10 +1,11 @@
-"""The worker's idle work: standing queries on each camera's newest frame, and encoding ahead.
+"""The worker's idle work: standing queries and checks on each camera's newest frame, and encoding ahead.
 
 Runs on the worker thread only when no one-shot command waits (`worker.Worker`'s `idle`),
 one frame at a time. Which camera goes next is `core.standing.next_camera` (rate, newest frame
 only, fairness across cameras); track ids are `core.tracking`. Results go out on `~/tracks`
 (kosmos2_ros/Tracks), and also on `~/detections`, `~/markers` and `~/debug_image` like a
-command's.
+command's. Standing checks (yes/no questions) are asked after the frame's queries, each about its
+[bracketed] query's box on this frame or about the whole image, and answered on the same message.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, List, Optional
 
+from kosmos2_ros.core.model.tasks import unmarked_caption
 from kosmos2_ros.core.serving.frames import Frame
 from kosmos2_ros.core.serving.pipeline import Command, Pipeline, Result, Status
-from kosmos2_ros.core.serving.standing import EncodeAhead, next_camera
-from kosmos2_ros.msg import TrackedQuery, Tracks
+from kosmos2_ros.core.serving.standing import EncodeAhead, asked_about, next_camera
+from kosmos2_ros.msg import PixelBox, TrackedCheck, TrackedQuery, Tracks
 
 from . import convert
 from .camera import Camera
@@ -48,16 +50,16 @@ class LiveWork:
                                    else fresh[cam.name].stamp_ns) for cam in cameras], cfg.query_rate_hz, now)
         if name is not None:
             cam = node.cameras[name]
-            frame = cam.ready(fresh[name], cfg)   # type: ignore[arg-type]
+            chosen = fresh[name]
+            assert chosen is not None          # next_camera picks only cameras with a frame
+            frame = cam.ready(chosen, cfg)
             if frame is not None:
                 self.ground_standing(pipeline, cam, frame, should_stop, now)
             return 0.0
-        if cfg.encode_ahead_hz <= 0:
-            return wait
-        ready = [(cam.ready(fresh[cam.name], cfg), cam.frames.interval_s) for cam in cameras
-                 if fresh[cam.name] is not None]
-        ahead = self.encode_ahead.run(pipeline, [(frame, interval) for frame, interval in ready if frame is not None],
-                                      cfg.encode_ahead_hz, now)
+        owner = {id(f): cam for cam in cameras for f in (fresh[cam.name],) if f is not None}
+        ahead = self.encode_ahead.run(pipeline, [(fresh[cam.name], cam.frames.interval_s) for cam in cameras
+                                                 if fresh[cam.name] is not None], cfg.encode_ahead_hz, now,
+                                      ready=lambda f: owner[id(f)].decode_pixels(f))
         if ahead == 0.0:
             return 0.0
         if ahead is not None:
@@ -66,27 +68,77 @@ class LiveWork:
 
     def ground_standing(self, pipeline: Pipeline, cam: Camera, frame: Frame, should_stop: Callable[[], bool],
                         now: float) -> None:
-        """The camera's standing queries on `frame`: one batch (shared encoding and prompt head)."""
+        """The camera's standing queries on `frame`: one batch (shared encoding and prompt head); then its
+        checks, one batch, each about its query's box from the first."""
         state = cam.standing
-        queries = state.queries
+        queries, checks = state.queries, state.checks
         state.last_stamp, state.last_run = frame.stamp_ns, now
         commands = [Command(id=f"{self._node.get_name()}-tracks-{cam.label}-{k}", task="refer", text=q,
                             camera=cam.name, decoding="constrained") for k, q in enumerate(queries)]
-        results = pipeline.run_batch(commands, frame, should_stop=should_stop)
-        if any(r.status is Status.CANCELLED for r in results) or queries != state.queries:
+        results = pipeline.run_batch(commands, frame, should_stop=should_stop) if commands else []
+        asked, answers = self.ask_checks(pipeline, cam, frame, queries, checks, results, should_stop)
+        if any(r.status is Status.CANCELLED for r in results + answers) or (queries, checks) != (state.queries,
+                                                                                                 state.checks):
             return   # stopped, or the queries changed meanwhile: nothing stale goes out
-        errors = [r.error for r in results if r.status is Status.MODEL_ERROR]
+        errors = [r.error for r in results + answers if r.status is Status.MODEL_ERROR]
         if errors:
             raise RuntimeError(f"standing queries on camera {cam.label}: {errors[0]}")
         self._node.place_geometry(results)
         config = self._node.config
         msg = self.tracks_message(cam, frame, queries, results, config.track_hold_s)
+        msg.checks = self.check_entries(checks, asked, answers)
         self._node.publish_tracks(msg, frame, self.combined(cam, frame, msg, results))
         if config.target_query in queries:     # its fused object is the arm's target, named by its track
             k = queries.index(config.target_query)
             self._node.offer_target(results[k], f"{cam.label}/{config.target_query}#{msg.queries[k].track_id}")
         state.published += 1
         self.tracks_published += 1
+
+    def ask_checks(self, pipeline: Pipeline, cam: Camera, frame: Frame, queries: tuple, checks: tuple,
+                   results: List[Result], should_stop: Callable[[], bool]) -> tuple:
+        """The checks' commands run as one batch: ([(check, about, region or None, why not asked)], results of
+        those asked). A check about a query that has no box on this frame is not asked."""
+        asked: List[tuple] = []
+        commands: List[Command] = []
+        for k, check in enumerate(checks):
+            about = asked_about(check, queries)
+            region, why = None, ""
+            if about:
+                res = results[queries.index(about)]
+                if res.status is Status.OK and res.objects:
+                    region = tuple(max(res.objects, key=lambda o: o.score if o.score == o.score else -1.0).box_px)
+                else:
+                    why = f"{about!r} was not found on this frame"
+            try:
+                text = check if region else unmarked_caption(check)
+            except ValueError as exc:     # unbalanced [brackets]: said on the entry, every frame
+                why = str(exc)
+            asked.append((check, about, region, why))
+            if not why:
+                commands.append(Command(id=f"{self._node.get_name()}-checks-{cam.label}-{k}", task="check",
+                                        text=text, region_px=region, camera=cam.name, max_new_tokens=1))
+        answers = pipeline.run_batch(commands, frame, should_stop=should_stop) if commands else []
+        return asked, answers
+
+    @staticmethod
+    def check_entries(checks: tuple, asked: List[tuple], answers: List[Result]) -> List[TrackedCheck]:
+        """A TrackedCheck per standing check, in order: its answer and p(yes), or why it was not answered."""
+        it = iter(answers)
+        entries = []
+        for check, about, region, why in asked:
+            entry = TrackedCheck(question=check, about=about, answer_probability=-1.0, error=why)
+            if region is not None:
+                entry.region = PixelBox(x_min=float(region[0]), y_min=float(region[1]),
+                                        x_max=float(region[2]), y_max=float(region[3]))
+            if not why:
+                res = next(it)
+                if res.status is Status.OK and res.answer:
+                    entry.answered, entry.answer = True, res.answer
+                    entry.answer_probability = float(res.answer_probability)
+                else:
+                    entry.error = res.error or "no answer"
+            entries.append(entry)
+        return entries
 
     @staticmethod
     def tracks_message(cam: Camera, frame: Frame, queries: tuple, results: List[Result], hold_s: float = 0.0) -> Tracks:

@@ -130,6 +130,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             cam.frames.capacity = new.frame_cache_size
             if "queries" in changed:
                 cam.standing.set(new.queries)   # every camera, replacing what ~/set_queries set
+            if "checks" in changed:
+                cam.standing.set_checks(new.checks)
         self.worker.poke()
         pipeline = self._pipeline
         if pipeline is not None:
@@ -141,9 +143,13 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             self.get_logger().error(f"cannot configure: bad parameter: {self.param_error}")
             return TransitionCallbackReturn.FAILURE
         cfg = self.config
+        if cfg.configure_problem():
+            self.get_logger().error(f"cannot configure: {cfg.configure_problem()}")
+            return TransitionCallbackReturn.FAILURE
         try:
             self.geometry_frames.close()
-            self.geometry_frames = make_geometry_frames(self, cfg.target_frame, cfg.tf_timeout_s)
+            self.geometry_frames = make_geometry_frames(self, cfg.target_frame, cfg.tf_timeout_s,
+                                                        dict(zip(cfg.cameras, cfg.target_frames)))
             self.targets.collision = collision_objects_or_none(self, cfg)
         except ImportError as exc:
             self.get_logger().error(f"cannot configure: {exc}")
@@ -214,7 +220,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._stop_commands("node is not active")
         for cam in self.cameras.values():
             cam.unsubscribe()
-        interfaces, self.camera_interfaces = self.camera_interfaces, {}
+        interfaces, self.camera_interfaces = self.camera_interfaces, {}   # results from now on: node-wide only
         for iface in interfaces.values():
             iface.destroy()
         self.geometry_frames.close()
@@ -239,9 +245,10 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self.cameras = {name: Camera(self, name, cfg, on_frame=self._on_frame) for name in cfg.camera_names}
         for cam in self.cameras.values():
             cam.standing.set(cfg.queries)
+            cam.standing.set_checks(cfg.checks)
 
     def _on_frame(self, cam: Camera) -> None:
-        if cam.standing.queries or self.config.encode_ahead_hz > 0:
+        if cam.standing.standing or self.config.encode_ahead_hz > 0:
             self.worker.poke()
 
     def active_pipeline(self) -> Optional[Pipeline]:
@@ -339,7 +346,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         return self.camera_of(command).resolve(command, self.config)
 
     def _on_set_queries(self, request: SetQueries.Request, response: SetQueries.Response) -> SetQueries.Response:
-        """Set, replace or clear a camera's standing queries (every camera's with camera empty)."""
+        """Set, replace or clear a camera's standing queries and checks (every camera's with camera empty)."""
         if request.camera and request.camera not in self.cameras:
             known = ", ".join(repr(n) for n in self.cameras if n) or "one unnamed camera (leave camera empty)"
             response.success, response.error = False, f"unknown camera {request.camera!r}; this node has: {known}"
@@ -349,15 +356,18 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         controls = tuple(sorted(pipeline.vocab.control_strings)) if pipeline is not None else ()
         try:
             queries = check_queries(list(request.queries), self.config.max_prompt_chars, controls)
+            checks = check_queries(list(request.checks), self.config.max_prompt_chars, controls, name="checks")
         except ConfigError as exc:
-            # refused: nothing changed, so answer the queries in force (the first target camera's)
+            # refused: nothing changed, so answer what is in force (the first target camera's)
             response.success, response.error = False, str(exc)
             response.queries = list(targets[0].standing.queries) if targets else []
+            response.checks = list(targets[0].standing.checks) if targets else []
             return response
         for cam in targets:
             cam.standing.set(queries)
+            cam.standing.set_checks(checks)
         self.worker.poke()
-        response.success, response.queries = True, list(queries)
+        response.success, response.queries, response.checks = True, list(queries), list(checks)
         return response
 
     def place_geometry(self, results: List[Result]) -> None:
@@ -387,16 +397,20 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             self.place_geometry([result])
         except Exception as exc:  # noqa: BLE001 - a geometry failure must never lose the result
             invalidate_objects(result.objects + result.candidates,
-                               f"could not move the geometry into {self.config.target_frame}: {exc}")
+                               f"could not move the geometry into "
+                               f"{self.geometry_frames.target_of(result.camera)}: {exc}")
         try:
             job.message = convert.result_to_msg(result, queue_ms, masks=self.config.result_masks)
         except Exception as exc:  # noqa: BLE001 - a result that cannot become a message is still answered
             result = Result.failure(job.command, Status.MODEL_ERROR, f"the result could not be converted: {exc}", frame)
             job.message = convert.result_to_msg(result, queue_ms)
-        self.outputs.publish(job.message, result, frame, self.config, cam.stats)
         iface = self.camera_interfaces.get(result.camera)
-        if iface is not None:
-            iface.result.publish(job.message)
+        if iface is not None:      # the robot's own copy first: it crosses the network, the views stay here
+            try:
+                iface.result.publish(job.message)
+            except Exception as exc:  # noqa: BLE001 - the node-wide result still goes out
+                self.get_logger().warning(f"{iface.result.topic_name}: {exc}", throttle_duration_sec=5.0)
+        self.outputs.publish(job.message, result, frame, self.config, cam.stats)
         self.offer_target(result, result.id)
 
     @staticmethod
@@ -500,8 +514,9 @@ def main(args: Optional[List[str]] = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     node = GroundingNode()
-    # Service and action callbacks each hold a thread while their command runs; keep spare ones.
-    executor = MultiThreadedExecutor(num_threads=8)
+    # Service and action callbacks each hold a thread while their command runs (at most queue_size + 1 at
+    # once; more are answered BUSY at once): that many and spare ones for frames and commands.
+    executor = MultiThreadedExecutor(num_threads=max(8, node.config.queue_size + 4))
     executor.add_node(node)
     if node.config.autostart and not node.param_error:
         if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:

@@ -76,6 +76,8 @@ PARAMETER_DOCS: Dict[str, str] = {
     "result_masks": "fill GroundingResult.mask, a mono8 label image of the source image's size (with depth)",
     "target_frame": "frame of the objects' poses, grasps and clouds, through tf2 at the image's stamp; "
                     "empty = the camera's optical frame",
+    "target_frames": "per camera, in the order of cameras, the frame its geometry goes into (robot r1's camera: "
+                     "r1/base_link); an empty item or no list: target_frame",
     "tf_timeout_s": "longest wait for the transform into target_frame; past it the result's geometry is invalid",
     "publish_debug_image": "publish ~/debug_image (only while someone subscribes)",
     "autostart": "configure and activate on start-up (else wait for lifecycle transitions)",
@@ -83,6 +85,9 @@ PARAMETER_DOCS: Dict[str, str] = {
                "front/depth/image, ... ; empty = one camera on image, camera_info, depth/image",
     "queries": "standing referring expressions grounded on every camera's newest frame (~/tracks); "
                "~/set_queries replaces them per camera",
+    "checks": "standing yes/no checks asked on every camera's grounded frames, answer and p(yes) on ~/tracks; a "
+              "[bracketed] standing query is asked about by its box ('Is [the red mug] in the gripper?'), else the "
+              "whole image; ~/set_queries replaces them per camera",
     "query_rate_hz": "most standing-query frames per second per camera; 0 = as fast as the model allows",
     "encode_ahead_hz": "most frames per second encoded (vision encoder + prompt head) while idle, summed over all "
                        "cameras (two 10 Hz cameras want 20), so a command pays only its own suffix and decode; 0 = off",
@@ -101,7 +106,7 @@ PARAMETER_DOCS: Dict[str, str] = {
 DEFERRED_PARAMETERS = frozenset({"model", "backend", "device", "precision", "allow_download",
                                  "allow_pickle_weights", "artifacts_dir", "build_engines", "cuda_graph", "torch_mode",
                                  "arena_budget_mb",
-                                 "target_frame", "tf_timeout_s",
+                                 "target_frame", "target_frames", "tf_timeout_s",
                                  "image_qos", "use_compressed", "image_transport",
                                  "depth_transport", "cameras", "camera_topics"})
 CONFIG_FIELDS = tuple(f.name for f in fields(Kosmos2Config))

@@ -7,7 +7,7 @@ missing transform does to a result) is `GeometryFrames`, which takes any object 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -57,13 +57,20 @@ class TfTransforms:
 
 
 class GeometryFrames:
-    """Puts each result's object geometry in target_frame (or leaves it in the camera's frame)."""
+    """Puts each result's object geometry in target_frame (or leaves it in the camera's frame).
+
+    A node serving several robots has one target frame per robot (`per_camera`: camera name -> frame,
+    from the parameter target_frames): r1's grasp in r1/base_link, r2's in r2/base_link."""
 
     def __init__(self, target_frame: str, timeout_s: float, transforms: Optional[Transforms],
-                 warn: Callable[[str], None]) -> None:
+                 warn: Callable[[str], None], per_camera: Optional[Mapping[str, str]] = None) -> None:
         self.target, self.timeout_s, self.transforms, self._warn = target_frame, timeout_s, transforms, warn
-        self._warned = False
+        self.per_camera = {camera: frame for camera, frame in (per_camera or {}).items() if frame}
+        self._warned: set = set()          # target frames already warned about (each robot's once)
         self.failures = 0
+
+    def target_of(self, camera: str) -> str:
+        return self.per_camera.get(camera, self.target)
 
     def close(self) -> None:
         if self.transforms is not None and hasattr(self.transforms, "close"):
@@ -74,34 +81,37 @@ class GeometryFrames:
         """Every box a result holds (its objects and its candidates: a planner may act on either, and
         `geometry_frame_id` names one frame for all) moved into target_frame, or made invalid with why."""
         for res in results:
-            if not self.target or res.status is not Status.OK:
+            target = self.target_of(res.camera)
+            if not target or res.status is not Status.OK:
                 continue
             held = list(res.objects) + list(res.candidates)
             objects = [o for o in held if o.geometry is not None and o.geometry.valid]
-            res.geometry_frame_id = self.target
-            if not objects or res.frame_id == self.target:
+            res.geometry_frame_id = target
+            if not objects or res.frame_id == target:
                 continue
             try:
                 if self.transforms is None:
                     raise TransformUnavailable("tf2 is not running")
-                rotation, translation = self.transforms.lookup(self.target, res.frame_id, res.stamp_ns, self.timeout_s)
+                rotation, translation = self.transforms.lookup(target, res.frame_id, res.stamp_ns, self.timeout_s)
             except TransformUnavailable as exc:
                 self.failures += 1
                 invalidate_objects(held, str(exc))
-                if not self._warned:
-                    self._warned = True
-                    self._warn(f"{exc}. Check it with: ros2 run tf2_ros tf2_echo {self.target} {res.frame_id} "
+                if target not in self._warned:
+                    self._warned.add(target)
+                    self._warn(f"{exc}. Check it with: ros2 run tf2_ros tf2_echo {target} {res.frame_id} "
                                "(is the robot's TF published, and is the camera's frame_id in it?)")
                 continue
-            move_objects(held, rotation, translation, self.target)
+            move_objects(held, rotation, translation, target)
 
 
-def make_geometry_frames(node: Any, target_frame: str, timeout_s: float) -> GeometryFrames:
-    """The node's GeometryFrames; ImportError (TF2_MISSING) when target_frame is set without tf2_ros."""
+def make_geometry_frames(node: Any, target_frame: str, timeout_s: float,
+                         per_camera: Optional[Mapping[str, str]] = None) -> GeometryFrames:
+    """The node's GeometryFrames; ImportError (TF2_MISSING) when a target frame is set without tf2_ros."""
     transforms = None
-    if target_frame:
+    if target_frame or any((per_camera or {}).values()):
         try:
             transforms = TfTransforms(node)
         except ImportError:
             raise ImportError(TF2_MISSING) from None
-    return GeometryFrames(target_frame, timeout_s, transforms, lambda text: node.get_logger().warning(text))
+    return GeometryFrames(target_frame, timeout_s, transforms, lambda text: node.get_logger().warning(text),
+                          per_camera)

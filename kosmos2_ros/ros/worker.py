@@ -249,16 +249,19 @@ class Worker:
         answers it). Jobs leave the queue only once their frames are in hand, so nothing raised here
         can lose a queued command.
         """
+        # Frames are looked up outside the lock: a compressed frame is decoded then (milliseconds), and
+        # submit() and poke() from the executor's threads must not wait for that.
+        with self._cv:
+            waiting = [other for other in self._queue if other.batchable][:max(0, self.max_batch - 1)]
+        found = [(other, self._frame_of(other)) for other in waiting]
         taken: List[Tuple[Job, Frame]] = []
         with self._cv:
-            for other in list(self._queue):
-                if len(taken) + 1 >= self.max_batch:
-                    break
-                frame = self._frame_of(other) if other.batchable else None
-                if frame is not None:
+            for other, frame in found:
+                # still queued (a drain meanwhile answered the others)
+                if frame is not None and any(q is other for q in self._queue):
                     taken.append((other, frame))
-            for other, _ in taken:
-                self._queue.remove(other)
+            chosen = {id(other) for other, _ in taken}
+            self._queue = collections.deque(q for q in self._queue if id(q) not in chosen)
         return taken
 
     def _frame_of(self, job: Job) -> Optional[Frame]:

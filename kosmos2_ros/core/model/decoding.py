@@ -127,6 +127,8 @@ class Generation:
     presence: Optional[float] = None
     # Other boxes the model considered for its first box (`Candidate`s, best first; Row.max_candidates).
     candidates: List[Candidate] = field(default_factory=list)
+    # Row.yes_no: p(yes) / (p(yes) + p(no)) at the first answer token, from the prompt's own logits.
+    answer_probability: Optional[float] = None
     # For a row with `export_prefix`: its KV cut to the shared prefix (None if the backend cannot cut).
     prefix_cache: Any = None
 
@@ -150,6 +152,8 @@ class Row:
     image_embeds: Any = None
     # Other first-corner cells to complete as candidate boxes (`candidate_cells`); 0 = none.
     max_candidates: int = 0
+    # A yes/no question: read p(yes) and p(no) at the first answer token (Generation.answer_probability).
+    yes_no: bool = False
 
 
 def scores_of(logits: Logits, vocab: Optional[GroundingVocab] = None) -> TokenScores:
@@ -160,9 +164,22 @@ def scores_of(logits: Logits, vocab: Optional[GroundingVocab] = None) -> TokenSc
 
 
 def readout_for(vocab: GroundingVocab) -> Readout:
-    """What the loop reads of each row: the location tokens and the control tokens a box's grammar uses."""
+    """What the loop reads of each row: the location tokens, the control tokens a box's grammar uses, and
+    a yes/no answer's first tokens (a few floats more a row, so a check costs no extra read)."""
     lo, hi = vocab.patch_ids()
-    return Readout(lo, hi, (vocab.object_open, vocab.object_close, vocab.delimiter, vocab.eos))
+    return Readout(lo, hi, (vocab.object_open, vocab.object_close, vocab.delimiter, vocab.eos)
+                   + vocab.yes_tokens + vocab.no_tokens)
+
+
+def answer_probability(logits: Logits, vocab: GroundingVocab) -> float:
+    """p(yes) / (p(yes) + p(no)) over the next token: each a sum over the answer's spellings' first tokens
+    (`GroundingVocab.yes_tokens`), from the softmax over the whole vocabulary."""
+    if not vocab.yes_tokens or not vocab.no_tokens:
+        raise ValueError("the tokenizer has no first token for yes or for no: no yes/no probability")
+    scores = scores_of(logits, vocab)
+    p_yes = sum(scores.prob(t) for t in vocab.yes_tokens)
+    p_no = sum(scores.prob(t) for t in vocab.no_tokens)
+    return float(p_yes / (p_yes + p_no)) if p_yes + p_no > 0 else 0.5
 
 
 def token_prob(logits: Logits, token: int) -> float:
@@ -333,6 +350,8 @@ def generate(backend: Backend, image_embeds: Any, rows: Sequence[Row], vocab: Gr
         st.gen.model_calls += 1
         if r.input_ids and r.input_ids[-1] == vocab.phrase_close:
             st.gen.presence = st.scores.prob(vocab.object_open)
+        if r.yes_no:
+            st.gen.answer_probability = answer_probability(st.scores, vocab)
         if r.constrained:
             # <object> is forced; the prompt's own logits gave its probability (presence) first.
             st.take(vocab.object_open, 1.0, forced=True)

@@ -34,7 +34,8 @@ class Task(str, enum.Enum):
     CAPTION = "caption"                    # brief grounded caption
     DESCRIBE = "describe"                  # detailed grounded description
     REGION = "region"                      # describe what is inside a given box
-    VQA = "vqa"                            # grounded question answering
+    VQA = "vqa"                            # grounded question answering (about the image, or a given region)
+    CHECK = "check"                        # a yes/no question: the answer and p(yes) (about the image or a region)
     RAW = "raw"                            # expert: text follows <grounding> verbatim
 
     @classmethod
@@ -162,6 +163,47 @@ def _region_prompts(text: str, region: Optional[Box]) -> List[Prompt]:
     return [Prompt(text="<grounding><phrase> It</phrase> is", bboxes=[(float(x0), float(y0), float(x1), float(y1))])]
 
 
+#: Words a question about a region may point at it with, when no phrase is [bracketed]: the paper's
+#: referring examples ask "What is this?", "What is it used for?".
+POINTING_WORDS = ("this", "that", "it", "these", "those", "here")
+_POINTING = re.compile(r"\b(" + "|".join(POINTING_WORDS) + r")\b", re.IGNORECASE)
+
+
+def linked_phrase(question: str) -> Tuple[str, str, str]:
+    """(before, phrase, after): the phrase of a question about a region that the region is linked to.
+
+    The phrase is the one [bracketed] ("Is [the mug] in the gripper?"); with no brackets, the first
+    pointing word ("What is this used for?" -> "this"). PromptError when there is none, or more than one
+    bracketed phrase (one region, one phrase).
+    """
+    parts = _marked_parts(question)
+    if len(parts) > 3:
+        raise PromptError("a question about a region links one phrase to it: [bracket] only one")
+    if len(parts) == 3:
+        if not parts[1].strip():
+            raise PromptError("an empty [phrase] in the question")
+        return parts[0], parts[1].strip(), parts[2]
+    found = _POINTING.search(question)
+    if found is None:
+        raise PromptError("a question about a region needs the phrase the region is: [bracket] it, as in "
+                          "'Is [the drawer] open?', or point at it with this, that or it ('What is this?')")
+    return question[:found.start()], found.group(0), question[found.end():]
+
+
+def question_prompt(question: str, region: Optional[Box] = None) -> Prompt:
+    """`<grounding> Question: {question} Answer:`; about a region, its linked phrase tagged as the model writes
+    phrases (the space before it inside: `What is<phrase> this</phrase> used for?`) with the region's box,
+    which the processor inserts after the phrase as `<object><patch_index_a><patch_index_b></object>`."""
+    if region is None:
+        return Prompt(text=f"<grounding> Question: {question} Answer:")
+    x0, y0, x1, y1 = region
+    if not (x1 > x0 and y1 > y0):
+        raise PromptError("region is empty after clipping to the image")
+    before, phrase, after = linked_phrase(question)
+    text = f"<grounding> Question:{(' ' + before.strip()) if before.strip() else ''}<phrase> {phrase}</phrase>{after}"
+    return Prompt(text=f"{text.rstrip()} Answer:", bboxes=[(float(x0), float(y0), float(x1), float(y1))])
+
+
 def _phrase_prompts(text: str, region: Optional[Box]) -> List[Prompt]:
     """One prompt per marked phrase, each after the caption so far (brackets removed, spaces as written)."""
     prompts = []
@@ -205,6 +247,8 @@ class TaskSpec:
     prompts: Callable[[str, Optional[Box]], List[Prompt]]   # (sanitised text, region on the model input)
     needs_text: bool = False
     needs_region: bool = False
+    accepts_region: bool = False     # a region is optional (questions about an object); read when given
+    yes_no: bool = False             # the answer is read as yes or no, with p(yes) (Generation.answer_probability)
     merge: Callable[[str, List[Output]], Merged] = merge_single   # (the command's sanitised text, outputs)
 
 
@@ -218,7 +262,9 @@ TASKS: Dict[Task, TaskSpec] = {spec.task: spec for spec in (
     TaskSpec(Task.CAPTION, _fixed("<grounding>An image of")),
     TaskSpec(Task.DESCRIBE, _fixed("<grounding>Describe this image in detail:")),
     TaskSpec(Task.REGION, _region_prompts, needs_region=True),
-    TaskSpec(Task.VQA, lambda text, _: [Prompt(text=f"<grounding> Question: {text} Answer:")], needs_text=True),
+    TaskSpec(Task.VQA, lambda text, region: [question_prompt(text, region)], needs_text=True, accepts_region=True),
+    TaskSpec(Task.CHECK, lambda text, region: [question_prompt(text, region)], needs_text=True, accepts_region=True,
+             yes_no=True),
     TaskSpec(Task.RAW, lambda text, _: [Prompt(text=f"<grounding>{text}")], needs_text=True),
 )}
 #: Tasks whose command must carry text.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Tuple
 
 NUM_PATCH_INDEX_TOKENS = 1024
 PATCH_TOKEN_RE = re.compile(r"<patch_index_(\d+)>")
@@ -20,6 +20,25 @@ TAG_TOKENS = (
 
 def patch_token(index: int) -> str:
     return f"<patch_index_{index:04d}>"
+
+
+#: How an answer of yes or no may be spelt after "Answer:" (with and without the word's leading space).
+YES_SPELLINGS = ("yes", "Yes", "YES")
+NO_SPELLINGS = ("no", "No", "NO")
+
+
+def first_answer_tokens(tokenizer: Any, spellings: Iterable[str]) -> Tuple[int, ...]:
+    """The token each spelling of an answer starts with (as the word after "Answer:", with its leading
+    space, and without): one token for the real tokenizer (`▁Yes`); for a small tokenizer that writes the
+    word boundary as a token of its own (`▁`, `y`, `es`), the first piece after it."""
+    out = []
+    for word in spellings:
+        for text in (f" {word}", word):
+            ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+            content = [i for i in ids if tokenizer.convert_ids_to_tokens(i).strip("\u2581 ")]
+            if content and content[0] != tokenizer.unk_token_id and content[0] not in out:
+                out.append(content[0])
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,9 @@ class GroundingVocab:
     num_patches: int
     vocab_size: int
     control_strings: FrozenSet[str]   # every string that would tokenize to a control token
+    # A yes/no answer's first token, every spelling (`first_answer_tokens`); a token both could start is in neither.
+    yes_tokens: Tuple[int, ...] = ()
+    no_tokens: Tuple[int, ...] = ()
 
     @property
     def patches_per_side(self) -> int:
@@ -66,6 +88,7 @@ class GroundingVocab:
             raise ValueError("the tokenizer's <patch_index_XXXX> ids are not contiguous")
         added: Dict[str, int] = tokenizer.get_added_vocab()
         specials = set(tokenizer.all_special_tokens)
+        yes, no = first_answer_tokens(tokenizer, YES_SPELLINGS), first_answer_tokens(tokenizer, NO_SPELLINGS)
         return cls(
             bos=int(tokenizer.bos_token_id), eos=int(tokenizer.eos_token_id),
             pad=int(tokenizer.pad_token_id), unk=int(tokenizer.unk_token_id),
@@ -76,4 +99,5 @@ class GroundingVocab:
             first_patch=first, num_patches=NUM_PATCH_INDEX_TOKENS,
             vocab_size=len(tokenizer),
             control_strings=frozenset(set(added) | specials | set(TAG_TOKENS)),
+            yes_tokens=tuple(t for t in yes if t not in no), no_tokens=tuple(t for t in no if t not in yes),
         )

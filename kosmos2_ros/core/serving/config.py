@@ -101,11 +101,13 @@ class Kosmos2Config:
     result_masks: bool = True                        # the label image GroundingResult.mask (with depth)
     target_frame: str = ""                           # frame of poses, grasps and clouds ("" = the camera's optical frame)
     tf_timeout_s: float = 0.05                       # longest wait for the transform into target_frame
+    target_frames: Tuple[str, ...] = ()              # per camera (order of cameras): its robot's frame; "" = target_frame
     publish_debug_image: bool = True                 # only when someone subscribes
     autostart: bool = True
     # Live perception
     cameras: Tuple[str, ...] = ()                    # () = one camera on image, camera_info, ...
     queries: Tuple[str, ...] = ()                    # standing referring expressions, every camera
+    checks: Tuple[str, ...] = ()                     # standing yes/no checks, every camera ("Is [the mug] in the gripper?")
     query_rate_hz: float = 2.0                       # standing-query frames per second per camera; 0 = max
     encode_ahead_hz: float = 0.0                     # most frames per second encoded while idle; 0 = off
     track_hold_s: float = 2.0                        # a standing query's track held this long while not found (occluded)
@@ -166,6 +168,19 @@ class Kosmos2Config:
         return dataclasses.asdict(self)
 
     # -- validation ------------------------------------------------------------------------
+    def configure_problem(self) -> str:
+        """What stops the node configuring with these values together ("" = nothing). Kept out of `validate`:
+        ros2 param set changes one parameter at a time, so cameras and target_frames may disagree between
+        two sets; configure (and the launch files, before anything starts) need them to agree."""
+        if self.camera_topics and not self.cameras:
+            return ("camera_topics needs named cameras (cameras: [r1/front, r2/front]): the one unnamed camera's "
+                    "topics are the node's own")
+        if len(self.target_frames) > len(self.cameras):
+            return (f"target_frames has {len(self.target_frames)} entries ({list(self.target_frames)}) for "
+                    f"{len(self.cameras)} cameras {list(self.cameras)}: one per camera in the order of cameras, "
+                    "fewer is fine (the rest use target_frame)")
+        return ""
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -192,9 +207,6 @@ class Kosmos2Config:
              f"image_transport must be one of {IMAGE_TRANSPORTS}, got {self.image_transport!r}")
         need(self.depth_transport in DEPTH_TRANSPORTS,
              f"depth_transport must be one of {DEPTH_TRANSPORTS}, got {self.depth_transport!r}")
-        need(not self.camera_topics or bool(self.cameras),
-             "camera_topics needs named cameras (cameras: [r1/front, r2/front]): the one unnamed camera's topics "
-             "are the node's own")
         need(-1 <= self.no_repeat_ngram_size <= MAX_NGRAM,
              f"no_repeat_ngram_size must be in [-1, {MAX_NGRAM}] (-1 = the checkpoint's, 0 = off), "
              f"got {self.no_repeat_ngram_size}")
@@ -211,7 +223,10 @@ class Kosmos2Config:
             need(CAMERA_NAME_RE.fullmatch(name) is not None,
                  f"cameras: {name!r} is not a relative topic name (letters, digits, _ and /, starting with a letter)")
         need(len(set(self.cameras)) == len(self.cameras), f"cameras: a name is listed twice in {list(self.cameras)}")
+        for frame in (self.target_frame, *self.target_frames):
+            need(frame == frame.strip() and " " not in frame, f"a target frame may not hold spaces, got {frame!r}")
         check_queries(self.queries, self.max_prompt_chars)
+        check_queries(self.checks, self.max_prompt_chars, name="checks")
 
     @property
     def camera_names(self) -> Tuple[str, ...]:
@@ -219,21 +234,23 @@ class Kosmos2Config:
         return self.cameras or ("",)
 
 
-def check_queries(queries: Any, max_chars: int, control_strings: Tuple[str, ...] = ()) -> Tuple[str, ...]:
-    """Standing queries, validated like command text (control tokens, length) and counted.
+def check_queries(queries: Any, max_chars: int, control_strings: Tuple[str, ...] = (),
+                  name: str = "queries") -> Tuple[str, ...]:
+    """Standing queries (or checks: `name`), validated like command text (control tokens, length) and counted.
 
     Returns them cleaned (whitespace collapsed); ConfigError says what is wrong.
     """
     if len(queries) > MAX_QUERIES:
-        raise ConfigError(f"queries: at most {MAX_QUERIES} standing queries per camera, got {len(queries)}")
+        raise ConfigError(f"{name}: at most {MAX_QUERIES} standing {name} per camera, got {len(queries)}")
     out = []
     for text in queries:
         try:
             clean = sanitize_text(text, control_strings, max_chars)
         except PromptError as exc:
-            raise ConfigError(f"queries: {text!r}: {exc}") from None
+            raise ConfigError(f"{name}: {text!r}: {exc}") from None
         if not clean:
-            raise ConfigError("queries: an empty query (give a referring expression, e.g. 'the red mug')")
+            example = "'the red mug'" if name == "queries" else "'Is [the red mug] in the gripper?'"
+            raise ConfigError(f"{name}: an empty entry (give one, e.g. {example})")
         out.append(clean)
     return tuple(out)
 

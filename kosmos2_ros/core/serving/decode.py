@@ -187,7 +187,8 @@ class Decoder:
                       constrained=(prompt.expects_box and plan.mode is DecodingMode.CONSTRAINED
                                    and plan.max_new_tokens >= 4),
                       processors=logits_processors(plan.no_repeat_ngram_size),
-                      max_candidates=candidate_search(plan.max_candidates) if prompt.expects_box else 0)
+                      max_candidates=candidate_search(plan.max_candidates) if prompt.expects_box else 0,
+                      yes_no=plan.spec.yes_no)
             if plen:
                 key = tuple(pids.input_ids[:plen])
                 cache = enc.prefix_caches.get(key)

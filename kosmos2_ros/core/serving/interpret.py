@@ -53,6 +53,10 @@ class Interpreter:
         presences = [g.presence for p, g in zip(plan.prompts, gens) if p.expects_box and g.presence is not None]
         if presences:
             res.presence = float(min(presences))
+        answers = [g.answer_probability for g in gens if g.answer_probability is not None]
+        if answers:
+            res.answer_probability = float(answers[0])
+            res.answer = "yes" if res.answer_probability >= 0.5 else "no"
         self._candidates(res, plan, gens)
         self._not_found(res, plan)
         return res

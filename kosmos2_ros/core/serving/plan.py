@@ -50,9 +50,13 @@ class Planner:
         """
         try:
             task, *_ = self._settings(command)
+            spec = TASKS[task]
             region = (0.0, 0.0, 1.0, 1.0) if command.region_px is not None else None
-            if TASKS[task].needs_region and region is None:
+            if spec.needs_region and region is None:
                 raise PromptError(f"task {task.value!r} needs a region (use_region and region in pixels)")
+            if not (spec.needs_region or spec.accepts_region):
+                region = None
+            self._check_yes_no(spec)
             build_prompts(TaskRequest(task=task, text=command.text, region_norm=region),
                           sorted(self.vocab.control_strings), self.config.max_prompt_chars)
         except (PromptError, ValueError) as exc:
@@ -63,8 +67,9 @@ class Planner:
         """Validate a command against a frame; PromptError says what is wrong."""
         task, max_new, mode, ngram, wanted, describe = self._settings(command)
         spec = TASKS[task]
+        self._check_yes_no(spec)
         region_norm = None
-        if spec.needs_region:
+        if spec.needs_region or (spec.accepts_region and command.region_px is not None):
             if command.region_px is None:
                 raise PromptError(f"task {task.value!r} needs a region (use_region and region in pixels)")
             geometry = InputGeometry.from_processor(self.processor.image_processor, frame.width, frame.height)
@@ -80,6 +85,11 @@ class Planner:
         ids = [self.codec.encode(p.text, p.bboxes) for p in prompts]
         text = sanitize_text(command.text, (), self.config.max_prompt_chars)
         return Plan(command, spec, text, prompts, ids, max_new, mode, ngram, wanted, describe)
+
+    def _check_yes_no(self, spec: TaskSpec) -> None:
+        if spec.yes_no and not (self.vocab.yes_tokens and self.vocab.no_tokens):
+            raise PromptError(f"task {spec.task.value!r} needs the tokens yes and no start with, and this "
+                              "checkpoint's tokenizer has none for one of them")
 
     def no_repeat_ngram_size(self, command: Optional[Command] = None) -> int:
         """The n-gram size a command decodes with: its own, else the config's, else the checkpoint's."""

@@ -94,6 +94,8 @@ class Result:
     candidates: List[GroundedBox] = field(default_factory=list)   # other boxes the model considered, best first
     ambiguity: float = 0.0                 # best candidate's score / the chosen box's (0 without candidates)
     ambiguous: bool = False                # ambiguity >= ambiguity_ratio
+    answer: str = ""                       # check: "yes" or "no" (answer_probability >= 0.5)
+    answer_probability: float = -1.0       # check: p(yes) / (p(yes) + p(no)) at the first answer token; -1 n/a
 
     @classmethod
     def failure(cls, command: Command, status: Status, error: str, frame: Optional[Frame] = None) -> Result:
@@ -169,6 +171,7 @@ def describe(res: Result, queue_ms: float = 0.0) -> Dict[str, Any]:
         "presence": float(res.presence), "not_found_reason": res.not_found_reason,
         "candidates": [describe_object(o) for o in res.candidates],
         "ambiguous": bool(res.ambiguous), "ambiguity": finite(res.ambiguity),
+        "answer": res.answer, "answer_probability": float(res.answer_probability),
         "geometry_frame_id": res.geometry_frame_id or res.frame_id,
         "token_ids": [int(t) for t in res.token_ids], "no_repeat_ngram_size": int(res.no_repeat_ngram_size),
         "queue_ms": float(queue_ms), "encode_ms": float(t.get("encode", 0.0)),

@@ -11,9 +11,10 @@ next frame.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 from ..spatial.tracking import QueryTracker
 
@@ -22,8 +23,9 @@ _TRACK_IDS: Iterator[int] = itertools.count(1)   # track ids unique across the n
 
 @dataclass
 class QueryState:
-    """One camera's standing queries and where they stand."""
+    """One camera's standing queries (and yes/no checks) and where they stand."""
     queries: Tuple[str, ...] = ()
+    checks: Tuple[str, ...] = ()
     tracker: QueryTracker = field(default_factory=lambda: QueryTracker(_TRACK_IDS))
     last_stamp: Optional[int] = None        # the last frame grounded (never the same one twice)
     last_run: float = float("-inf")         # monotonic time that grounding started
@@ -35,9 +37,28 @@ class QueryState:
         self.queries = tuple(queries)
         self.tracker.keep_only(self.queries)
 
+    def set_checks(self, checks: Tuple[str, ...]) -> None:
+        """Replace the standing yes/no checks (as `set`: the latest wins)."""
+        self.checks = tuple(checks)
+
+    @property
+    def standing(self) -> bool:
+        """Whether there is anything to ask on each frame."""
+        return bool(self.queries or self.checks)
+
     def forget_frames(self) -> None:
         self.last_stamp = None
         self.last_run = float("-inf")
+
+
+def asked_about(check: str, queries: Sequence[str]) -> str:
+    """The standing query a check is asked about: its [bracketed] phrase when that is one of `queries`
+    (case and spaces aside); "" = the whole image."""
+    found = re.search(r"\[([^\[\]]*)\]", check)
+    if found is None:
+        return ""
+    phrase = " ".join(found.group(1).split()).lower()
+    return next((q for q in queries if " ".join(q.split()).lower() == phrase), "")
 
 
 def next_camera(cameras: Sequence[Tuple[str, QueryState, Optional[int]]], rate_hz: float,
@@ -45,13 +66,13 @@ def next_camera(cameras: Sequence[Tuple[str, QueryState, Optional[int]]], rate_h
     """(camera to ground now, None) or (None, seconds until one is due; None = nothing to wait for).
 
     `cameras`: (name, state, stamp of its newest usable frame or None). A camera is a candidate
-    when it has queries and a frame it has not grounded yet; it is due once 1/rate_hz passed
+    when it has queries or checks and a frame it has not grounded yet; it is due once 1/rate_hz passed
     since its last run (rate 0: at once). The due camera served longest ago wins.
     """
     period = 1.0 / rate_hz if rate_hz > 0 else 0.0
     due, waits = [], []
     for name, state, stamp in cameras:
-        if not state.queries or stamp is None or stamp == state.last_stamp:
+        if not state.standing or stamp is None or stamp == state.last_stamp:
             continue
         left = state.last_run + period - now
         if left <= 0:
@@ -104,10 +125,11 @@ class EncodeAhead:
         self.frames = 0                           # frames encoded ahead so far
 
     def run(self, pipeline: Any, frames: Sequence[Tuple[Any, Optional[float]]], rate_hz: float,
-            now: float) -> Optional[float]:
+            now: float, ready: Callable[[Any], bool] = lambda frame: True) -> Optional[float]:
         """Encode the oldest wanted frame of `frames` ((frame, its camera's frame interval or None))
         if the budget allows: 0.0 after one was encoded, else seconds until the budget allows one,
-        None when no frame is wanted or the rate is 0."""
+        None when no frame is wanted or the rate is 0. `ready` prepares the chosen frame alone (decodes
+        compressed pixels; False: it would not decode, nothing is encoded)."""
         todo = [f for f, interval_s in frames
                 if (f.encoding is None or not f.encoding.prefix_caches)
                 and worth_encoding_ahead(self.encode_s, interval_s, now - f.received)]
@@ -117,7 +139,10 @@ class EncodeAhead:
         if wait != 0.0:
             return wait
         self.budget.spend(now)
-        self.frames += pipeline.encode_ahead([min(todo, key=lambda f: f.received)])
+        chosen = min(todo, key=lambda f: f.received)
+        if not ready(chosen):
+            return 0.0
+        self.frames += pipeline.encode_ahead([chosen])
         took = time.monotonic() - now
         self.encode_s = took if self.encode_s is None else 0.7 * self.encode_s + 0.3 * took
         return 0.0
