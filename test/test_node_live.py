@@ -102,12 +102,12 @@ class LiveTester:
                 raise TimeoutError(f"camera {camera}: the node never received the frame stamped {stamp_ns}")
             time.sleep(0.05)
 
-    def set_queries(self, camera: str, queries: List[str]) -> Any:
+    def set_queries(self, camera: str, queries: List[str], checks: Optional[List[str]] = None) -> Any:
         from kosmos2_ros.srv import SetQueries
 
         assert self.set_queries_client.wait_for_service(timeout_sec=10)
-        return self.t.wait_for(self.set_queries_client.call_async(SetQueries.Request(camera=camera,
-                                                                                     queries=queries)))
+        return self.t.wait_for(self.set_queries_client.call_async(SetQueries.Request(camera=camera, queries=queries,
+                                                                                     checks=checks or [])))
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +289,35 @@ def test_bad_queries_are_refused_with_the_reason(live: LiveTester) -> None:
     assert not bad.success and "'rear'" in bad.error and "'front'" in bad.error
     bad = live.set_queries("wrist", ["x" * 5000])
     assert not bad.success and "max_prompt_chars" in bad.error
+
+
+def test_standing_checks_answer_on_tracks_about_their_querys_box(live: LiveTester) -> None:
+    """A check naming a standing query in [brackets] is asked about that query's box on the frame; others
+    about the whole image; each frame's Tracks carries the answers and p(yes) in the order set."""
+    checks = ["Is [the red box] red?", "Is there a cup?", "Is [a ghost] here?"]
+    ok = live.set_queries("front", ["the red box"], checks)
+    assert ok.success and list(ok.checks) == checks and list(ok.queries) == ["the red box"]
+    try:
+        start = time.monotonic()
+        fresh(live, "front", scene(W, H, 5))
+        msg = live.wait_tracks(start, lambda m: m.camera == "front" and len(m.checks) == 3)
+        about, whole, ghost = msg.checks
+        assert [c.question for c in msg.checks] == checks
+        assert (about.about, whole.about, ghost.about) == ("the red box", "", "")   # a ghost is no standing query
+        query = msg.queries[0]
+        assert query.found, "constrained decoding always places the query's box"
+        boxes = [(o.box.x_min, o.box.y_min, o.box.x_max, o.box.y_max) for o in query.objects]
+        region = (about.region.x_min, about.region.y_min, about.region.x_max, about.region.y_max)
+        assert any(all(abs(a - b) < 1e-3 for a, b in zip(region, box)) for box in boxes), (region, boxes)
+        for entry in msg.checks:
+            assert entry.answered and entry.error == "" and 0.0 <= entry.answer_probability <= 1.0
+            assert entry.answer == ("yes" if entry.answer_probability >= 0.5 else "no")
+        assert whole.region.x_max == 0.0 and ghost.region.x_max == 0.0
+        bad = live.set_queries("front", ["the red box"], ["a <phrase> trick?"])
+        assert not bad.success and "checks" in bad.error and "control token" in bad.error
+        assert list(bad.checks) == checks                    # refused: nothing changed
+    finally:
+        assert live.set_queries("front", [], []).success
 
 
 def test_per_camera_queries_via_the_service(live: LiveTester) -> None:

@@ -138,15 +138,16 @@ def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: P
     stamp, rgb = fresh_frame(t, "parity", seed=3)
     pipe = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", max_new_tokens=24))
     cases = (("refer", "the red box", None), ("caption", "", None), ("region", "", (5, 5, 40, 30)),
-             ("vqa", "what is it?", None))
+             ("vqa", "what is it?", None), ("vqa", "What is [this] used for?", (5, 5, 40, 30)),
+             ("check", "Is [this] red?", (5, 5, 40, 30)))
     try:
         refs = [pipe.run(Command(id="x", task=task, text=text, region_px=region), Frame(rgb=rgb.copy()))
                 for task, text, region in cases]
-        one_by_one = [t.run(t.command(f"parity-{task}", task, text, region=region, stamp_ns=stamp))
-                      for task, text, region in cases]
+        one_by_one = [t.run(t.command(f"parity-{k}", task, text, region=region, stamp_ns=stamp))
+                      for k, (task, text, region) in enumerate(cases)]
         # Sent together, queued commands about one frame may share a batch: same answers.
-        together = [t.command(f"parity-batch-{task}", task, text, region=region, stamp_ns=stamp)
-                    for task, text, region in cases]
+        together = [t.command(f"parity-batch-{k}", task, text, region=region, stamp_ns=stamp)
+                    for k, (task, text, region) in enumerate(cases)]
         for cmd in together:
             t.command_pub.publish(cmd)
         batched = [t.wait_result(cmd.id) for cmd in together]
@@ -154,6 +155,7 @@ def test_result_equals_pipeline_run_on_same_frame(node: tuple, tiny_model_dir: P
             assert res.status == OK == int(ref.status)
             assert res.text == ref.text and res.raw_text == ref.raw_text
             assert list(res.token_ids) == ref.token_ids
+            assert (res.answer, res.answer_probability) == pytest.approx((ref.answer, ref.answer_probability))
             assert len(res.objects) == len(ref.objects)
             for got, want in zip(res.objects, ref.objects):
                 assert got.phrase == want.phrase
@@ -289,6 +291,33 @@ def test_service_returns_the_result_and_publishes_it(node: tuple) -> None:
     assert t.wait_result("svc1").token_ids == res.token_ids
     bad = t.wait_for(t.ground_client.call_async(Ground.Request(command=t.command("svc2", "refer", "")))).result
     assert bad.status == INVALID and "non-empty" in bad.error
+
+
+def test_a_question_about_a_region_through_the_topic_the_service_and_the_action(node: tuple) -> None:
+    """check with a region: the same answer and p(yes) whichever way it is sent; a region outside the image
+    is INVALID with the reason, as for `region`."""
+    from kosmos2_ros.action import GroundTask
+    from kosmos2_ros.srv import Ground
+
+    _, t = node
+    stamp, _ = fresh_frame(t, "ask_cam", seed=4)
+    ask = dict(region=(5, 5, 40, 30), stamp_ns=stamp)
+    by_topic = t.run(t.command("ask-topic", "check", "Is [this] red?", **ask))
+    assert t.ground_client.wait_for_service(timeout_sec=10) and t.action_client.wait_for_server(timeout_sec=10)
+    by_service = t.wait_for(t.ground_client.call_async(
+        Ground.Request(command=t.command("ask-svc", "check", "Is [this] red?", **ask)))).result
+    handle = t.wait_for(t.action_client.send_goal_async(
+        GroundTask.Goal(command=t.command("ask-act", "check", "Is [this] red?", **ask))))
+    by_action = t.wait_for(handle.get_result_async()).result.result
+    for res in (by_topic, by_service, by_action):
+        assert res.status == OK, res.error
+        assert res.answer in ("yes", "no") and 0.0 <= res.answer_probability <= 1.0
+        assert (res.answer, res.answer_probability, list(res.token_ids)) == \
+            (by_topic.answer, by_topic.answer_probability, list(by_topic.token_ids))
+    outside = t.run(t.command("ask-out", "vqa", "What is [this]?", region=(500, 500, 600, 600), stamp_ns=stamp))
+    assert outside.status == INVALID and "outside" in outside.error
+    unlinked = t.run(t.command("ask-unlinked", "check", "Is the drawer open?", region=(5, 5, 40, 30), stamp_ns=stamp))
+    assert unlinked.status == INVALID and "[bracket] it" in unlinked.error
 
 
 def test_action_gives_feedback_and_result(node: tuple) -> None:
