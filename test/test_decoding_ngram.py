@@ -16,6 +16,7 @@ from typing import Any, List
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kosmos2_ros.core.model.decoding import NoRepeatNGram, Row, choose, generate, logits_processors
 from kosmos2_ros.core.model.loading import checkpoint_no_repeat_ngram_size
@@ -165,6 +166,37 @@ def test_every_task_equals_generate_with_the_checkpoints_ngram_size(ngram_pipeli
         # The setting matters here: without it this checkpoint repeats itself.
         assert any(repeated_trigrams(ids) for ids in without), task
         assert res.token_ids != sum(without, []), task
+
+
+def test_questions_about_a_region_and_checks_on_every_backend(ngram_pipeline: Pipeline, reference_model: Any) -> None:
+    """vqa and check about a region give generate's tokens on this backend, and check's answer_probability is
+    p(yes) / (p(yes) + p(no)) from an independent float64 softmax over the reference model's own logits."""
+    model, processor = reference_model
+    rgb, _ = draw_scene(200, 160, np.random.default_rng(5))
+    frame = Frame(rgb=rgb, stamp_ns=1, frame_id="cam")
+    region = (40.0, 30.0, 150.0, 120.0)
+    cases = [("vqa", "What is [this] used for?", region), ("check", "Is [this] a red square?", region),
+             ("check", "Is there a dog?", None)]
+    results = ngram_pipeline.run_batch([Command(id=f"q{k}", task=t, text=x, region_px=r)
+                                        for k, (t, x, r) in enumerate(cases)], frame)
+    geometry = ngram_pipeline.encode(frame).geometry
+    vocab = ngram_pipeline.vocab
+    for res, (task, text, box) in zip(results, cases):
+        assert res.status == Status.OK, res.error
+        (prompt,) = build_prompts(TaskRequest(Task(task), text, geometry.to_normalized(box) if box else None))
+        ref = reference_generate(model, processor, prompt.text, rgb, MAX_NEW, bboxes=prompt.bboxes)
+        assert res.token_ids == ref.new_ids, task
+        if task != "check":
+            assert res.answer_probability == -1.0
+            continue
+        inputs = processor(text=prompt.text, images=Image.fromarray(rgb), bboxes=prompt.bboxes, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                           attention_mask=inputs["attention_mask"],
+                           image_embeds_position_mask=inputs["image_embeds_position_mask"]).logits[0, -1]
+        p = torch.softmax(logits.double(), dim=-1)
+        p_yes, p_no = float(p[list(vocab.yes_tokens)].sum()), float(p[list(vocab.no_tokens)].sum())
+        assert res.answer_probability == pytest.approx(p_yes / (p_yes + p_no), rel=1e-4, abs=1e-6), task
 
 
 def test_constrained_box_skips_a_banned_location_for_the_next_best(ngram_pipeline: Pipeline) -> None:

@@ -82,3 +82,59 @@ def test_missing_rviz_fails_before_starting_anything(tiny_model_dir: Path, tmp_p
     assert proc.returncode != 0, out
     assert "rviz2 is not installed" in out and "nothing was started" in out, out
     assert "grounding_node" not in out and "loading model" not in out, out
+
+
+def test_serve_robots_starts_a_node_per_shard_reached_by_camera_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """launch/serve_robots.launch.py with two shards: each node serves its cameras' compressed topics, and a
+    command on a camera's own topic is answered by the node serving it (its generated id names the node);
+    a camera served twice stops the launch before anything starts."""
+    import time
+
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    from kosmos2_ros.msg import GroundingCommand, GroundingResult
+    from kosmos2_ros.ros.convert import header_of, uint8_array
+
+    shards = ("[{name: shard_a, cameras: [{name: r1/front, image: /r1/cam/image_raw}]}, "
+              "{name: shard_b, cameras: [{name: r2/front, image: /r2/cam/image_raw}]}]")
+    env = node_env(DOMAIN)
+    bad = subprocess.run([sys.executable, "-c", LAUNCHER, str(ROOT / "launch" / "serve_robots.launch.py"),
+                          f"model:={tiny_model_dir}", "shards:=[{cameras: [c1]}, {cameras: [c1]}]"],
+                         env=env, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert bad.returncode != 0 and "camera 'c1' is served by shards" in bad.stdout + bad.stderr
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ROOT / "launch" / "serve_robots.launch.py"),
+                             f"model:={tiny_model_dir}", f"shards:={shards}", "backend:=torch"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    tester = Tester(DOMAIN, node_ns="/shard_b")
+    try:
+        tester.wait_active(timeout=120, raw_image=False)
+        node = tester.node
+        got: list = []
+        node.create_subscription(GroundingResult, "/r2/front/kosmos2/result", got.append, 10)
+        image = node.create_publisher(CompressedImage, "/r2/cam/image_raw/compressed", 10)
+        command = node.create_publisher(GroundingCommand, "/r2/front/kosmos2/command", 10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (image.get_subscription_count() and command.get_subscription_count()):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        jpeg = cv2.imencode(".jpg", scene(96, 72)[:, :, ::-1])[1].tobytes()
+        answer = None
+        while time.monotonic() < deadline and answer is None:
+            image.publish(CompressedImage(header=header_of(time.time_ns(), "r2_optical"), format="jpeg",
+                                          data=uint8_array(jpeg)))
+            time.sleep(0.3)
+            command.publish(GroundingCommand(task="refer", text="a red square"))
+            time.sleep(1.0)
+            answer = next((m for m in got if m.status == 0), None)
+        assert answer is not None, [m.error for m in got]
+        assert answer.id.startswith("shard_b-") and answer.camera == "r2/front"
+    finally:
+        tester.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

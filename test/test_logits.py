@@ -92,8 +92,10 @@ def test_choices_read_the_full_row_only_when_the_argmax_is_banned() -> None:
 
 
 class _Vocab:
-    """The tokens `candidate_cells` reads: 64 location tokens at ids 100..164 and the control tokens."""
+    """The tokens `candidate_cells` reads: 64 location tokens at ids 100..164, the control tokens and a
+    yes/no answer's first tokens."""
     object_open, object_close, delimiter, eos = 3, 7, 250, 2
+    yes_tokens, no_tokens = (20, 21), (30,)
 
     @staticmethod
     def patch_ids() -> tuple:
@@ -140,11 +142,19 @@ def test_the_loop_over_torchs_static_path_reads_no_whole_row(monkeypatch, tiny_m
     commands = {f"<grounding><phrase> {EXPRESSIONS[1]}</phrase>": Command(id="r", task="refer", text=EXPRESSIONS[1]),
                 "<grounding>An image of": Command(id="c", task="caption"),
                 "<grounding> Question: what is on the left? Answer:": Command(id="q", task="vqa",
-                                                                               text="what is on the left?")}
+                                                                               text="what is on the left?"),
+                "<grounding> Question: Is there a dog? Answer:": Command(id="y", task="check", text="Is there a dog?")}
     results = pipe.run_batch(list(commands.values()), Frame(rgb=rgb, stamp_ns=1, frame_id="cam"))
     for prompt, res in zip(commands, results):
         assert res.status == 0, res.error
         assert res.token_ids == reference_generate(model, processor, prompt, rgb, 12).new_ids
+    # the check's p(yes) came from the same small read (its tokens are in the readout), equal to the host's
+    host = Pipeline.load(Kosmos2Config(model=str(tiny_model_dir), backend="torch", torch_mode="reference",
+                                       device="cpu", decoding="free", max_new_tokens=12, enable_3d=False))
+    (ref,) = host.run_batch([commands["<grounding> Question: Is there a dog? Answer:"]],
+                            Frame(rgb=rgb, stamp_ns=1, frame_id="cam"))
+    assert results[-1].answer_probability == pytest.approx(ref.answer_probability, rel=1e-5)
+    host.close()
     assert reads["rows"] >= sum(len(r.token_ids) for r in results)
     assert reads["whole"] == 0, reads       # no argmax banned on these prompts: no row crossed whole
     backend.close()

@@ -80,10 +80,23 @@ def test_launch_file_declares_its_arguments() -> None:
     expected = {"namespace", "image_topic", "camera_info_topic", "depth_topic", "use_compressed", "enable_3d",
                 "params_file", "model", "backend", "autostart", "dds_profile", "use_rviz", "log_level",
                 "cameras", "queries", "query_rate_hz", "encode_ahead_hz", "image_topics", "depth_topics",
-                "camera_info_topics"}
+                "camera_info_topics", "image_transport", "depth_transport"}
     assert set(declared) == expected and all(declared.values())
     assert 'executable="grounding_node"' in source and "rviz2" in source
     compile(source, "grounding.launch.py", "exec")
+
+
+def test_serve_robots_launch_file_declares_its_arguments() -> None:
+    """serve_robots.launch.py: every argument it reads is declared and described (its logic is launch_shards,
+    tested in test_launch_shards.py; test_launch.py runs it where launch_ros is installed)."""
+    source = (ROOT / "launch" / "serve_robots.launch.py").read_text()
+    declared = {call.args[0].value: any(k.arg == "description" for k in call.keywords)
+                for call in ast.walk(ast.parse(source))
+                if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument"}
+    assert set(declared) == {"shards", "machine", "namespace", "params_file", "model", "backend", "image_transport",
+                             "depth_transport", "queries", "query_rate_hz", "dds_profile", "log_level"}
+    assert all(declared.values()) and 'executable="grounding_node"' in source
+    compile(source, "serve_robots.launch.py", "exec")
 
 
 # -- ordinary use --------------------------------------------------------------------------
