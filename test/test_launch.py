@@ -36,6 +36,15 @@ sys.exit(service.run())
 """
 
 
+def stop_launch(proc: subprocess.Popen) -> None:
+    """Ctrl-C to the launch service, as a user stops `ros2 launch`; killed if it does not end."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def test_launch_file_starts_a_node_that_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = node_env(DOMAIN)
     # No camera_info_topic: the node reads the image topic's sibling, /launch_cam/camera_info.
@@ -60,11 +69,7 @@ def test_launch_file_starts_a_node_that_answers(tiny_model_dir: Path, tmp_path: 
         assert any(i.node_name == "kosmos2" and i.node_namespace == "/launch_test" for i in infos)
     finally:
         tester.close()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_launch(proc)
         log.close()
 
 
@@ -132,9 +137,5 @@ def test_serve_robots_starts_a_node_per_shard_reached_by_camera_name(tiny_model_
         assert answer.id.startswith("shard_b-") and answer.camera == "r2/front"
     finally:
         tester.close()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_launch(proc)
         log.close()
