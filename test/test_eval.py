@@ -535,6 +535,7 @@ def test_vip_bench_questions_are_read_answered_about_their_box_and_written_for_i
     assert code == 0, stderr
     results = json.loads((out / "vipbench_results.json").read_text())
     assert set(results) == {q.id for q in questions} and all(isinstance(v, str) for v in results.values())
+    assert not any("Question:" in v or "Answer:" in v for v in results.values())    # the answer alone
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     yes_no = [a for a in answers if a["expected"] in ("yes", "no")]
     assert len(yes_no) == len(scene_list) and all(0 <= a["answer_probability"] <= 1 for a in yes_no)

@@ -103,11 +103,13 @@ class LiveTester:
             time.sleep(0.05)
 
     def set_queries(self, camera: str, queries: List[str], checks: Optional[List[str]] = None) -> Any:
+        """Set a camera's standing queries, and its checks when `checks` is given (else they stay)."""
         from kosmos2_ros.srv import SetQueries
 
         assert self.set_queries_client.wait_for_service(timeout_sec=10)
-        return self.t.wait_for(self.set_queries_client.call_async(SetQueries.Request(camera=camera, queries=queries,
-                                                                                     checks=checks or [])))
+        request = SetQueries.Request(camera=camera, queries=queries, set_checks=checks is not None,
+                                     checks=checks or [])
+        return self.t.wait_for(self.set_queries_client.call_async(request))
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +318,8 @@ def test_standing_checks_answer_on_tracks_about_their_querys_box(live: LiveTeste
         bad = live.set_queries("front", ["the red box"], ["a <phrase> trick?"])
         assert not bad.success and "checks" in bad.error and "control token" in bad.error
         assert list(bad.checks) == checks                    # refused: nothing changed
+        kept = live.set_queries("front", ["the red box"])    # a client that sets only queries keeps the checks
+        assert kept.success and list(kept.checks) == checks
     finally:
         assert live.set_queries("front", [], []).success
 

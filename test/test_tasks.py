@@ -223,7 +223,7 @@ def test_a_question_without_one_linked_phrase_is_refused(question: str, needle: 
 def test_vqa_and_check_prompts_with_and_without_a_region() -> None:
     for task in (Task.VQA, Task.CHECK):
         (plain,) = build_prompts(TaskRequest(task, "Is [this] open?"))
-        assert plain.text == "<grounding> Question: Is [this] open? Answer:" and plain.bboxes is None
+        assert plain.text == "<grounding> Question: Is this open? Answer:" and plain.bboxes is None   # no region
         (about,) = build_prompts(TaskRequest(task, "Is [this] open?", region_norm=(0.1, 0.2, 0.5, 0.75)))
         assert about.text == "<grounding> Question: Is<phrase> this</phrase> open? Answer:"
         assert about.bboxes == [(0.1, 0.2, 0.5, 0.75)] and not about.expects_box

@@ -130,6 +130,12 @@ def _box(value: Any) -> Optional[Box]:
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
+def answer_text(text: str) -> str:
+    """The answer alone: a vqa result's text is the prompt's clean text and the generation ("Question: ...
+    Answer: a red mug."); the evaluator's judge must read only what follows the prompt's "Answer:"."""
+    return text.split("Answer:", 1)[-1].strip()
+
+
 def answer_questions(pipeline: Any, questions: Sequence[Question], out: Path, max_new_tokens: int = 32,
                      batch: int = 8) -> Tuple[List[dict], Counter]:
     """Every question through the pipeline (vqa about its box; yes/no items also as a check), grouped by
@@ -144,6 +150,7 @@ def answer_questions(pipeline: Any, questions: Sequence[Question], out: Path, ma
         by_image.setdefault(q.image, []).append(q)
     records: List[dict] = []
     skipped: Counter = Counter()
+    sink = (out / ANSWERS).open("w", encoding="utf-8")     # each record as it is made: a crash keeps the rest
     for image, group in by_image.items():
         try:
             frame = Frame(rgb=load_rgb(image), frame_id=Path(image).name)
@@ -159,7 +166,10 @@ def answer_questions(pipeline: Any, questions: Sequence[Question], out: Path, ma
                 if q.expected_yes_no:
                     commands.append(Command(id=f"{q.id}?", task="check", text=q.question, region_px=q.bbox,
                                             max_new_tokens=1))
-            results = iter(pipeline.run_batch(commands, frame))
+            answered = pipeline.run_batch(commands, frame)
+            if len(answered) != len(commands):
+                raise RuntimeError(f"{len(commands)} commands gave {len(answered)} results")
+            results = iter(answered)
             for q in chunk:
                 res = next(results)
                 check = next(results) if q.expected_yes_no else None
@@ -167,13 +177,13 @@ def answer_questions(pipeline: Any, questions: Sequence[Question], out: Path, ma
                     skipped[f"{res.status.name.lower()}: {res.error.split(':')[0]}"] += 1
                     continue
                 rec = {"id": q.id, "image": q.image, "question": q.question, "bbox": list(q.bbox) if q.bbox else None,
-                       "text": res.text, "expected": q.expected_yes_no or q.answer, "capability": q.capability,
-                       "token_ids": list(res.token_ids)}
+                       "text": answer_text(res.text), "expected": q.expected_yes_no or q.answer,
+                       "capability": q.capability, "token_ids": list(res.token_ids)}
                 if check is not None and check.status is Status.OK:
                     rec.update(answer=check.answer, answer_probability=round(float(check.answer_probability), 6))
                 records.append(rec)
-    with (out / ANSWERS).open("w", encoding="utf-8") as sink:
-        for rec in records:
-            sink.write(json.dumps(rec, allow_nan=False) + "\n")
+                sink.write(json.dumps(rec, allow_nan=False) + "\n")
+                sink.flush()
+    sink.close()
     (out / RESULTS).write_text(json.dumps({r["id"]: r["text"] for r in records}, indent=1, ensure_ascii=False))
     return records, skipped

@@ -25,6 +25,9 @@ from .metrics import candidate_ious, hit_at
 #: signal of "not there" beside presence and the box's score (metrics.not_there).
 PRESENCE_QUESTION = "Is there {} in the image?"
 PREDICTIONS = "predictions.jsonl"
+#: What a record holds; a run resumed from records of another version would mix them (2: score and
+#: yes_probability beside presence).
+RECORDS_VERSION = 2
 NEGATIVES = "negatives.jsonl"      # presence of each expression on another image of the set
 RUN_FILE = "run.json"
 
@@ -74,6 +77,9 @@ def commands_for(samples: Sequence[Sample]) -> List[Command]:
 
 def paired(samples: Sequence[Sample], results: Sequence[Result]) -> List[Tuple[Sample, Result, Optional[Result]]]:
     """(sample, its result, its check's result or None), from `commands_for`'s order."""
+    expected = sum(2 if s.kind == REC else 1 for s in samples)
+    if len(results) != expected:
+        raise RunError(f"{expected} commands gave {len(results)} results")
     out, it = [], iter(results)
     for s in samples:
         res = next(it)
@@ -86,9 +92,12 @@ def yes_probability(check: Optional[Result]) -> Optional[float]:
         and check.answer_probability >= 0 else None
 
 
-def top_score(result: Result) -> float:
-    """The chosen box's score (p of its two location tokens); 0 with no box."""
-    return round(float(result.objects[0].score), 6) if result.objects else 0.0
+def top_score(result: Result) -> Optional[float]:
+    """The chosen box's score (p of its two location tokens); 0 with no box; None when it has none (NaN)."""
+    if not result.objects:
+        return 0.0
+    score = float(result.objects[0].score)
+    return None if math.isnan(score) else round(score, 6)
 
 
 def candidates(result: Result, sample: Sample, pipeline: Pipeline, frame: Frame) -> Tuple[List[list], List[float]]:
@@ -169,7 +178,8 @@ def run_settings(pipeline: Pipeline, dataset: Dataset) -> Dict[str, Any]:
     """What decides the predictions; a resumed run must match it."""
     cfg = pipeline.config
     precision = getattr(pipeline.backend, "precision", cfg.precision)   # auto made concrete by the backend
-    return {"dataset": dataset.label, "model": cfg.model, "backend": cfg.backend, "precision": precision,
+    return {"records": RECORDS_VERSION, "dataset": dataset.label, "model": cfg.model, "backend": cfg.backend,
+            "precision": precision,
             "decoding": cfg.decoding, "max_new_tokens": cfg.max_new_tokens,
             "no_repeat_ngram_size": pipeline.no_repeat_ngram_size()}
 

@@ -76,11 +76,13 @@ class LiveWork:
         commands = [Command(id=f"{self._node.get_name()}-tracks-{cam.label}-{k}", task="refer", text=q,
                             camera=cam.name, decoding="constrained") for k, q in enumerate(queries)]
         results = pipeline.run_batch(commands, frame, should_stop=should_stop) if commands else []
+        if any(r.status is Status.CANCELLED for r in results):
+            return   # stopped: nothing half-done goes out
+        # A check that fails (or is stopped) says so on its own entry; the queries' tracks go out all the same.
         asked, answers = self.ask_checks(pipeline, cam, frame, queries, checks, results, should_stop)
-        if any(r.status is Status.CANCELLED for r in results + answers) or (queries, checks) != (state.queries,
-                                                                                                 state.checks):
-            return   # stopped, or the queries changed meanwhile: nothing stale goes out
-        errors = [r.error for r in results + answers if r.status is Status.MODEL_ERROR]
+        if (queries, checks) != (state.queries, state.checks):
+            return   # the queries changed meanwhile: nothing stale goes out
+        errors = [r.error for r in results if r.status is Status.MODEL_ERROR]
         if errors:
             raise RuntimeError(f"standing queries on camera {cam.label}: {errors[0]}")
         self._node.place_geometry(results)

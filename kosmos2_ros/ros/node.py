@@ -356,7 +356,8 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         controls = tuple(sorted(pipeline.vocab.control_strings)) if pipeline is not None else ()
         try:
             queries = check_queries(list(request.queries), self.config.max_prompt_chars, controls)
-            checks = check_queries(list(request.checks), self.config.max_prompt_chars, controls, name="checks")
+            checks = check_queries(list(request.checks), self.config.max_prompt_chars, controls, name="checks") \
+                if request.set_checks else None
         except ConfigError as exc:
             # refused: nothing changed, so answer what is in force (the first target camera's)
             response.success, response.error = False, str(exc)
@@ -365,9 +366,11 @@ class GroundingNode(ParametersMixin, LifecycleNode):
             return response
         for cam in targets:
             cam.standing.set(queries)
-            cam.standing.set_checks(checks)
+            if checks is not None:        # set_checks false: a client that only sets queries keeps the checks
+                cam.standing.set_checks(checks)
         self.worker.poke()
-        response.success, response.queries, response.checks = True, list(queries), list(checks)
+        response.success, response.queries = True, list(queries)
+        response.checks = list(targets[0].standing.checks) if targets else []
         return response
 
     def place_geometry(self, results: List[Result]) -> None:

@@ -177,9 +177,18 @@ def answer_probability(logits: Logits, vocab: GroundingVocab) -> float:
     if not vocab.yes_tokens or not vocab.no_tokens:
         raise ValueError("the tokenizer has no first token for yes or for no: no yes/no probability")
     scores = scores_of(logits, vocab)
-    p_yes = sum(scores.prob(t) for t in vocab.yes_tokens)
-    p_no = sum(scores.prob(t) for t in vocab.no_tokens)
-    return float(p_yes / (p_yes + p_no)) if p_yes + p_no > 0 else 0.5
+
+    def log_sum(tokens: Tuple[int, ...]) -> float:
+        z = np.array([scores.logit(t) for t in tokens], dtype=np.float64)
+        top = float(z.max())
+        return top + float(np.log(np.exp(z - top).sum())) if np.isfinite(top) else top
+
+    # From the logits, not the probabilities: both may underflow to 0 in float32 when the answer tokens trail
+    # the best token far behind, and their ratio is still defined. NaN when neither can be said at all.
+    gap = log_sum(vocab.yes_tokens) - log_sum(vocab.no_tokens)
+    if np.isnan(gap):
+        return float("nan")
+    return float(1.0 / (1.0 + np.exp(-gap))) if gap > -700 else 0.0
 
 
 def token_prob(logits: Logits, token: int) -> float:

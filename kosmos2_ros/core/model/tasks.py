@@ -194,7 +194,11 @@ def question_prompt(question: str, region: Optional[Box] = None) -> Prompt:
     """`<grounding> Question: {question} Answer:`; about a region, its linked phrase tagged as the model writes
     phrases (the space before it inside: `What is<phrase> this</phrase> used for?`) with the region's box,
     which the processor inserts after the phrase as `<object><patch_index_a><patch_index_b></object>`."""
-    if region is None:
+    if region is None:     # [brackets] link a phrase to a region; with none they are not part of the question
+        try:
+            question = unmarked_caption(question)
+        except PromptError:
+            pass           # unbalanced: the text as written
         return Prompt(text=f"<grounding> Question: {question} Answer:")
     x0, y0, x1, y1 = region
     if not (x1 > x0 and y1 > y0):

@@ -28,17 +28,22 @@ NO_SPELLINGS = ("no", "No", "NO")
 
 
 def first_answer_tokens(tokenizer: Any, spellings: Iterable[str]) -> Tuple[int, ...]:
-    """The token each spelling of an answer starts with (as the word after "Answer:", with its leading
-    space, and without): one token for the real tokenizer (`▁Yes`); for a small tokenizer that writes the
-    word boundary as a token of its own (`▁`, `y`, `es`), the first piece after it."""
-    out = []
+    """The tokens an answer is written as after "Answer:": each spelling (with its leading space, and
+    without) that the tokenizer writes as one token (`▁Yes`, `▁yes`, `yes` for the real one). Only for a
+    tokenizer with no such spelling at all (the small test ones: `▁`, `y`, `es`) the first piece of each
+    spelling stands in, which other words may share; a spelling in several pieces never counts otherwise
+    (`▁Y` + `ES` would count "You")."""
+    whole, first = [], []
     for word in spellings:
         for text in (f" {word}", word):
             ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
             content = [i for i in ids if tokenizer.convert_ids_to_tokens(i).strip("\u2581 ")]
-            if content and content[0] != tokenizer.unk_token_id and content[0] not in out:
-                out.append(content[0])
-    return tuple(out)
+            if not content or tokenizer.unk_token_id in content:
+                continue
+            target = whole if len(content) == 1 else first
+            if content[0] not in target:
+                target.append(content[0])
+    return tuple(whole or first)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class Interpreter:
         if presences:
             res.presence = float(min(presences))
         answers = [g.answer_probability for g in gens if g.answer_probability is not None]
-        if answers:
+        if answers and math.isfinite(answers[0]):      # NaN: the model gave neither answer any weight
             res.answer_probability = float(answers[0])
             res.answer = "yes" if res.answer_probability >= 0.5 else "no"
         self._candidates(res, plan, gens)

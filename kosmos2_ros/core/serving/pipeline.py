@@ -177,7 +177,7 @@ class Pipeline:
         for key, d in decoded.items():
             res = self.interpreter.interpret(d.plan, d.gens, d.frame)
             place(res, d.encoding.geometry, d.frame.width, d.frame.height,
-                  d.plan.command.region_px if d.plan.spec.needs_region else None)
+                  d.plan.command.region_px if (d.plan.spec.needs_region or d.plan.spec.accepts_region) else None)
             self.lifter.lift(res, d.frame, d.encoding.geometry)
             res.timings_ms = dict(d.timings_ms)
             out[key] = res
