@@ -150,40 +150,39 @@ def answer_questions(pipeline: Any, questions: Sequence[Question], out: Path, ma
         by_image.setdefault(q.image, []).append(q)
     records: List[dict] = []
     skipped: Counter = Counter()
-    sink = (out / ANSWERS).open("w", encoding="utf-8")     # each record as it is made: a crash keeps the rest
-    for image, group in by_image.items():
-        try:
-            frame = Frame(rgb=load_rgb(image), frame_id=Path(image).name)
-        except (OSError, ValueError):
-            skipped["missing or unreadable image"] += len(group)
-            continue
-        for start in range(0, len(group), max(1, batch)):
-            chunk = group[start:start + max(1, batch)]
-            commands = []
-            for q in chunk:
-                commands.append(Command(id=q.id, task="vqa", text=q.question, region_px=q.bbox,
-                                        max_new_tokens=max_new_tokens))
-                if q.expected_yes_no:
-                    commands.append(Command(id=f"{q.id}?", task="check", text=q.question, region_px=q.bbox,
-                                            max_new_tokens=1))
-            answered = pipeline.run_batch(commands, frame)
-            if len(answered) != len(commands):
-                raise RuntimeError(f"{len(commands)} commands gave {len(answered)} results")
-            results = iter(answered)
-            for q in chunk:
-                res = next(results)
-                check = next(results) if q.expected_yes_no else None
-                if res.status is not Status.OK:
-                    skipped[f"{res.status.name.lower()}: {res.error.split(':')[0]}"] += 1
-                    continue
-                rec = {"id": q.id, "image": q.image, "question": q.question, "bbox": list(q.bbox) if q.bbox else None,
-                       "text": answer_text(res.text), "expected": q.expected_yes_no or q.answer,
-                       "capability": q.capability, "token_ids": list(res.token_ids)}
-                if check is not None and check.status is Status.OK:
-                    rec.update(answer=check.answer, answer_probability=round(float(check.answer_probability), 6))
-                records.append(rec)
-                sink.write(json.dumps(rec, allow_nan=False) + "\n")
-                sink.flush()
-    sink.close()
+    with (out / ANSWERS).open("w", encoding="utf-8") as sink:     # each record as it is made: a crash keeps them
+        for image, group in by_image.items():
+            try:
+                frame = Frame(rgb=load_rgb(image), frame_id=Path(image).name)
+            except (OSError, ValueError):
+                skipped["missing or unreadable image"] += len(group)
+                continue
+            for start in range(0, len(group), max(1, batch)):
+                chunk = group[start:start + max(1, batch)]
+                commands = []
+                for q in chunk:
+                    commands.append(Command(id=q.id, task="vqa", text=q.question, region_px=q.bbox,
+                                            max_new_tokens=max_new_tokens))
+                    if q.expected_yes_no:
+                        commands.append(Command(id=f"{q.id}?", task="check", text=q.question, region_px=q.bbox,
+                                                max_new_tokens=1))
+                answered = pipeline.run_batch(commands, frame)
+                if len(answered) != len(commands):
+                    raise RuntimeError(f"{len(commands)} commands gave {len(answered)} results")
+                results = iter(answered)
+                for q in chunk:
+                    res = next(results)
+                    check = next(results) if q.expected_yes_no else None
+                    if res.status is not Status.OK:
+                        skipped[f"{res.status.name.lower()}: {res.error.split(':')[0]}"] += 1
+                        continue
+                    rec = {"id": q.id, "image": q.image, "question": q.question, "bbox": list(q.bbox) if q.bbox else None,
+                           "text": answer_text(res.text), "expected": q.expected_yes_no or q.answer,
+                           "capability": q.capability, "token_ids": list(res.token_ids)}
+                    if check is not None and check.status is Status.OK:
+                        rec.update(answer=check.answer, answer_probability=round(float(check.answer_probability), 6))
+                    records.append(rec)
+                    sink.write(json.dumps(rec, allow_nan=False) + "\n")
+                    sink.flush()
     (out / RESULTS).write_text(json.dumps({r["id"]: r["text"] for r in records}, indent=1, ensure_ascii=False))
     return records, skipped

@@ -34,14 +34,14 @@ from .topics import camera_interface
 class CameraInterface:
     """One camera's command topic, service and output topics."""
 
-    def __init__(self, node: Any, camera: str, config: Kosmos2Config, group: Any) -> None:
+    def __init__(self, node: Any, camera: str, group: Any) -> None:
         self._node = node
         self.camera = camera
         reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RESULT_HISTORY,
                               reliability=ReliabilityPolicy.RELIABLE)
         self.result = node.create_publisher(GroundingResult, camera_interface(camera, "result"), reliable)
         self.tracks = node.create_publisher(Tracks, camera_interface(camera, "tracks"), 10)
-        self.targets = TargetPublishers(node, config, root=camera_interface(camera, "target"), collision=False)
+        self.targets = TargetPublishers(node, root=camera_interface(camera, "target"))
         self.command = node.create_subscription(GroundingCommand, camera_interface(camera, "command"),
                                                 self._on_command, COMMAND_HISTORY, callback_group=group,
                                                 event_callbacks=without_event_waitables())
@@ -87,4 +87,4 @@ def camera_interfaces(node: Any, config: Kosmos2Config, group: Any) -> Dict[str,
     """One CameraInterface per named camera when camera_topics is on, else none."""
     if not config.camera_topics:
         return {}
-    return {name: CameraInterface(node, name, config, group) for name in config.cameras}
+    return {name: CameraInterface(node, name, group) for name in config.cameras}

@@ -23,6 +23,12 @@ from . import convert
 from .camera import Camera
 
 
+def best_index(objects: List[Any]) -> int:
+    """The highest-scoring object's index (a NaN score counts as none): a query's box on its track, and the
+    box its standing checks are asked about."""
+    return max(range(len(objects)), key=lambda i: objects[i].score if objects[i].score == objects[i].score else -1.0)
+
+
 class LiveWork:
     """Standing queries and encoding ahead for the node's cameras (see the module docstring)."""
 
@@ -108,7 +114,7 @@ class LiveWork:
             if about:
                 res = results[queries.index(about)]
                 if res.status is Status.OK and res.objects:
-                    region = tuple(max(res.objects, key=lambda o: o.score if o.score == o.score else -1.0).box_px)
+                    region = tuple(res.objects[best_index(res.objects)].box_px)
                 else:
                     why = f"{about!r} was not found on this frame"
             try:
@@ -162,9 +168,7 @@ class LiveWork:
                 entry.ambiguous, entry.ambiguity = one.ambiguous, one.ambiguity
             if res.status is Status.OK and res.objects:
                 entry.found = True
-                index = max(range(len(res.objects)), key=lambda i: (res.objects[i].score
-                                                                     if res.objects[i].score == res.objects[i].score
-                                                                     else -1.0))
+                index = best_index(res.objects)
                 best = res.objects[index]
                 entry.track_id = tracker.update(query, best.box_px, frame.stamp_ns)
                 track = tracker.track(query)

@@ -101,7 +101,7 @@ class GroundingNode(ParametersMixin, LifecycleNode):
         self._commands_group = ReentrantCallbackGroup()
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self.outputs = ResultPublishers(self)
-        self.targets = TargetPublishers(self, self.config)
+        self.targets = TargetPublishers(self)     # its CollisionObject publisher comes with configure
         # Object geometry stays in the camera's frame until configure sets target_frame up.
         self.geometry_frames = make_geometry_frames(self, "", 0.0)
         # No QoS-event waitables on the command topics (they slowed command intake many-fold under

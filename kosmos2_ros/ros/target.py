@@ -24,12 +24,11 @@ from geometry_msgs.msg import PoseStamped, Vector3Stamped
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, PointCloud2
 
-from kosmos2_ros.core.serving.config import Kosmos2Config
 from kosmos2_ros.core.serving.results import GroundedBox, Result, describe_object
 from kosmos2_ros.core.serving.target import choose_target
 
 from . import convert
-from .moveit_adapter import CollisionObjects, collision_objects_or_none
+from .moveit_adapter import CollisionObjects
 
 #: Latched: the latest target waits for a planner that subscribes after it was published.
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -38,25 +37,21 @@ LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability
 class TargetPublishers:
     """The target topics of one node."""
 
-    def __init__(self, node: Any, config: Kosmos2Config, root: str = "~/target", collision: bool = True) -> None:
-        """`root`: where the topics live (a camera's own under camera_topics); `collision`: also the
-        CollisionObject (the node's own target only)."""
+    def __init__(self, node: Any, root: str = "~/target") -> None:
+        """`root`: where the topics live (a camera's own under camera_topics). The CollisionObject publisher
+        (`collision`) is the node's to set, at configure, and on its own target only."""
         self._node = node
         self.grasp = node.create_publisher(PoseStamped, f"{root}/grasp", LATCHED)
         self.pose = node.create_publisher(PoseStamped, f"{root}/pose", LATCHED)
         self.size = node.create_publisher(Vector3Stamped, f"{root}/size", LATCHED)
         self.mask = node.create_publisher(Image, f"{root}/mask", LATCHED)
         self.cloud = node.create_publisher(PointCloud2, f"{root}/cloud", LATCHED)
-        self.query = config.target_query
-        self.collision: Optional[CollisionObjects] = collision_objects_or_none(node, config) if collision else None
-        self.published = 0
-        self.last_skipped = ""
+        self.collision: Optional[CollisionObjects] = None
 
     def offer(self, res: Result, object_id: str) -> bool:
-        """Publish `res`'s object as the target if it names one (`choose_target`); False and why otherwise."""
-        obj, why = choose_target(res)
+        """Publish `res`'s object as the target if it names one (`choose_target`); False otherwise."""
+        obj, _ = choose_target(res)
         if obj is None:
-            self.last_skipped = why
             return False
         self.publish(res, obj, object_id)
         return True
@@ -76,7 +71,6 @@ class TargetPublishers:
             self.cloud.publish(cloud)
         if self.collision is not None:
             self.collision.publish(object_id, geo_header, d["pose"], d["size"])
-        self.published += 1
 
     def destroy(self) -> None:
         for pub in (self.grasp, self.pose, self.size, self.mask, self.cloud):

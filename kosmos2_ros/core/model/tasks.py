@@ -98,12 +98,13 @@ def sanitize_text(text: str, control_strings: Iterable[str] = (),
     return cleaned
 
 
-_MARKED = re.compile(r"\[([^\[\]]*)\]")
+#: A [bracketed] phrase: phrase grounding's phrases, the phrase a region question or standing check is about.
+MARKED = re.compile(r"\[([^\[\]]*)\]")
 
 
 def _marked_parts(caption: str) -> List[str]:
     """[outside, phrase, outside, phrase, ..., outside]; PromptError for nested or unbalanced brackets."""
-    parts = _MARKED.split(caption)
+    parts = MARKED.split(caption)
     # Text outside the [phrases] must hold no brackets: nested or unbalanced ones are a mistake.
     if any("[" in part or "]" in part for part in parts[0::2]):
         raise PromptError("unbalanced or nested [brackets] in phrase_grounding text")

@@ -11,11 +11,11 @@ next frame.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
+from ..model.tasks import MARKED
 from ..spatial.tracking import QueryTracker
 
 _TRACK_IDS: Iterator[int] = itertools.count(1)   # track ids unique across the node's cameras
@@ -54,7 +54,7 @@ class QueryState:
 def asked_about(check: str, queries: Sequence[str]) -> str:
     """The standing query a check is asked about: its [bracketed] phrase when that is one of `queries`
     (case and spaces aside); "" = the whole image."""
-    found = re.search(r"\[([^\[\]]*)\]", check)
+    found = MARKED.search(check)
     if found is None:
         return ""
     phrase = " ".join(found.group(1).split()).lower()
